@@ -1,0 +1,3 @@
+//! elector client library.
+
+pub mod protocol;

@@ -1,0 +1,611 @@
+//! Protocol v1: the newline-delimited JSON spoken on the broker's Unix socket.
+//!
+//! This module is the single definition of the wire format, shared by `electord` (the broker) and
+//! this client library. `PROTOCOL.md` at the repository root documents it for other languages.
+//!
+//! Every message is one JSON object on one line (`\n`-terminated, at most [`MAX_LINE_BYTES`]).
+//! The client sends [`Request`]s (tagged by `"op"`); the broker sends [`Event`]s (tagged by
+//! `"event"`), starting with a [`Hello`] greeting as soon as the connection is accepted.
+//!
+//! ```
+//! use elector_client::protocol::{parse_request, Request};
+//! let req = parse_request(br#"{"op":"campaign","id":1,"election":"web","identity":"pod-a"}"#).unwrap();
+//! match req {
+//!     Request::Campaign(c) => assert_eq!(c.election, "web"),
+//!     _ => unreachable!(),
+//! }
+//! ```
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fmt;
+
+/// The protocol version the broker announces in its greeting.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The longest line (request or event) either side accepts, in bytes, without the newline.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// The default socket path of the broker (a hostPath directory mounted into pods).
+pub const DEFAULT_SOCKET_PATH: &str = "/var/run/elector/elector.sock";
+
+/// Which Kubernetes object holds an election's lock record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LockKind {
+    /// A `coordination.k8s.io/v1` Lease (client-go's `LeaseLock`). The default.
+    #[default]
+    Lease,
+    /// A core/v1 Endpoints object with the `control-plane.alpha.kubernetes.io/leader`
+    /// annotation: the 2016 leader-elector sidecar's and client-go's `EndpointsLock` format.
+    Endpoints,
+}
+
+impl LockKind {
+    /// The name used on the wire and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockKind::Lease => "lease",
+            LockKind::Endpoints => "endpoints",
+        }
+    }
+}
+
+impl fmt::Display for LockKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Per-election timing, in seconds. Every field is optional on the wire; the broker fills in its
+/// defaults (15 s / 10 s / 2 s unless configured otherwise) and enforces
+/// `lease_duration > renew_deadline > 1.2 × retry_period`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timing {
+    /// How long a holder's record stays valid after it was last seen to change. Whole seconds:
+    /// the lock record stores `leaseDurationSeconds` as an integer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_duration: Option<u64>,
+    /// A leader that has not renewed successfully for this long is told `lost` and stops claiming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_deadline: Option<f64>,
+    /// How often the leader renews, and how often a failed request is retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_period: Option<f64>,
+}
+
+/// A request id, echoed in the reply: any JSON string or number.
+pub type RequestId = Value;
+
+/// Names an election: its namespace (broker default when omitted) and name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElectionRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+    pub election: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Only meaningful for `observe`: which lock object to watch (default `lease`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockKind>,
+}
+
+/// `{"op":"campaign", ...}`: become a candidate in an election.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+    /// The election's name: the name of the lock object (a DNS-1123 subdomain).
+    pub election: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The holder identity written into the lock record (usually the pod name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<Timing>,
+    /// Among this node's candidates of one election, a higher priority is chosen first at the
+    /// next handover (ties: first come). Never preempts a live leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+}
+
+/// `{"op":"status"}` and `{"op":"ping"}` take only an id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BareRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+}
+
+/// A request from an application to the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Campaign(CampaignRequest),
+    Resign(ElectionRef),
+    Observe(ElectionRef),
+    Unobserve(ElectionRef),
+    Status(BareRequest),
+    Ping(BareRequest),
+}
+
+impl Request {
+    /// The request's `op` as on the wire.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Campaign(_) => "campaign",
+            Request::Resign(_) => "resign",
+            Request::Observe(_) => "observe",
+            Request::Unobserve(_) => "unobserve",
+            Request::Status(_) => "status",
+            Request::Ping(_) => "ping",
+        }
+    }
+
+    /// The request's id, if the client gave one.
+    pub fn id(&self) -> Option<&RequestId> {
+        match self {
+            Request::Campaign(r) => r.id.as_ref(),
+            Request::Resign(r) | Request::Observe(r) | Request::Unobserve(r) => r.id.as_ref(),
+            Request::Status(r) | Request::Ping(r) => r.id.as_ref(),
+        }
+    }
+}
+
+/// Every `op` the broker knows.
+pub const KNOWN_OPS: &[&str] = &["campaign", "resign", "observe", "unobserve", "status", "ping"];
+
+/// Why a candidate stopped leading (or never will).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LostReason {
+    /// The candidate resigned (the `resign` op).
+    Resigned,
+    /// No renewal succeeded within the renew deadline (API unreachable, errors, partition).
+    RenewFailed,
+    /// Someone else wrote the lock record (another elector, client-go or a human).
+    Preempted,
+    /// The broker is shutting down and released the lock.
+    BrokerShutdown,
+    /// Client side only: the connection to the broker broke.
+    Disconnected,
+}
+
+impl LostReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LostReason::Resigned => "resigned",
+            LostReason::RenewFailed => "renew_failed",
+            LostReason::Preempted => "preempted",
+            LostReason::BrokerShutdown => "broker_shutdown",
+            LostReason::Disconnected => "disconnected",
+        }
+    }
+}
+
+impl fmt::Display for LostReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stable, machine-readable error code. The human message may change; codes do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line is longer than [`MAX_LINE_BYTES`]; it was discarded.
+    LineTooLong,
+    InvalidUtf8,
+    InvalidJson,
+    /// A missing or mistyped field, an unknown field, or a line that is not a JSON object.
+    InvalidRequest,
+    UnknownOp,
+    InvalidElection,
+    InvalidNamespace,
+    InvalidIdentity,
+    InvalidTiming,
+    AlreadyCampaigning,
+    NotCampaigning,
+    NotObserving,
+    /// Another local candidate of this election already uses this identity.
+    IdentityInUse,
+    TooManyCampaigns,
+    TooManyConnections,
+    ForbiddenNamespace,
+    ForbiddenIdentity,
+    /// The caller could not be attested (pod unknown, process exited, ...).
+    Unattested,
+    /// Nothing was asked within the first-request deadline, or the connection sat idle.
+    Timeout,
+    /// Too many bad requests in a row: the connection is closed.
+    TooManyErrors,
+    /// The client did not read its events: the connection is closed.
+    SlowConsumer,
+    ShuttingDown,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::LineTooLong => "line_too_long",
+            ErrorCode::InvalidUtf8 => "invalid_utf8",
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::InvalidElection => "invalid_election",
+            ErrorCode::InvalidNamespace => "invalid_namespace",
+            ErrorCode::InvalidIdentity => "invalid_identity",
+            ErrorCode::InvalidTiming => "invalid_timing",
+            ErrorCode::AlreadyCampaigning => "already_campaigning",
+            ErrorCode::NotCampaigning => "not_campaigning",
+            ErrorCode::NotObserving => "not_observing",
+            ErrorCode::IdentityInUse => "identity_in_use",
+            ErrorCode::TooManyCampaigns => "too_many_campaigns",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::ForbiddenNamespace => "forbidden_namespace",
+            ErrorCode::ForbiddenIdentity => "forbidden_identity",
+            ErrorCode::Unattested => "unattested",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::TooManyErrors => "too_many_errors",
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who the broker believes the caller is (filled in when the broker attests callers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Caller {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+}
+
+/// The first line the broker sends on every connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub broker_version: String,
+    pub node: String,
+    /// The namespace used when a request names none.
+    pub default_namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<Caller>,
+}
+
+/// Identifies the election an event is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ElectionName {
+    pub election: String,
+    pub namespace: String,
+    pub lock: LockKind,
+}
+
+impl fmt::Display for ElectionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.lock, self.namespace, self.election)
+    }
+}
+
+/// `{"event":"leader", ...}`: who leads an election now, sent to every local candidate and
+/// observer whenever it changes (and once right after `campaign` / `observe`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaderEvent {
+    #[serde(flatten)]
+    pub name: ElectionName,
+    /// The current holder, or `null` when nobody holds a live lease.
+    pub leader: Option<String>,
+    /// `leaderTransitions` of the lock record: grows with every change of holder (a fencing token).
+    pub term: Option<u64>,
+    /// True only on the connection whose candidate is the leader.
+    pub is_me: bool,
+}
+
+/// `{"event":"elected", ...}`: this connection's candidate now leads, in `term`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ElectedEvent {
+    #[serde(flatten)]
+    pub name: ElectionName,
+    pub identity: String,
+    pub term: u64,
+}
+
+/// `{"event":"lost", ...}`: this connection's candidate no longer leads (sent before anyone else
+/// can take over).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LostEvent {
+    #[serde(flatten)]
+    pub name: ElectionName,
+    pub identity: String,
+    pub term: u64,
+    pub reason: LostReason,
+}
+
+/// `{"event":"ok", ...}`: a request succeeded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OkReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+    pub op: String,
+    #[serde(default, skip_serializing_if = "Option::is_none", flatten)]
+    pub name: Option<ElectionName>,
+    /// For `campaign`: the identity the broker campaigns under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// `{"event":"error", ...}`: a request failed, or the connection is about to be closed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorEvent {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// One election of this connection in a `status` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ElectionStatus {
+    #[serde(flatten)]
+    pub name: ElectionName,
+    /// For campaigns: this connection's identity; absent for observations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    pub leader: Option<String>,
+    pub term: Option<u64>,
+    pub is_me: bool,
+}
+
+/// `{"event":"status", ...}`: reply to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+    pub campaigns: Vec<ElectionStatus>,
+    pub observations: Vec<ElectionStatus>,
+}
+
+/// `{"event":"pong"}`: reply to `ping`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Pong {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+}
+
+/// A message from the broker to an application.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Hello(Hello),
+    Leader(LeaderEvent),
+    Elected(ElectedEvent),
+    Lost(LostEvent),
+    Ok(OkReply),
+    Error(ErrorEvent),
+    Status(StatusReply),
+    Pong(Pong),
+}
+
+impl Event {
+    /// One JSON line, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        // Serializing these plain structs cannot fail: no maps with non-string keys, no
+        // user-defined Serialize impls that error.
+        let mut v = serde_json::to_vec(self).unwrap_or_else(|_| {
+            br#"{"event":"error","code":"internal","message":"event serialization failed"}"#.to_vec()
+        });
+        v.push(b'\n');
+        v
+    }
+}
+
+/// Why a request line was rejected, with what the broker replies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestError {
+    pub id: Option<RequestId>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RequestError {
+    pub fn new(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
+        RequestError {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn into_event(self) -> Event {
+        Event::Error(ErrorEvent {
+            id: self.id,
+            code: self.code,
+            message: self.message,
+        })
+    }
+}
+
+/// Parses one request line (without its newline). The error carries the request's `id` when
+/// it could be read, so that even a rejected request can be matched to its reply.
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
+    let text = std::str::from_utf8(line).map_err(|e| {
+        RequestError::new(
+            None,
+            ErrorCode::InvalidUtf8,
+            format!(
+                "the line is not valid UTF-8 (bad byte at offset {})",
+                e.valid_up_to()
+            ),
+        )
+    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| RequestError::new(None, ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
+    let Value::Object(obj) = &value else {
+        return Err(RequestError::new(
+            None,
+            ErrorCode::InvalidRequest,
+            "a request must be a JSON object, like {\"op\":\"ping\"}",
+        ));
+    };
+    let id = match obj.get("id") {
+        None | Some(Value::Null) => None,
+        Some(v @ (Value::String(_) | Value::Number(_))) => Some(v.clone()),
+        Some(_) => {
+            return Err(RequestError::new(
+                None,
+                ErrorCode::InvalidRequest,
+                "field `id` must be a string or a number",
+            ));
+        }
+    };
+    match obj.get("op") {
+        None => {
+            return Err(RequestError::new(
+                id,
+                ErrorCode::InvalidRequest,
+                format!("missing field `op` (one of: {})", KNOWN_OPS.join(", ")),
+            ));
+        }
+        Some(Value::String(op)) if !KNOWN_OPS.contains(&op.as_str()) => {
+            let shown: String = op.chars().take(64).collect();
+            return Err(RequestError::new(
+                id,
+                ErrorCode::UnknownOp,
+                format!("unknown op {shown:?} (known: {})", KNOWN_OPS.join(", ")),
+            ));
+        }
+        Some(Value::String(_)) => {}
+        Some(_) => {
+            return Err(RequestError::new(
+                id,
+                ErrorCode::InvalidRequest,
+                "field `op` must be a string",
+            ));
+        }
+    }
+    serde_json::from_value::<Request>(value)
+        .map_err(|e| RequestError::new(id, ErrorCode::InvalidRequest, format!("bad request: {e}")))
+}
+
+/// Parses one event line from the broker.
+pub fn parse_event(line: &[u8]) -> Result<Event, serde_json::Error> {
+    serde_json::from_slice(line)
+}
+
+/// Checks a name against Kubernetes' DNS-1123 subdomain rule (what an object name must be):
+/// at most 253 characters of lowercase alphanumerics, `-` and `.`, each dot-separated label
+/// starting and ending with an alphanumeric.
+pub fn is_dns1123_subdomain(name: &str) -> bool {
+    if name.is_empty() || name.len() > 253 {
+        return false;
+    }
+    name.split('.').all(|label| {
+        let b = label.as_bytes();
+        !b.is_empty()
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b.iter().all(|c| !c.is_ascii_uppercase())
+    })
+}
+
+/// Checks a namespace name (a DNS-1123 label: at most 63 characters, no dots).
+pub fn is_dns1123_label(name: &str) -> bool {
+    name.len() <= 63 && !name.contains('.') && is_dns1123_subdomain(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_op() {
+        for (line, op) in [
+            (r#"{"op":"campaign","election":"a","identity":"p"}"#, "campaign"),
+            (r#"{"op":"resign","election":"a"}"#, "resign"),
+            (r#"{"op":"observe","election":"a","lock":"endpoints"}"#, "observe"),
+            (r#"{"op":"unobserve","election":"a"}"#, "unobserve"),
+            (r#"{"op":"status"}"#, "status"),
+            (r#"{"op":"ping","id":"x"}"#, "ping"),
+        ] {
+            assert_eq!(parse_request(line.as_bytes()).unwrap().op(), op);
+        }
+    }
+
+    #[test]
+    fn errors_have_codes_and_keep_the_id() {
+        let e = parse_request(b"\xff\xfe").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidUtf8);
+        let e = parse_request(b"{nope").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidJson);
+        let e = parse_request(br#"[1,2]"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        let e = parse_request(br#"{"op":"dance","id":7}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::UnknownOp, Some(Value::from(7))));
+        let e = parse_request(br#"{"op":"campaign","id":"q"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert!(e.message.contains("election"), "{}", e.message);
+        assert_eq!(e.id, Some(Value::from("q")));
+        let e = parse_request(br#"{"op":"campaign","election":5,"identity":"p"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        let e = parse_request(br#"{"op":"ping","bogus":1}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert!(e.message.contains("bogus"));
+    }
+
+    #[test]
+    fn events_round_trip_with_flat_fields() {
+        let ev = Event::Leader(LeaderEvent {
+            name: ElectionName {
+                election: "web".into(),
+                namespace: "default".into(),
+                lock: LockKind::Lease,
+            },
+            leader: Some("pod-a".into()),
+            term: Some(3),
+            is_me: false,
+        });
+        let line = ev.to_line();
+        let text = std::str::from_utf8(&line).unwrap();
+        assert!(text.ends_with('\n'));
+        assert!(
+            text.starts_with(r#"{"event":"leader","election":"web","namespace":"default","lock":"lease""#),
+            "{text}"
+        );
+        assert_eq!(parse_event(text.trim_end().as_bytes()).unwrap(), ev);
+        for code in [
+            ErrorCode::LineTooLong,
+            ErrorCode::SlowConsumer,
+            ErrorCode::ForbiddenNamespace,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), Value::from(code.as_str()));
+        }
+    }
+
+    #[test]
+    fn dns1123() {
+        assert!(is_dns1123_subdomain("my-app.v1"));
+        assert!(!is_dns1123_subdomain("Bad_Name"));
+        assert!(!is_dns1123_subdomain("-a"));
+        assert!(!is_dns1123_subdomain("a..b"));
+        assert!(!is_dns1123_subdomain(&"a".repeat(254)));
+        assert!(is_dns1123_label("default"));
+        assert!(!is_dns1123_label("a.b"));
+    }
+}
