@@ -1,1 +1,14 @@
-//! placeholder
+//! `electord`: leader election for every pod of a Kubernetes node, done once per node.
+//!
+//! Layout:
+//! - [`election`]: the lock record format and the I/O-free election state machine;
+//! - [`lock`]: lock backends (Endpoints, Lease, memory) and the per-namespace watch hub;
+//! - [`elections`]: one task per election, joining the two;
+//! - [`socket`]: the Unix-socket protocol server applications talk to;
+//! - [`http`]: health, readiness, metrics and `/elections`;
+//! - [`shim`]: `elector-shim`, the drop-in for the 2016 leader-elector sidecar.
+
+pub mod election;
+pub mod elections;
+pub mod lock;
+pub mod metrics;

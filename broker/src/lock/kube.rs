@@ -1,0 +1,379 @@
+//! Lock objects on a Kubernetes API server: Endpoints (leader annotation) and Lease.
+//!
+//! Both go through one `kube::Client`. Replaces carry the `resourceVersion` last seen, so the API
+//! server does the compare-and-swap. Watches are per namespace and lock kind, not per election:
+//! each kube-rs watch over HTTP/1.1 holds its own connection, so a broker with thousands of
+//! elections in a few namespaces keeps a few connections instead of thousands (see
+//! `docs/architecture.md`).
+
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Endpoints;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{LockBackend, LockObject, RawObject, WatchEvent};
+use crate::election::machine::{LockFailure, LockState, Observed};
+use crate::election::record::{LEADER_ANNOTATION, LeaderRecord};
+use crate::metrics::Metrics;
+use elector_client::protocol::LockKind;
+
+/// A Kubernetes object type that can hold a leader record.
+pub trait LockResource:
+    kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    const KIND: LockKind;
+    /// The API resource name, for metrics and logs.
+    const PLURAL: &'static str;
+    fn record(&self) -> Option<LeaderRecord>;
+    /// `base` (or a new object) carrying `record`; everything else in `base` is kept.
+    fn with_record(base: Option<&Self>, name: &str, record: &LeaderRecord) -> Self;
+    fn wrap(self) -> RawObject;
+    fn unwrap(raw: &RawObject) -> Option<&Self>;
+}
+
+impl LockResource for Endpoints {
+    const KIND: LockKind = LockKind::Endpoints;
+    const PLURAL: &'static str = "endpoints";
+
+    fn record(&self) -> Option<LeaderRecord> {
+        self.metadata
+            .annotations
+            .as_ref()?
+            .get(LEADER_ANNOTATION)
+            .and_then(|v| LeaderRecord::from_annotation(v))
+    }
+
+    fn with_record(base: Option<&Self>, name: &str, record: &LeaderRecord) -> Self {
+        let mut ep = base.cloned().unwrap_or_else(|| Endpoints {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        // Always present: the endpoints controller leaves Endpoints carrying it alone.
+        ep.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(LEADER_ANNOTATION.to_string(), record.to_annotation());
+        ep.metadata.managed_fields = None;
+        ep
+    }
+
+    fn wrap(self) -> RawObject {
+        RawObject::Endpoints(Arc::new(self))
+    }
+
+    fn unwrap(raw: &RawObject) -> Option<&Self> {
+        match raw {
+            RawObject::Endpoints(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+fn to_micro(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<MicroTime> {
+    let t = t?;
+    k8s_openapi::jiff::Timestamp::from_microsecond(t.timestamp_micros())
+        .ok()
+        .map(MicroTime)
+}
+
+fn from_micro(t: &Option<MicroTime>) -> Option<chrono::DateTime<chrono::Utc>> {
+    t.as_ref()
+        .and_then(|m| chrono::DateTime::from_timestamp_micros(m.0.as_microsecond()))
+}
+
+impl LockResource for Lease {
+    const KIND: LockKind = LockKind::Lease;
+    const PLURAL: &'static str = "leases";
+
+    fn record(&self) -> Option<LeaderRecord> {
+        let spec = self.spec.as_ref()?;
+        Some(LeaderRecord {
+            holder_identity: spec.holder_identity.clone().unwrap_or_default(),
+            lease_duration_seconds: spec.lease_duration_seconds.unwrap_or(0).max(0) as u32,
+            acquire_time: from_micro(&spec.acquire_time),
+            renew_time: from_micro(&spec.renew_time),
+            leader_transitions: spec.lease_transitions.unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    fn with_record(base: Option<&Self>, name: &str, record: &LeaderRecord) -> Self {
+        let mut lease = base.cloned().unwrap_or_else(|| Lease {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
+            spec: None,
+        });
+        // `strategy` and `preferredHolder` (coordinated leader election) are kept as found.
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        spec.holder_identity = Some(record.holder_identity.clone());
+        spec.lease_duration_seconds = Some(record.lease_duration_seconds.min(i32::MAX as u32) as i32);
+        spec.acquire_time = to_micro(record.acquire_time);
+        spec.renew_time = to_micro(record.renew_time);
+        spec.lease_transitions = Some(record.leader_transitions.min(i32::MAX as u64) as i32);
+        lease.metadata.managed_fields = None;
+        lease
+    }
+
+    fn wrap(self) -> RawObject {
+        RawObject::Lease(Arc::new(self))
+    }
+
+    fn unwrap(raw: &RawObject) -> Option<&Self> {
+        match raw {
+            RawObject::Lease(l) => Some(l),
+            _ => None,
+        }
+    }
+}
+
+fn observed<K: LockResource>(obj: K) -> LockObject {
+    Observed {
+        record: obj.record(),
+        version: obj.meta().resource_version.clone().unwrap_or_default(),
+        raw: obj.wrap(),
+    }
+}
+
+/// Maps a kube error onto what the election logic needs to know.
+pub fn classify(err: &kube::Error) -> LockFailure {
+    match err {
+        kube::Error::Api(status) => match status.code {
+            409 => LockFailure::Conflict,
+            404 => LockFailure::NotFound,
+            _ => LockFailure::Transient {
+                retry_after: status
+                    .details
+                    .as_ref()
+                    .map(|d| d.retry_after_seconds)
+                    .filter(|s| *s > 0)
+                    .map(|s| Duration::from_secs(u64::from(s))),
+            },
+        },
+        _ => LockFailure::Transient { retry_after: None },
+    }
+}
+
+fn status_label(r: &Result<impl Sized, kube::Error>) -> String {
+    match r {
+        Ok(_) => "2xx".into(),
+        Err(kube::Error::Api(s)) => s.code.to_string(),
+        Err(_) => "transport".into(),
+    }
+}
+
+/// The Kubernetes backend for one lock kind.
+pub struct KubeLock<K> {
+    client: kube::Client,
+    metrics: Option<Arc<Metrics>>,
+    _kind: PhantomData<fn() -> K>,
+}
+
+impl<K> Debug for KubeLock<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeLock")
+            .field("kind", &std::any::type_name::<K>())
+            .finish()
+    }
+}
+
+impl<K: LockResource> KubeLock<K> {
+    pub fn new(client: kube::Client, metrics: Option<Arc<Metrics>>) -> Self {
+        KubeLock {
+            client,
+            metrics,
+            _kind: PhantomData,
+        }
+    }
+
+    fn api(&self, namespace: &str) -> Api<K> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+}
+
+fn record_call<T>(
+    metrics: &Option<Arc<Metrics>>,
+    verb: &str,
+    resource: &str,
+    started: Instant,
+    r: &Result<T, kube::Error>,
+) {
+    if let Some(m) = metrics {
+        m.api_request(verb, resource, &status_label(r), started.elapsed());
+    }
+    if let Err(e) = r {
+        tracing::debug!(verb, resource, error = %e, "API request failed");
+    }
+}
+
+impl<K: LockResource> LockBackend for KubeLock<K> {
+    fn kind(&self) -> LockKind {
+        K::KIND
+    }
+
+    fn get(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> BoxFuture<'static, Result<LockState<RawObject>, LockFailure>> {
+        let api = self.api(namespace);
+        let name = name.to_string();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let r = api.get_opt(&name).await;
+            record_call(&metrics, "get", K::PLURAL, started, &r);
+            match r {
+                Ok(Some(obj)) => Ok(LockState::Present(observed(obj))),
+                Ok(None) => Ok(LockState::Missing),
+                Err(e) => Err(classify(&e)),
+            }
+        })
+    }
+
+    fn create(
+        &self,
+        namespace: &str,
+        name: &str,
+        record: &LeaderRecord,
+    ) -> BoxFuture<'static, Result<LockObject, LockFailure>> {
+        let api = self.api(namespace);
+        let obj = K::with_record(None, name, record);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let r = api.create(&PostParams::default(), &obj).await;
+            record_call(&metrics, "create", K::PLURAL, started, &r);
+            r.map(observed).map_err(|e| classify(&e))
+        })
+    }
+
+    fn replace(
+        &self,
+        namespace: &str,
+        name: &str,
+        base: &LockObject,
+        record: &LeaderRecord,
+    ) -> BoxFuture<'static, Result<LockObject, LockFailure>> {
+        let api = self.api(namespace);
+        let mut obj = K::with_record(K::unwrap(&base.raw), name, record);
+        // The compare-and-swap token: the version this decision was based on.
+        obj.meta_mut().resource_version = Some(base.version.clone());
+        let name = name.to_string();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let r = api.replace(&name, &PostParams::default(), &obj).await;
+            record_call(&metrics, "update", K::PLURAL, started, &r);
+            r.map(observed).map_err(|e| classify(&e))
+        })
+    }
+
+    fn watch_namespace(&self, namespace: &str) -> BoxStream<'static, WatchEvent> {
+        let api = self.api(namespace);
+        let metrics = self.metrics.clone();
+        let ns = namespace.to_string();
+        let mut buffer: Vec<(String, LockObject)> = Vec::new();
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .filter_map(move |ev| {
+                let out = match ev {
+                    Ok(watcher::Event::Init) => {
+                        buffer.clear();
+                        None
+                    }
+                    Ok(watcher::Event::InitApply(o)) => {
+                        let name = o.meta().name.clone().unwrap_or_default();
+                        buffer.push((name, observed(o)));
+                        None
+                    }
+                    Ok(watcher::Event::InitDone) => Some(WatchEvent::Synced(std::mem::take(&mut buffer))),
+                    Ok(watcher::Event::Apply(o)) => {
+                        let name = o.meta().name.clone().unwrap_or_default();
+                        Some(WatchEvent::Applied(name, observed(o)))
+                    }
+                    Ok(watcher::Event::Delete(o)) => Some(WatchEvent::Deleted(o.meta().name.clone().unwrap_or_default())),
+                    Err(e) => {
+                        tracing::warn!(namespace = %ns, kind = K::PLURAL, error = %e, "watch failed; re-establishing");
+                        if let Some(m) = &metrics {
+                            m.watch_restarts.inc();
+                        }
+                        None
+                    }
+                };
+                futures::future::ready(out)
+            })
+            .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_keep_other_annotations_and_fields() {
+        let mut base = Endpoints::default();
+        base.metadata.name = Some("e".into());
+        base.metadata.annotations = Some([("keep".to_string(), "me".to_string())].into());
+        base.metadata.labels = Some([("app".to_string(), "x".to_string())].into());
+        let rec = LeaderRecord {
+            holder_identity: "a".into(),
+            lease_duration_seconds: 15,
+            acquire_time: None,
+            renew_time: None,
+            leader_transitions: 2,
+        };
+        let ep = Endpoints::with_record(Some(&base), "e", &rec);
+        let ann = ep.metadata.annotations.as_ref().unwrap();
+        assert_eq!(ann["keep"], "me");
+        assert_eq!(ep.record().unwrap(), rec);
+        assert_eq!(ep.metadata.labels, base.metadata.labels);
+    }
+
+    #[test]
+    fn lease_keeps_strategy_and_preferred_holder() {
+        let base = Lease {
+            metadata: ObjectMeta::default(),
+            spec: Some(LeaseSpec {
+                strategy: Some("OldestEmulationVersion".into()),
+                preferred_holder: Some("b".into()),
+                ..Default::default()
+            }),
+        };
+        let now = chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let rec = LeaderRecord {
+            holder_identity: "a".into(),
+            lease_duration_seconds: 15,
+            acquire_time: Some(now),
+            renew_time: Some(now),
+            leader_transitions: 1,
+        };
+        let l = Lease::with_record(Some(&base), "l", &rec);
+        let spec = l.spec.as_ref().unwrap();
+        assert_eq!(spec.strategy.as_deref(), Some("OldestEmulationVersion"));
+        assert_eq!(spec.preferred_holder.as_deref(), Some("b"));
+        assert_eq!(l.record().unwrap(), rec, "microsecond times survive");
+    }
+}

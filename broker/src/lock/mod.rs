@@ -1,0 +1,114 @@
+//! Lock backends: where an election's [`LeaderRecord`] lives and how it is compare-and-swapped.
+//!
+//! - [`kube::KubeLock`] over core/v1 Endpoints (the `control-plane.alpha.kubernetes.io/leader`
+//!   annotation of the 2016 sidecar and client-go) or coordination.k8s.io/v1 Lease;
+//! - [`memory::MemoryLock`], the same semantics in-process (standalone mode, fast tests).
+//!
+//! Every backend offers the same three operations plus a namespace-wide watch: `get`, `create`,
+//! `replace` (conditional on the version last seen) and `watch_namespace`. The election logic
+//! sees only [`LockObject`]s and [`LockFailure`]s.
+
+pub mod hub;
+pub mod kube;
+pub mod memory;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+
+use crate::election::machine::{LockFailure, LockState, Observed};
+use crate::election::record::LeaderRecord;
+use elector_client::protocol::LockKind;
+
+/// The whole lock object as a backend last read it, kept so a replace preserves every other
+/// field, label and annotation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawObject {
+    Endpoints(Arc<k8s_openapi::api::core::v1::Endpoints>),
+    Lease(Arc<k8s_openapi::api::coordination::v1::Lease>),
+    Memory,
+}
+
+/// A lock object as seen by the election logic.
+pub type LockObject = Observed<RawObject>;
+
+/// One change seen by a namespace watch.
+#[derive(Debug, Clone)]
+pub enum WatchEvent {
+    /// The complete set of lock objects in the namespace (after a (re)list): any name not in
+    /// it does not exist.
+    Synced(Vec<(String, LockObject)>),
+    Applied(String, LockObject),
+    Deleted(String),
+}
+
+/// Where lock records live.
+pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
+    fn kind(&self) -> LockKind;
+
+    /// Reads one lock object.
+    fn get(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> BoxFuture<'static, Result<LockState<RawObject>, LockFailure>>;
+
+    /// Creates the lock object with `record` (`Conflict` if it exists).
+    fn create(
+        &self,
+        namespace: &str,
+        name: &str,
+        record: &LeaderRecord,
+    ) -> BoxFuture<'static, Result<LockObject, LockFailure>>;
+
+    /// Replaces `base` with a copy carrying `record`, if `base.version` is still current.
+    fn replace(
+        &self,
+        namespace: &str,
+        name: &str,
+        base: &LockObject,
+        record: &LeaderRecord,
+    ) -> BoxFuture<'static, Result<LockObject, LockFailure>>;
+
+    /// Every change to lock objects of this kind in a namespace, forever (re-established on
+    /// errors, with back-off). Starts with a `Synced`.
+    fn watch_namespace(&self, namespace: &str) -> BoxStream<'static, WatchEvent>;
+}
+
+/// A backend for each lock kind.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    pub endpoints: Arc<dyn LockBackend>,
+    pub lease: Arc<dyn LockBackend>,
+}
+
+impl Backends {
+    pub fn for_kind(&self, kind: LockKind) -> &Arc<dyn LockBackend> {
+        match kind {
+            LockKind::Endpoints => &self.endpoints,
+            LockKind::Lease => &self.lease,
+        }
+    }
+
+    /// Both kinds in one in-process store (standalone mode).
+    pub fn memory() -> Self {
+        Backends {
+            endpoints: Arc::new(memory::MemoryLock::new(LockKind::Endpoints)),
+            lease: Arc::new(memory::MemoryLock::new(LockKind::Lease)),
+        }
+    }
+
+    /// Both kinds on a Kubernetes API server.
+    pub fn kubernetes(client: ::kube::Client, metrics: Option<Arc<crate::metrics::Metrics>>) -> Self {
+        Backends {
+            endpoints: Arc::new(kube::KubeLock::<k8s_openapi::api::core::v1::Endpoints>::new(
+                client.clone(),
+                metrics.clone(),
+            )),
+            lease: Arc::new(kube::KubeLock::<k8s_openapi::api::coordination::v1::Lease>::new(
+                client, metrics,
+            )),
+        }
+    }
+}
