@@ -8,7 +8,10 @@
 //! - [`http`]: health, readiness, metrics and `/elections`;
 //! - [`shim`]: `elector-shim`, the drop-in for the 2016 leader-elector sidecar.
 
+pub mod daemon;
 pub mod election;
 pub mod elections;
+pub mod http;
 pub mod lock;
 pub mod metrics;
+pub mod socket;

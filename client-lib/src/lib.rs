@@ -1,3 +1,4 @@
 //! elector client library.
 
+pub mod codec;
 pub mod protocol;

@@ -1,1 +1,188 @@
-fn main() {}
+//! `electord`: the per-node leader-election broker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
+use elector_broker::election::machine::ElectionTiming;
+use elector_broker::elections::Defaults;
+use elector_broker::lock::Backends;
+use elector_broker::metrics::Metrics;
+use elector_broker::socket::{BrokerIdentity, Limits, SocketOptions};
+
+/// Leader election for every pod of a Kubernetes node, done once per node.
+#[derive(Debug, Parser)]
+#[command(name = "electord", version, about)]
+struct Args {
+    /// Run without a cluster: locks live in memory (one node only). For laptops, demos, tests.
+    #[arg(long, env = "ELECTOR_STANDALONE")]
+    standalone: bool,
+
+    /// kubeconfig to use; without it, the in-cluster service account (or $KUBECONFIG / ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+
+    /// This node's name (from the downward API in the DaemonSet).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Namespace of elections whose requests name none.
+    #[arg(long, env = "ELECTOR_DEFAULT_NAMESPACE", default_value = "default")]
+    default_namespace: String,
+
+    /// Unix socket applications connect to (its directory is created if missing).
+    #[arg(long, env = "ELECTOR_SOCKET", default_value = elector_client::protocol::DEFAULT_SOCKET_PATH)]
+    socket: PathBuf,
+
+    /// Permission bits of the socket file, in octal.
+    #[arg(long, env = "ELECTOR_SOCKET_MODE", default_value = "666", value_parser = parse_octal)]
+    socket_mode: u32,
+
+    /// Numeric group id to own the socket file.
+    #[arg(long, env = "ELECTOR_SOCKET_GROUP")]
+    socket_group: Option<u32>,
+
+    /// Address of /healthz, /readyz, /metrics and /elections (empty: none).
+    #[arg(long, env = "ELECTOR_HTTP_ADDR", default_value = "0.0.0.0:4041")]
+    http_addr: String,
+
+    /// Default lease duration, whole seconds.
+    #[arg(long, env = "ELECTOR_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+
+    /// Default renew deadline, seconds.
+    #[arg(long, env = "ELECTOR_RENEW_DEADLINE", default_value_t = 10.0)]
+    renew_deadline: f64,
+
+    /// Default retry period, seconds.
+    #[arg(long, env = "ELECTOR_RETRY_PERIOD", default_value_t = 2.0)]
+    retry_period: f64,
+
+    /// How long shutdown may take to release held locks.
+    #[arg(long, env = "ELECTOR_SHUTDOWN_GRACE", default_value_t = 5.0)]
+    shutdown_grace: f64,
+
+    /// Maximum client connections.
+    #[arg(long, env = "ELECTOR_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+}
+
+fn parse_octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|e| format!("not an octal mode: {e}"))
+}
+
+fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        v.is_finite() && v > 0.0,
+        "{what} must be a positive number of seconds"
+    );
+    Ok(Duration::from_secs_f64(v))
+}
+
+async fn kube_client(kubeconfig: Option<PathBuf>) -> anyhow::Result<kube::Client> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(&path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster config and no kubeconfig")?,
+    };
+    // Our election logic does its own back-off (and honours Retry-After) within its deadlines;
+    // hidden retries would only blur them.
+    config.default_retry = false;
+    Ok(kube::Client::try_from(config)?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let timing = ElectionTiming::new(
+        Duration::from_secs(args.lease_duration),
+        secs(args.renew_deadline, "--renew-deadline")?,
+        secs(args.retry_period, "--retry-period")?,
+    )
+    .context("default timing")?;
+    let node = match args.node_name.clone() {
+        Some(n) => n,
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into()),
+    };
+    let http_addr: Option<SocketAddr> = if args.http_addr.is_empty() {
+        None
+    } else {
+        Some(args.http_addr.parse().context("--http-addr")?)
+    };
+    let config = DaemonConfig {
+        socket: SocketOptions {
+            path: args.socket.clone(),
+            mode: args.socket_mode,
+            group: args.socket_group,
+        },
+        identity: BrokerIdentity {
+            node: node.clone(),
+            default_namespace: args.default_namespace.clone(),
+        },
+        defaults: Defaults { timing },
+        limits: Limits {
+            max_connections: args.max_connections,
+            ..Limits::default()
+        },
+        http_addr,
+        shutdown_grace: secs(args.shutdown_grace, "--shutdown-grace")?,
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let (backends, readiness) = if args.standalone {
+        tracing::warn!("standalone mode: locks live in this process's memory; this is not for clusters");
+        (Backends::memory(), Arc::new(Readiness::standalone()))
+    } else {
+        let client = kube_client(args.kubeconfig.clone()).await?;
+        let readiness = Arc::new(Readiness::kubernetes(Duration::from_secs(30)));
+        // /readyz needs to know the API answers even when no election is busy.
+        let probe_client = client.clone();
+        let probe_readiness = readiness.clone();
+        tokio::spawn(async move {
+            loop {
+                if probe_client.apiserver_version().await.is_ok() {
+                    probe_readiness.api_contact();
+                }
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+        (Backends::kubernetes(client, Some(metrics.clone())), readiness)
+    };
+
+    let daemon = Daemon::start(config, backends, metrics, readiness).await?;
+    if let Some(addr) = daemon.http_addr() {
+        eprintln!(
+            "electord: node {node}, socket {}, http {addr}",
+            args.socket.display()
+        );
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: releasing leases and exiting"),
+        _ = term.recv() => tracing::info!("SIGTERM: releasing leases and exiting"),
+    }
+    daemon.shutdown().await;
+    Ok(())
+}

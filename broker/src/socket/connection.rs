@@ -1,0 +1,482 @@
+//! One client connection: reads requests, answers them, and writes events from its outbox.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+
+use super::ServerShared;
+use super::outbox::{ConnectionSink, Outbox};
+use crate::election::machine::{ElectionTiming, PartyId};
+use crate::elections::JoinError;
+use elector_client::codec::{Frame, LineCodec};
+use elector_client::protocol::{
+    self, BareRequest, CampaignRequest, ElectionName, ElectionRef, ElectionStatus, ErrorCode, Event, Hello,
+    LostReason, MAX_LINE_BYTES, OkReply, Pong, Request, RequestError, RequestId, StatusReply,
+};
+
+/// Why the writer stopped.
+enum WriterEnd {
+    /// Everything was flushed after the connection closed.
+    Flushed,
+    /// The client stopped reading (outbox overflow or a stalled write).
+    Stuck,
+    /// The client went away.
+    Broken,
+}
+
+async fn writer(mut out: OwnedWriteHalf, outbox: Arc<Outbox>, write_timeout: Duration) -> WriterEnd {
+    loop {
+        outbox.ready().await;
+        let events = match outbox.drain() {
+            Ok(e) => e,
+            Err(()) => {
+                let bye = RequestError::new(
+                    None,
+                    ErrorCode::SlowConsumer,
+                    "too many unread events: the connection is closed; reconnect and read your events",
+                )
+                .into_event();
+                let _ = tokio::time::timeout(Duration::from_secs(1), out.write_all(&bye.to_line())).await;
+                return WriterEnd::Stuck;
+            }
+        };
+        if events.is_empty() && outbox.is_closed() {
+            let _ = out.shutdown().await;
+            return WriterEnd::Flushed;
+        }
+        let mut buf = Vec::new();
+        for e in &events {
+            buf.extend_from_slice(&e.to_line());
+        }
+        match tokio::time::timeout(write_timeout, out.write_all(&buf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return WriterEnd::Broken,
+            Err(_) => return WriterEnd::Stuck,
+        }
+    }
+}
+
+struct Membership {
+    name: ElectionName,
+    party: PartyId,
+    identity: Option<String>,
+}
+
+struct Conn {
+    shared: Arc<ServerShared>,
+    outbox: Arc<Outbox>,
+    sink: Arc<ConnectionSink>,
+    /// By (namespace, election).
+    campaigns: HashMap<(String, String), Membership>,
+    observations: HashMap<(String, String), Membership>,
+}
+
+fn err(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> RequestError {
+    RequestError::new(id, code, message)
+}
+
+impl Conn {
+    fn namespace(&self, id: &Option<RequestId>, ns: &Option<String>) -> Result<String, RequestError> {
+        let ns = ns
+            .clone()
+            .unwrap_or_else(|| self.shared.identity.default_namespace.clone());
+        if !protocol::is_dns1123_label(&ns) {
+            return Err(err(
+                id.clone(),
+                ErrorCode::InvalidNamespace,
+                format!(
+                    "namespace {:?} is not a valid Kubernetes namespace name (a DNS-1123 label)",
+                    truncate(&ns)
+                ),
+            ));
+        }
+        Ok(ns)
+    }
+
+    fn election(&self, id: &Option<RequestId>, election: &str) -> Result<(), RequestError> {
+        if !protocol::is_dns1123_subdomain(election) {
+            return Err(err(
+                id.clone(),
+                ErrorCode::InvalidElection,
+                format!(
+                    "election {:?} is not a valid object name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters",
+                    truncate(election)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn timing(&self, req: &CampaignRequest) -> Result<Option<ElectionTiming>, RequestError> {
+        let Some(t) = req.timing else { return Ok(None) };
+        let d = self.shared.elections.defaults().timing;
+        let secs = |v: Option<f64>, default: Duration, field: &str| -> Result<Duration, RequestError> {
+            match v {
+                None => Ok(default),
+                Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+                Some(s) => Err(err(
+                    req.id.clone(),
+                    ErrorCode::InvalidTiming,
+                    format!("timing.{field} must be a positive number of seconds up to 86400, got {s}"),
+                )),
+            }
+        };
+        let lease = match t.lease_duration {
+            None => d.lease_duration,
+            Some(s) => Duration::from_secs(s),
+        };
+        let renew = secs(t.renew_deadline, d.renew_deadline, "renew_deadline")?;
+        let retry = secs(t.retry_period, d.retry_period, "retry_period")?;
+        ElectionTiming::new(lease, renew, retry)
+            .map(Some)
+            .map_err(|e| err(req.id.clone(), ErrorCode::InvalidTiming, e.to_string()))
+    }
+
+    fn room_for_one_more(&self, id: &Option<RequestId>) -> Result<(), RequestError> {
+        let max = self.shared.limits.max_elections_per_connection;
+        if self.campaigns.len() + self.observations.len() >= max {
+            return Err(err(
+                id.clone(),
+                ErrorCode::TooManyCampaigns,
+                format!(
+                    "this connection already takes part in {max} elections (the maximum); use another connection"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn campaign(&mut self, req: CampaignRequest) -> Result<Event, RequestError> {
+        let id = req.id.clone();
+        self.election(&id, &req.election)?;
+        let namespace = self.namespace(&id, &req.namespace)?;
+        let identity = match &req.identity {
+            Some(i) if !i.is_empty() && i.len() <= 253 && !i.chars().any(char::is_control) => i.clone(),
+            Some(i) => {
+                return Err(err(
+                    id,
+                    ErrorCode::InvalidIdentity,
+                    format!(
+                        "identity {:?} must be 1 to 253 characters without control characters",
+                        truncate(i)
+                    ),
+                ));
+            }
+            None => {
+                return Err(err(
+                    id,
+                    ErrorCode::InvalidIdentity,
+                    "field `identity` is required: the holder identity to write into the lock (usually the pod name)",
+                ));
+            }
+        };
+        let timing = self.timing(&req)?;
+        let key = (namespace.clone(), req.election.clone());
+        if let Some(m) = self.campaigns.get(&key) {
+            return Err(err(
+                id,
+                ErrorCode::AlreadyCampaigning,
+                format!(
+                    "this connection already campaigns in {} as {:?}",
+                    m.name,
+                    m.identity.as_deref().unwrap_or("")
+                ),
+            ));
+        }
+        self.room_for_one_more(&id)?;
+        let name = ElectionName {
+            election: req.election.clone(),
+            namespace,
+            lock: req.lock.unwrap_or_default(),
+        };
+        let party = self.shared.elections.new_party();
+        let joined = self
+            .shared
+            .elections
+            .campaign(
+                &name,
+                party,
+                identity.clone(),
+                req.priority.unwrap_or(0),
+                timing,
+                self.sink.clone(),
+            )
+            .await;
+        match joined {
+            Ok(()) => {
+                self.campaigns.insert(
+                    key,
+                    Membership {
+                        name: name.clone(),
+                        party,
+                        identity: Some(identity.clone()),
+                    },
+                );
+                Ok(Event::Ok(OkReply {
+                    id,
+                    op: "campaign".into(),
+                    name: Some(name),
+                    identity: Some(identity),
+                }))
+            }
+            Err(e) => {
+                let code = match e {
+                    JoinError::IdentityInUse(_) => ErrorCode::IdentityInUse,
+                    JoinError::TimingMismatch { .. } => ErrorCode::InvalidTiming,
+                    JoinError::ShuttingDown => ErrorCode::ShuttingDown,
+                };
+                Err(err(id, code, e.to_string()))
+            }
+        }
+    }
+
+    async fn resign(&mut self, req: ElectionRef) -> Result<Event, RequestError> {
+        let namespace = self.namespace(&req.id, &req.namespace)?;
+        let key = (namespace.clone(), req.election.clone());
+        let Some(m) = self.campaigns.remove(&key) else {
+            return Err(err(
+                req.id,
+                ErrorCode::NotCampaigning,
+                format!(
+                    "this connection does not campaign in {namespace}/{}",
+                    truncate(&req.election)
+                ),
+            ));
+        };
+        self.shared
+            .elections
+            .leave(&m.name, m.party, LostReason::Resigned, true)
+            .await;
+        if !self.observations.values().any(|o| o.name == m.name) {
+            self.outbox.forget_view(&m.name);
+        }
+        Ok(Event::Ok(OkReply {
+            id: req.id,
+            op: "resign".into(),
+            name: Some(m.name),
+            identity: m.identity,
+        }))
+    }
+
+    fn observe(&mut self, req: ElectionRef) -> Result<Event, RequestError> {
+        self.election(&req.id, &req.election)?;
+        let namespace = self.namespace(&req.id, &req.namespace)?;
+        let name = ElectionName {
+            election: req.election.clone(),
+            namespace: namespace.clone(),
+            lock: req.lock.unwrap_or_default(),
+        };
+        let key = (namespace, req.election.clone());
+        if let Some(m) = self.observations.get(&key) {
+            if m.name.lock != name.lock {
+                return Err(err(
+                    req.id,
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "this connection already observes {} with another lock kind",
+                        m.name
+                    ),
+                ));
+            }
+        } else {
+            self.room_for_one_more(&req.id)?;
+            let party = self.shared.elections.new_party();
+            self.shared.elections.observe(&name, party, self.sink.clone());
+            self.observations.insert(
+                key,
+                Membership {
+                    name: name.clone(),
+                    party,
+                    identity: None,
+                },
+            );
+        }
+        Ok(Event::Ok(OkReply {
+            id: req.id,
+            op: "observe".into(),
+            name: Some(name),
+            identity: None,
+        }))
+    }
+
+    async fn unobserve(&mut self, req: ElectionRef) -> Result<Event, RequestError> {
+        let namespace = self.namespace(&req.id, &req.namespace)?;
+        let key = (namespace.clone(), req.election.clone());
+        let Some(m) = self.observations.remove(&key) else {
+            return Err(err(
+                req.id,
+                ErrorCode::NotObserving,
+                format!(
+                    "this connection does not observe {namespace}/{}",
+                    truncate(&req.election)
+                ),
+            ));
+        };
+        self.shared
+            .elections
+            .leave(&m.name, m.party, LostReason::Resigned, false)
+            .await;
+        if !self.campaigns.values().any(|c| c.name == m.name) {
+            self.outbox.forget_view(&m.name);
+        }
+        Ok(Event::Ok(OkReply {
+            id: req.id,
+            op: "unobserve".into(),
+            name: Some(m.name),
+            identity: None,
+        }))
+    }
+
+    fn status(&self, req: BareRequest) -> Event {
+        let describe = |m: &Membership| {
+            let view = self.outbox.view(&m.name);
+            ElectionStatus {
+                name: m.name.clone(),
+                identity: m.identity.clone(),
+                leader: view.as_ref().and_then(|v| v.leader.clone()),
+                term: view.as_ref().and_then(|v| v.term),
+                is_me: m.identity.is_some() && view.as_ref().is_some_and(|v| v.is_me),
+            }
+        };
+        let mut campaigns: Vec<_> = self.campaigns.values().map(describe).collect();
+        let mut observations: Vec<_> = self.observations.values().map(describe).collect();
+        campaigns.sort_by(|a, b| a.name.cmp(&b.name));
+        observations.sort_by(|a, b| a.name.cmp(&b.name));
+        Event::Status(StatusReply {
+            id: req.id,
+            campaigns,
+            observations,
+        })
+    }
+
+    async fn handle(&mut self, request: Request) -> Result<Event, RequestError> {
+        match request {
+            Request::Campaign(r) => self.campaign(r).await,
+            Request::Resign(r) => self.resign(r).await,
+            Request::Observe(r) => self.observe(r),
+            Request::Unobserve(r) => self.unobserve(r).await,
+            Request::Status(r) => Ok(self.status(r)),
+            Request::Ping(r) => Ok(Event::Pong(Pong { id: r.id })),
+        }
+    }
+
+    fn has_elections(&self) -> bool {
+        !self.campaigns.is_empty() || !self.observations.is_empty()
+    }
+
+    fn leave_all(&mut self) {
+        for (_, m) in self.campaigns.drain().chain(self.observations.drain()) {
+            self.shared
+                .elections
+                .leave_nowait(&m.name, m.party, LostReason::Resigned, false);
+        }
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+pub(crate) async fn serve(stream: UnixStream, shared: Arc<ServerShared>) {
+    let metrics = shared.elections.metrics().clone();
+    let limits = shared.limits.clone();
+    let (read, write) = stream.into_split();
+    let outbox = Arc::new(Outbox::new(limits.outbox_limit, metrics.clone()));
+    outbox.push(Event::Hello(Hello {
+        protocol: protocol::PROTOCOL_VERSION,
+        broker_version: env!("CARGO_PKG_VERSION").to_string(),
+        node: shared.identity.node.clone(),
+        default_namespace: shared.identity.default_namespace.clone(),
+        caller: None,
+    }));
+    let mut writer_task = tokio::spawn(writer(write, outbox.clone(), limits.write_timeout));
+    let mut frames = FramedRead::new(read, LineCodec::new(MAX_LINE_BYTES));
+    let mut conn = Conn {
+        sink: Arc::new(ConnectionSink(outbox.clone())),
+        outbox: outbox.clone(),
+        shared: shared.clone(),
+        campaigns: HashMap::new(),
+        observations: HashMap::new(),
+    };
+    let mut deadline = Instant::now() + limits.first_request_timeout;
+    let mut seen_request = false;
+    let mut consecutive_errors = 0u32;
+    let mut writer_done = None;
+    loop {
+        tokio::select! {
+            frame = frames.next() => {
+                let result = match frame {
+                    None | Some(Err(_)) => break,
+                    Some(Ok(Frame::TooLong)) => Err(err(None, ErrorCode::LineTooLong, format!(
+                        "line longer than {MAX_LINE_BYTES} bytes: discarded"
+                    ))),
+                    Some(Ok(Frame::Line(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                    Some(Ok(Frame::Line(line))) => match protocol::parse_request(&line) {
+                        Ok(req) => conn.handle(req).await,
+                        Err(e) => Err(e),
+                    },
+                };
+                seen_request = true;
+                deadline = Instant::now() + limits.idle_timeout;
+                match result {
+                    Ok(reply) => {
+                        consecutive_errors = 0;
+                        outbox.push(reply);
+                    }
+                    Err(e) => {
+                        metrics.rejected(e.code.as_str());
+                        tracing::debug!(code = %e.code, message = %e.message, "rejected request");
+                        consecutive_errors += 1;
+                        outbox.push(e.into_event());
+                        if consecutive_errors >= limits.max_consecutive_errors {
+                            metrics.rejected(ErrorCode::TooManyErrors.as_str());
+                            outbox.push(err(None, ErrorCode::TooManyErrors, format!(
+                                "{consecutive_errors} bad requests in a row: closing the connection"
+                            )).into_event());
+                            break;
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if conn.has_elections() {
+                    deadline = Instant::now() + limits.idle_timeout;
+                    continue;
+                }
+                let message = if seen_request {
+                    format!("idle for {:?} with nothing campaigned or observed: closing", limits.idle_timeout)
+                } else {
+                    format!("no request within {:?} of connecting: closing", limits.first_request_timeout)
+                };
+                metrics.rejected(ErrorCode::Timeout.as_str());
+                outbox.push(err(None, ErrorCode::Timeout, message).into_event());
+                break;
+            }
+            end = &mut writer_task => {
+                writer_done = Some(end.unwrap_or(WriterEnd::Broken));
+                break;
+            }
+            _ = shared.shutdown.cancelled() => break,
+        }
+    }
+    // Resign everything at once: that is how a crashed app hands over in milliseconds.
+    conn.leave_all();
+    outbox.close();
+    if writer_done.is_none() {
+        match tokio::time::timeout(limits.write_timeout, &mut writer_task).await {
+            Ok(Ok(end)) => writer_done = Some(end),
+            _ => writer_task.abort(),
+        }
+    }
+    if matches!(writer_done, Some(WriterEnd::Stuck)) {
+        metrics.rejected(ErrorCode::SlowConsumer.as_str());
+        tracing::info!("closed a connection whose client stopped reading");
+    }
+}

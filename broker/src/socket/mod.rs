@@ -1,0 +1,250 @@
+//! The node socket: applications talk to the broker over newline-delimited JSON on a Unix
+//! domain socket (protocol v1, see `PROTOCOL.md` and [`elector_client::protocol`]).
+//!
+//! Guarantees:
+//! - the socket appears atomically (bound under a temporary name, then renamed); an existing
+//!   path is replaced only if it is a socket; it is removed on clean exit;
+//! - bad input gets an `error` event with a stable code and never harms the connection (unless
+//!   it keeps coming), other connections, or the broker;
+//! - a connection closing resigns all of its campaigns at once;
+//! - a client that does not read cannot block the broker or make it grow without bound.
+
+mod connection;
+pub mod outbox;
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::elections::Elections;
+use elector_client::protocol::{ErrorCode, Event, RequestError};
+
+/// Limits and deadlines of the socket server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// From connect to the first request.
+    pub first_request_timeout: Duration,
+    /// A connection with nothing campaigned or observed that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_uid: usize,
+    /// Campaigns plus observations on one connection.
+    pub max_elections_per_connection: usize,
+    /// Events queued for one connection before it is judged stuck.
+    pub outbox_limit: usize,
+    /// A write to a client that makes no progress for this long closes the connection.
+    pub write_timeout: Duration,
+    /// Bad requests in a row before the connection is closed.
+    pub max_consecutive_errors: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 4096,
+            max_connections_per_uid: 1024,
+            max_elections_per_connection: 256,
+            outbox_limit: 1024,
+            write_timeout: Duration::from_secs(10),
+            max_consecutive_errors: 16,
+        }
+    }
+}
+
+/// How the socket file is made.
+#[derive(Debug, Clone)]
+pub struct SocketOptions {
+    pub path: PathBuf,
+    /// Permission bits of the socket file (e.g. `0o660`).
+    pub mode: u32,
+    /// Group that owns the socket file.
+    pub group: Option<u32>,
+}
+
+/// What the broker tells every connection about itself.
+#[derive(Debug, Clone)]
+pub struct BrokerIdentity {
+    pub node: String,
+    pub default_namespace: String,
+}
+
+/// Errors setting up the socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{path}: exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SocketError + '_ {
+    move |source| SocketError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Binds the socket atomically: a temporary name in the same directory, permissions set, then
+/// renamed over `path` (only if `path` is missing or a socket).
+pub fn bind(opts: &SocketOptions) -> Result<UnixListener, SocketError> {
+    let path = &opts.path;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => return Err(SocketError::NotASocket { path: path.clone() }),
+        _ => {}
+    }
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("elector.sock");
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io_err(&tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(opts.mode)).map_err(io_err(&tmp))?;
+    if let Some(gid) = opts.group {
+        nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| io_err(&tmp)(std::io::Error::from(e)))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(listener)
+}
+
+/// Shared state of the server's connections.
+#[derive(Debug)]
+pub(crate) struct ServerShared {
+    pub elections: Elections,
+    pub limits: Limits,
+    pub identity: BrokerIdentity,
+    pub shutdown: CancellationToken,
+    conns_per_uid: Mutex<HashMap<u32, usize>>,
+    total: Mutex<usize>,
+}
+
+/// The socket server.
+#[derive(Debug)]
+pub struct SocketServer {
+    listener: UnixListener,
+    path: PathBuf,
+    shared: Arc<ServerShared>,
+    tracker: TaskTracker,
+}
+
+impl SocketServer {
+    pub fn new(
+        listener: UnixListener,
+        path: PathBuf,
+        elections: Elections,
+        identity: BrokerIdentity,
+        limits: Limits,
+        shutdown: CancellationToken,
+    ) -> Self {
+        SocketServer {
+            listener,
+            path,
+            shared: Arc::new(ServerShared {
+                elections,
+                limits,
+                identity,
+                shutdown,
+                conns_per_uid: Mutex::new(HashMap::new()),
+                total: Mutex::new(0),
+            }),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Accepts connections until the shutdown token fires, then waits for the connections to
+    /// finish (they flush `lost`/`broker_shutdown` events first) and removes the socket file.
+    pub async fn run(self) {
+        loop {
+            tokio::select! {
+                _ = self.shared.shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => self.accept(stream),
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        // Out of file descriptors and the like: do not spin.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(self.listener);
+        let _ = std::fs::remove_file(&self.path);
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    fn accept(&self, stream: UnixStream) {
+        let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+        let shared = self.shared.clone();
+        let limits = &shared.limits;
+        let admitted = {
+            let mut total = shared.total.lock().unwrap_or_else(|p| p.into_inner());
+            let mut per_uid = shared.conns_per_uid.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = per_uid.entry(uid).or_default();
+            if *total >= limits.max_connections {
+                Err(format!(
+                    "the broker has its maximum of {} connections",
+                    limits.max_connections
+                ))
+            } else if *mine >= limits.max_connections_per_uid {
+                Err(format!(
+                    "uid {uid} has its maximum of {} connections",
+                    limits.max_connections_per_uid
+                ))
+            } else {
+                *total += 1;
+                *mine += 1;
+                Ok(())
+            }
+        };
+        let metrics = shared.elections.metrics().clone();
+        match admitted {
+            Err(message) => {
+                metrics.rejected(ErrorCode::TooManyConnections.as_str());
+                self.tracker.spawn(async move {
+                    let line = RequestError::new(None, ErrorCode::TooManyConnections, message).into_event();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), write_line(stream, line)).await;
+                });
+            }
+            Ok(()) => {
+                metrics.connected_clients.inc();
+                self.tracker.spawn(async move {
+                    connection::serve(stream, shared.clone()).await;
+                    metrics.connected_clients.dec();
+                    *shared.total.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                    let mut per_uid = shared.conns_per_uid.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(n) = per_uid.get_mut(&uid) {
+                        *n -= 1;
+                        if *n == 0 {
+                            per_uid.remove(&uid);
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn write_line(mut stream: UnixStream, event: Event) {
+    use tokio::io::AsyncWriteExt;
+    let _ = stream.write_all(&event.to_line()).await;
+    let _ = stream.shutdown().await;
+}
