@@ -1,0 +1,593 @@
+//! The connection to the broker: campaigns, observations, reconnects.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, Stream, StreamExt};
+use serde_json::Value;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{Frame, LineCodec};
+use crate::protocol::{
+    self, CampaignRequest, ElectionRef, ErrorCode, Event, Hello, LockKind, LostReason, MAX_LINE_BYTES,
+    Request, Timing,
+};
+
+/// What can go wrong talking to the broker.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the broker at {path}: {message}")]
+    Connect { path: PathBuf, message: String },
+    #[error("the broker refused: {code}: {message}")]
+    Broker { code: ErrorCode, message: String },
+    #[error("the connection to the broker was lost")]
+    Disconnected,
+    #[error("the broker sent something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// What to campaign for.
+#[derive(Debug, Clone)]
+pub struct CampaignOptions {
+    pub election: String,
+    /// `None`: the broker's default namespace.
+    pub namespace: Option<String>,
+    /// The holder identity (usually the pod name).
+    pub identity: String,
+    pub lock: LockKind,
+    pub timing: Option<Timing>,
+    pub priority: i32,
+}
+
+impl CampaignOptions {
+    pub fn new(election: impl Into<String>, identity: impl Into<String>) -> Self {
+        CampaignOptions {
+            election: election.into(),
+            namespace: None,
+            identity: identity.into(),
+            lock: LockKind::Lease,
+            timing: None,
+            priority: 0,
+        }
+    }
+
+    pub fn namespace(mut self, ns: impl Into<String>) -> Self {
+        self.namespace = Some(ns.into());
+        self
+    }
+
+    pub fn lock(mut self, lock: LockKind) -> Self {
+        self.lock = lock;
+        self
+    }
+
+    pub fn timing(mut self, timing: Timing) -> Self {
+        self.timing = Some(timing);
+        self
+    }
+
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+}
+
+/// A campaign's state as this process sees it. `is_leader` is false whenever the broker is
+/// unreachable: any disconnect means "not leader" at once.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeadershipState {
+    pub connected: bool,
+    pub leader: Option<String>,
+    pub term: Option<u64>,
+    pub is_leader: bool,
+}
+
+/// A typed event of one campaign or observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CampaignEvent {
+    /// Who leads now (`None`: nobody holds a live lease).
+    Leader {
+        leader: Option<String>,
+        term: Option<u64>,
+    },
+    /// This process leads, in `term` (a fencing token that only grows).
+    Elected { term: u64 },
+    /// This process no longer leads.
+    Lost { term: u64, reason: LostReason },
+}
+
+type Key = (String, String);
+
+struct Registration {
+    request: Request,
+    state: watch::Sender<LeadershipState>,
+    events: mpsc::UnboundedSender<CampaignEvent>,
+}
+
+enum Cmd {
+    Register {
+        key: Key,
+        request: Request,
+        state: watch::Sender<LeadershipState>,
+        events: mpsc::UnboundedSender<CampaignEvent>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Unregister {
+        key: Key,
+        request: Request,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+}
+
+/// A connection to the broker, re-established with back-off whenever it breaks; campaigns and
+/// observations are re-made after a reconnect. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    commands: mpsc::UnboundedSender<Cmd>,
+    hello: watch::Receiver<Option<Hello>>,
+    _stop: Arc<StopOnDrop>,
+}
+
+#[derive(Debug)]
+struct StopOnDrop(CancellationToken);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+type Lines = FramedRead<tokio::net::unix::OwnedReadHalf, LineCodec>;
+type Writer = FramedWrite<tokio::net::unix::OwnedWriteHalf, LinesCodec>;
+
+async fn dial(path: &Path) -> Result<(Lines, Writer, Hello), Error> {
+    let connect_err = |m: String| Error::Connect {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
+    let (r, w) = stream.into_split();
+    let mut lines = FramedRead::new(r, LineCodec::new(MAX_LINE_BYTES));
+    let writer = FramedWrite::new(w, LinesCodec::new());
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next())
+        .await
+        .map_err(|_| connect_err("no greeting within 10s".into()))?;
+    match first {
+        Some(Ok(Frame::Line(l))) => match protocol::parse_event(&l) {
+            Ok(Event::Hello(h)) => Ok((lines, writer, h)),
+            Ok(Event::Error(e)) => Err(Error::Broker {
+                code: e.code,
+                message: e.message,
+            }),
+            other => Err(Error::Protocol(format!("expected a greeting, got {other:?}"))),
+        },
+        _ => Err(connect_err("closed before the greeting".into())),
+    }
+}
+
+impl Client {
+    /// Connects to the broker's socket (fails if it cannot be reached now; later disconnects
+    /// are retried in the background).
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
+        let path = path.as_ref().to_path_buf();
+        let (lines, writer, hello) = dial(&path).await?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (hello_tx, hello_rx) = watch::channel(Some(hello));
+        let stop = CancellationToken::new();
+        tokio::spawn(manage(path, lines, writer, rx, hello_tx, stop.clone()));
+        Ok(Client {
+            commands,
+            hello: hello_rx,
+            _stop: Arc::new(StopOnDrop(stop)),
+        })
+    }
+
+    /// The broker's greeting of the current connection.
+    pub fn hello(&self) -> Option<Hello> {
+        self.hello.borrow().clone()
+    }
+
+    fn default_namespace(&self) -> String {
+        self.hello()
+            .map(|h| h.default_namespace)
+            .unwrap_or_else(|| "default".into())
+    }
+
+    async fn register(&self, key: Key, request: Request) -> Result<Registered, Error> {
+        let (state_tx, state_rx) = watch::channel(LeadershipState {
+            connected: true,
+            ..Default::default()
+        });
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Cmd::Register {
+                key: key.clone(),
+                request,
+                state: state_tx,
+                events: events_tx,
+                reply,
+            })
+            .map_err(|_| Error::Disconnected)?;
+        rx.await.map_err(|_| Error::Disconnected)??;
+        Ok(Registered {
+            key,
+            state: state_rx,
+            events: Some(events_rx),
+        })
+    }
+
+    /// Becomes a candidate. Returns once the broker accepted the campaign.
+    pub async fn campaign(&self, options: CampaignOptions) -> Result<Campaign, Error> {
+        let namespace = options
+            .namespace
+            .clone()
+            .unwrap_or_else(|| self.default_namespace());
+        let request = Request::Campaign(CampaignRequest {
+            id: None,
+            election: options.election.clone(),
+            namespace: Some(namespace.clone()),
+            identity: Some(options.identity.clone()),
+            lock: Some(options.lock),
+            timing: options.timing,
+            priority: Some(options.priority),
+        });
+        let reg = self
+            .register((namespace, options.election.clone()), request)
+            .await?;
+        Ok(Campaign {
+            client: self.clone(),
+            reg,
+            identity: options.identity,
+            resigned: false,
+        })
+    }
+
+    /// Watches an election without taking part.
+    pub async fn observe(
+        &self,
+        election: &str,
+        namespace: Option<&str>,
+        lock: LockKind,
+    ) -> Result<Observation, Error> {
+        let namespace = namespace
+            .map(str::to_string)
+            .unwrap_or_else(|| self.default_namespace());
+        let request = Request::Observe(ElectionRef {
+            id: None,
+            election: election.to_string(),
+            namespace: Some(namespace.clone()),
+            lock: Some(lock),
+        });
+        let reg = self.register((namespace, election.to_string()), request).await?;
+        Ok(Observation { reg })
+    }
+}
+
+struct Registered {
+    key: Key,
+    state: watch::Receiver<LeadershipState>,
+    events: Option<mpsc::UnboundedReceiver<CampaignEvent>>,
+}
+
+impl Registered {
+    fn take_events(&mut self) -> EventStream {
+        EventStream(self.events.take())
+    }
+}
+
+/// The events of a campaign or observation, in order (see [`Campaign::events`]).
+#[derive(Debug)]
+pub struct EventStream(Option<mpsc::UnboundedReceiver<CampaignEvent>>);
+
+impl Stream for EventStream {
+    type Item = CampaignEvent;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<CampaignEvent>> {
+        match &mut self.0 {
+            Some(rx) => rx.poll_recv(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registered").field("key", &self.key).finish()
+    }
+}
+
+/// A campaign in one election. Dropping it resigns.
+#[derive(Debug)]
+pub struct Campaign {
+    client: Client,
+    reg: Registered,
+    identity: String,
+    resigned: bool,
+}
+
+impl Campaign {
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// The latest state, always up to date (a `watch` receiver).
+    pub fn state(&self) -> watch::Receiver<LeadershipState> {
+        self.reg.state.clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.reg.state.borrow().is_leader
+    }
+
+    /// Every event, in order, as an owned stream (so a task can consume it while the
+    /// `Campaign` is kept for [`Campaign::resign`]). It can be taken once; later calls return
+    /// an empty stream. [`Campaign::state`] is the way to watch from several places.
+    pub fn events(&mut self) -> EventStream {
+        self.reg.take_events()
+    }
+
+    /// Waits until this campaign leads; returns the term.
+    pub async fn elected(&self) -> Result<u64, Error> {
+        let mut rx = self.state();
+        let s = rx
+            .wait_for(|s| s.is_leader)
+            .await
+            .map_err(|_| Error::Disconnected)?;
+        Ok(s.term.unwrap_or(0))
+    }
+
+    /// Waits until leading, then runs `work` with a token that is cancelled the moment
+    /// leadership is lost (or the broker becomes unreachable). Returns what `work` returns.
+    pub async fn run_while_leader<F, Fut, T>(&self, work: F) -> Result<T, Error>
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let term = self.elected().await?;
+        let token = CancellationToken::new();
+        let mut rx = self.state();
+        let watcher = {
+            let token = token.clone();
+            tokio::spawn(async move {
+                let _ = rx.wait_for(|s| !s.is_leader || s.term != Some(term)).await;
+                token.cancel();
+            })
+        };
+        let out = work(token).await;
+        watcher.abort();
+        Ok(out)
+    }
+
+    /// Gives up the campaign; if leading, the broker hands over or releases at once.
+    pub async fn resign(mut self) -> Result<(), Error> {
+        self.resigned = true;
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Resign(ElectionRef {
+            id: None,
+            election: self.reg.key.1.clone(),
+            namespace: Some(self.reg.key.0.clone()),
+            lock: None,
+        });
+        self.client
+            .commands
+            .send(Cmd::Unregister {
+                key: self.reg.key.clone(),
+                request,
+                reply: Some(reply),
+            })
+            .map_err(|_| Error::Disconnected)?;
+        rx.await.map_err(|_| Error::Disconnected)?
+    }
+}
+
+impl Drop for Campaign {
+    fn drop(&mut self) {
+        if !self.resigned {
+            let request = Request::Resign(ElectionRef {
+                id: None,
+                election: self.reg.key.1.clone(),
+                namespace: Some(self.reg.key.0.clone()),
+                lock: None,
+            });
+            let _ = self.client.commands.send(Cmd::Unregister {
+                key: self.reg.key.clone(),
+                request,
+                reply: None,
+            });
+        }
+    }
+}
+
+/// An observation of one election.
+#[derive(Debug)]
+pub struct Observation {
+    reg: Registered,
+}
+
+impl Observation {
+    pub fn state(&self) -> watch::Receiver<LeadershipState> {
+        self.reg.state.clone()
+    }
+
+    /// Every event, in order (can be taken once, like [`Campaign::events`]).
+    pub fn events(&mut self) -> EventStream {
+        self.reg.take_events()
+    }
+}
+
+fn with_id(request: &Request, id: u64) -> Request {
+    let mut r = request.clone();
+    let id = Some(Value::from(id));
+    match &mut r {
+        Request::Campaign(c) => c.id = id,
+        Request::Resign(e) | Request::Observe(e) | Request::Unobserve(e) => e.id = id,
+        Request::Status(b) | Request::Ping(b) => b.id = id,
+    }
+    r
+}
+
+/// The connection manager: one task per `Client`.
+async fn manage(
+    path: PathBuf,
+    mut lines: Lines,
+    mut writer: Writer,
+    mut commands: mpsc::UnboundedReceiver<Cmd>,
+    hello: watch::Sender<Option<Hello>>,
+    stop: CancellationToken,
+) {
+    let mut regs: HashMap<Key, Registration> = HashMap::new();
+    let mut next_id: u64 = 1;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        // Serve one connection until it breaks.
+        let mut pending: HashMap<u64, oneshot::Sender<Result<(), Error>>> = HashMap::new();
+        let broken = loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    let (request, reply) = match cmd {
+                        Cmd::Register { key, request, state, events, reply } => {
+                            regs.insert(key, Registration { request: request.clone(), state, events });
+                            (request, Some(reply))
+                        }
+                        Cmd::Unregister { key, request, reply } => {
+                            regs.remove(&key);
+                            let unobserve_or_resign = request;
+                            (unobserve_or_resign, reply)
+                        }
+                    };
+                    let id = next_id;
+                    next_id += 1;
+                    let line = serde_json::to_string(&with_id(&request, id)).unwrap_or_default();
+                    if let Some(reply) = reply {
+                        pending.insert(id, reply);
+                    }
+                    if writer.send(line).await.is_err() {
+                        break true;
+                    }
+                }
+                frame = lines.next() => {
+                    let line = match frame {
+                        Some(Ok(Frame::Line(l))) => l,
+                        Some(Ok(Frame::TooLong)) => continue,
+                        _ => break true,
+                    };
+                    let Ok(event) = protocol::parse_event(&line) else { continue };
+                    dispatch(event, &mut regs, &mut pending);
+                }
+            }
+        };
+        debug_assert!(broken);
+        // Disconnected: nobody here leads any more.
+        hello.send_replace(None);
+        for (_, reply) in pending.drain() {
+            let _ = reply.send(Err(Error::Disconnected));
+        }
+        for reg in regs.values() {
+            let was = reg.state.borrow().clone();
+            if was.is_leader {
+                let _ = reg.events.send(CampaignEvent::Lost {
+                    term: was.term.unwrap_or(0),
+                    reason: LostReason::Disconnected,
+                });
+            }
+            reg.state.send_replace(LeadershipState::default());
+        }
+        // Reconnect with back-off, then campaign and observe again.
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            if let Ok((l, w, h)) = dial(&path).await {
+                lines = l;
+                writer = w;
+                hello.send_replace(Some(h));
+                backoff = Duration::from_millis(50);
+                break;
+            }
+        }
+        let mut ok = true;
+        for reg in regs.values() {
+            reg.state.send_modify(|s| s.connected = true);
+            let line = serde_json::to_string(&with_id(&reg.request, next_id)).unwrap_or_default();
+            next_id += 1;
+            if writer.send(line).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        let _ = ok;
+    }
+}
+
+fn dispatch(
+    event: Event,
+    regs: &mut HashMap<Key, Registration>,
+    pending: &mut HashMap<u64, oneshot::Sender<Result<(), Error>>>,
+) {
+    let reply_id = |id: &Option<Value>| id.as_ref().and_then(Value::as_u64);
+    match event {
+        Event::Ok(ok) => {
+            if let Some(reply) = reply_id(&ok.id).and_then(|id| pending.remove(&id)) {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        Event::Error(e) => {
+            if let Some(reply) = reply_id(&e.id).and_then(|id| pending.remove(&id)) {
+                let _ = reply.send(Err(Error::Broker {
+                    code: e.code,
+                    message: e.message,
+                }));
+            } else {
+                tracing::warn!(code = %e.code, "broker error: {}", e.message);
+            }
+        }
+        Event::Leader(l) => {
+            if let Some(reg) = regs.get(&(l.name.namespace.clone(), l.name.election.clone())) {
+                reg.state.send_modify(|s| {
+                    s.connected = true;
+                    s.leader = l.leader.clone();
+                    s.term = l.term;
+                });
+                let _ = reg.events.send(CampaignEvent::Leader {
+                    leader: l.leader,
+                    term: l.term,
+                });
+            }
+        }
+        Event::Elected(e) => {
+            if let Some(reg) = regs.get(&(e.name.namespace.clone(), e.name.election.clone())) {
+                reg.state.send_modify(|s| {
+                    s.is_leader = true;
+                    s.leader = Some(e.identity.clone());
+                    s.term = Some(e.term);
+                });
+                let _ = reg.events.send(CampaignEvent::Elected { term: e.term });
+            }
+        }
+        Event::Lost(l) => {
+            if let Some(reg) = regs.get(&(l.name.namespace.clone(), l.name.election.clone())) {
+                reg.state.send_modify(|s| s.is_leader = false);
+                let _ = reg.events.send(CampaignEvent::Lost {
+                    term: l.term,
+                    reason: l.reason,
+                });
+            }
+        }
+        Event::Hello(_) | Event::Status(_) | Event::Pong(_) => {}
+    }
+}

@@ -1,0 +1,155 @@
+//! In-process brokers for tests, each on its own runtime and thread, so that killing one drops
+//! every task it had (like a crashed process: no release, connections closed), while a clean
+//! shutdown goes through `Daemon::shutdown` like SIGTERM does.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
+use elector_broker::election::machine::ElectionTiming;
+use elector_broker::elections::Defaults;
+use elector_broker::lock::Backends;
+use elector_broker::metrics::Metrics;
+
+use crate::kube_api::{TestApiServer, User};
+
+/// Where a test broker's locks live.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Memory,
+    /// A kubeconfig file (a user of the test API server, or a real cluster).
+    Kube(PathBuf),
+}
+
+#[derive(Debug)]
+enum Stop {
+    Shutdown,
+    Kill,
+}
+
+/// A broker running on its own thread.
+#[derive(Debug)]
+pub struct TestBroker {
+    pub node: String,
+    pub socket: PathBuf,
+    pub http_addr: Option<std::net::SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<Stop>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Fast timing for tests: lease 2 s, renew deadline 1.5 s, retry 0.25 s.
+pub fn fast_timing() -> ElectionTiming {
+    ElectionTiming::new(
+        Duration::from_secs(2),
+        Duration::from_millis(1500),
+        Duration::from_millis(250),
+    )
+    .expect("valid timing")
+}
+
+impl TestBroker {
+    pub fn start(node: &str, dir: &Path, backend: Backend, timing: ElectionTiming, http: bool) -> TestBroker {
+        let socket = dir.join(format!("{node}.sock"));
+        let mut config = DaemonConfig::for_socket(&socket, node);
+        config.defaults = Defaults { timing };
+        config.shutdown_grace = Duration::from_secs(3);
+        if http {
+            config.http_addr = Some("127.0.0.1:0".parse().expect("addr"));
+        }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
+        let thread = std::thread::Builder::new()
+            .name(format!("broker-{node}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let daemon = rt.block_on(async {
+                    let metrics = Arc::new(Metrics::new());
+                    let backends = match backend {
+                        Backend::Memory => Backends::memory(),
+                        Backend::Kube(kubeconfig) => {
+                            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+                            let mut cfg = kube::Config::from_custom_kubeconfig(
+                                kc,
+                                &kube::config::KubeConfigOptions::default(),
+                            )
+                            .await
+                            .expect("kube config");
+                            cfg.default_retry = false;
+                            Backends::kubernetes(
+                                kube::Client::try_from(cfg).expect("client"),
+                                Some(metrics.clone()),
+                            )
+                        }
+                    };
+                    Daemon::start(config, backends, metrics, Arc::new(Readiness::standalone()))
+                        .await
+                        .expect("daemon starts")
+                });
+                let _ = ready_tx.send(daemon.http_addr());
+                match rt.block_on(stop_rx) {
+                    Ok(Stop::Shutdown) => rt.block_on(daemon.shutdown()),
+                    Ok(Stop::Kill) | Err(_) => {
+                        drop(daemon);
+                        rt.shutdown_background();
+                    }
+                }
+            })
+            .expect("spawn broker thread");
+        let http_addr = ready_rx.recv().expect("broker started");
+        TestBroker {
+            node: node.to_string(),
+            socket,
+            http_addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// A broker of the test API server, as its own user (so faults can target it).
+    pub fn on_server(
+        server: &TestApiServer,
+        node: &str,
+        dir: &Path,
+        timing: ElectionTiming,
+    ) -> (TestBroker, User) {
+        let user = server.add_user(node, vec![crate::kube_api::Rule::all()]);
+        let broker = TestBroker::start(
+            node,
+            dir,
+            Backend::Kube(server.kubeconfig_path(&user)),
+            timing,
+            true,
+        );
+        (broker, user)
+    }
+
+    fn stop(&mut self, how: Stop) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(how);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Crash: every task is dropped, nothing is released.
+    pub fn kill(mut self) {
+        self.stop(Stop::Kill);
+    }
+
+    /// SIGTERM: release, tell leaders `broker_shutdown`, remove the socket.
+    pub fn shutdown(mut self) {
+        self.stop(Stop::Shutdown);
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.stop(Stop::Kill);
+    }
+}
