@@ -101,7 +101,14 @@ pub enum CampaignEvent {
     Lost { term: u64, reason: LostReason },
 }
 
-type Key = (String, String);
+/// (namespace, election, role): one connection may both campaign in and observe an election.
+type Key = (String, String, Role);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Role {
+    Campaign,
+    Observe,
+}
 
 struct Registration {
     request: Request,
@@ -240,7 +247,7 @@ impl Client {
             priority: Some(options.priority),
         });
         let reg = self
-            .register((namespace, options.election.clone()), request)
+            .register((namespace, options.election.clone(), Role::Campaign), request)
             .await?;
         Ok(Campaign {
             client: self.clone(),
@@ -266,7 +273,9 @@ impl Client {
             namespace: Some(namespace.clone()),
             lock: Some(lock),
         });
-        let reg = self.register((namespace, election.to_string()), request).await?;
+        let reg = self
+            .register((namespace, election.to_string(), Role::Observe), request)
+            .await?;
         Ok(Observation { reg })
     }
 }
@@ -557,20 +566,23 @@ fn dispatch(
             }
         }
         Event::Leader(l) => {
-            if let Some(reg) = regs.get(&(l.name.namespace.clone(), l.name.election.clone())) {
+            for role in [Role::Campaign, Role::Observe] {
+                let Some(reg) = regs.get(&(l.name.namespace.clone(), l.name.election.clone(), role)) else {
+                    continue;
+                };
                 reg.state.send_modify(|s| {
                     s.connected = true;
                     s.leader = l.leader.clone();
                     s.term = l.term;
                 });
                 let _ = reg.events.send(CampaignEvent::Leader {
-                    leader: l.leader,
+                    leader: l.leader.clone(),
                     term: l.term,
                 });
             }
         }
         Event::Elected(e) => {
-            if let Some(reg) = regs.get(&(e.name.namespace.clone(), e.name.election.clone())) {
+            if let Some(reg) = regs.get(&(e.name.namespace.clone(), e.name.election.clone(), Role::Campaign)) {
                 reg.state.send_modify(|s| {
                     s.is_leader = true;
                     s.leader = Some(e.identity.clone());
@@ -580,7 +592,7 @@ fn dispatch(
             }
         }
         Event::Lost(l) => {
-            if let Some(reg) = regs.get(&(l.name.namespace.clone(), l.name.election.clone())) {
+            if let Some(reg) = regs.get(&(l.name.namespace.clone(), l.name.election.clone(), Role::Campaign)) {
                 reg.state.send_modify(|s| s.is_leader = false);
                 let _ = reg.events.send(CampaignEvent::Lost {
                     term: l.term,

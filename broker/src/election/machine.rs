@@ -358,8 +358,17 @@ impl<Raw: Clone> Contender<Raw> {
         self.highest_term = Some(self.highest_term.map_or(term, |t| t.max(term)));
     }
 
-    /// The lock as seen by a watch or a read.
+    /// The lock as seen by a watch. A watch's "missing" can be stale (a list taken before our
+    /// own create); while holding, it is verified with a read before anything is concluded.
     pub fn observe(&mut self, now: Instant, state: LockState<Raw>) {
+        if matches!(state, LockState::Missing) && self.held.is_some() {
+            self.need_read = true;
+            return;
+        }
+        self.apply(now, state);
+    }
+
+    fn apply(&mut self, now: Instant, state: LockState<Raw>) {
         match state {
             LockState::Unknown => {}
             LockState::Missing => {
@@ -408,7 +417,7 @@ impl<Raw: Clone> Contender<Raw> {
             Ok(state) => {
                 self.need_read = false;
                 self.failures = 0;
-                self.observe(now, state);
+                self.apply(now, state);
             }
             Err(f) => self.backoff(now, f),
         }
@@ -468,7 +477,7 @@ impl<Raw: Clone> Contender<Raw> {
                 self.need_read = true;
             }
             Err(LockFailure::NotFound) => {
-                self.observe(now, LockState::Missing);
+                self.apply(now, LockState::Missing);
             }
             Err(f @ LockFailure::Transient { .. }) => self.backoff(now, f),
         }
