@@ -582,7 +582,8 @@ fn dispatch(
             }
         }
         Event::Elected(e) => {
-            if let Some(reg) = regs.get(&(e.name.namespace.clone(), e.name.election.clone(), Role::Campaign)) {
+            if let Some(reg) = regs.get(&(e.name.namespace.clone(), e.name.election.clone(), Role::Campaign))
+            {
                 reg.state.send_modify(|s| {
                     s.is_leader = true;
                     s.leader = Some(e.identity.clone());
@@ -592,7 +593,8 @@ fn dispatch(
             }
         }
         Event::Lost(l) => {
-            if let Some(reg) = regs.get(&(l.name.namespace.clone(), l.name.election.clone(), Role::Campaign)) {
+            if let Some(reg) = regs.get(&(l.name.namespace.clone(), l.name.election.clone(), Role::Campaign))
+            {
                 reg.state.send_modify(|s| s.is_leader = false);
                 let _ = reg.events.send(CampaignEvent::Lost {
                     term: l.term,

@@ -35,8 +35,8 @@ async fn writer(mut out: OwnedWriteHalf, outbox: Arc<Outbox>, write_timeout: Dur
     loop {
         outbox.ready().await;
         let events = match outbox.drain() {
-            Ok(e) => e,
-            Err(()) => {
+            Some(e) => e,
+            None => {
                 let bye = RequestError::new(
                     None,
                     ErrorCode::SlowConsumer,

@@ -21,7 +21,11 @@ struct App {
 async fn start_app(socket: &std::path::Path, name: &'static str) -> anyhow::Result<App> {
     let client = Client::connect(socket).await?;
     let campaign = client.campaign(CampaignOptions::new("report-job", name)).await?;
-    Ok(App { name, client, campaign })
+    Ok(App {
+        name,
+        client,
+        campaign,
+    })
 }
 
 fn show(apps: &[App]) -> String {

@@ -30,7 +30,10 @@ async fn main() -> anyhow::Result<()> {
     let kubeconfig = server.kubeconfig_path(server.admin());
     println!("test API server at {}", server.url());
     println!("kubeconfig: {}", kubeconfig.display());
-    println!("try: electord --kubeconfig {} --node-name node-a --socket /tmp/elector.sock", kubeconfig.display());
+    println!(
+        "try: electord --kubeconfig {} --node-name node-a --socket /tmp/elector.sock",
+        kubeconfig.display()
+    );
     tokio::signal::ctrl_c().await?;
     Ok(())
 }
