@@ -14,4 +14,5 @@ pub mod elections;
 pub mod http;
 pub mod lock;
 pub mod metrics;
+pub mod shim;
 pub mod socket;

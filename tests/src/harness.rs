@@ -153,3 +153,72 @@ impl Drop for TestBroker {
         self.stop(Stop::Kill);
     }
 }
+
+/// An `elector-shim` running on its own thread (killable like a process).
+#[derive(Debug)]
+pub struct TestShim {
+    pub id: String,
+    pub http_addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<Stop>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestShim {
+    /// Starts a shim for `election` (namespace `default`) on `http` (e.g. `127.0.0.1:0`).
+    pub fn start(socket: &Path, election: &str, id: &str, ttl: Duration, http: &str) -> TestShim {
+        let config = elector_broker::shim::ShimConfig {
+            election: election.to_string(),
+            namespace: "default".into(),
+            id: id.to_string(),
+            ttl,
+            socket: socket.to_path_buf(),
+        };
+        let std_listener = std::net::TcpListener::bind(http).expect("bind shim port");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let http_addr = std_listener.local_addr().expect("addr");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let token = tokio_util::sync::CancellationToken::new();
+            let listener =
+                rt.block_on(async { tokio::net::TcpListener::from_std(std_listener).expect("listener") });
+            let task = rt.spawn(elector_broker::shim::run(config, Some(listener), token.clone()));
+            match rt.block_on(stop_rx) {
+                Ok(Stop::Shutdown) => {
+                    token.cancel();
+                    let _ = rt.block_on(task);
+                }
+                Ok(Stop::Kill) | Err(_) => rt.shutdown_background(),
+            }
+        });
+        TestShim {
+            id: id.to_string(),
+            http_addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self, how: Stop) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(how);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Like `kill -9` of the sidecar: its socket connection just closes.
+    pub fn kill(mut self) {
+        self.stop(Stop::Kill);
+    }
+}
+
+impl Drop for TestShim {
+    fn drop(&mut self) {
+        self.stop(Stop::Kill);
+    }
+}

@@ -1,1 +1,110 @@
-fn main() {}
+//! `elector-shim`: the 2016 `leader-elector` sidecar's interface (`{"name":...}` on :4040),
+//! campaigning through the node's elector broker instead of talking to the Kubernetes API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use elector_broker::shim::{self, ShimConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Drop-in replacement for gcr.io/google_containers/leader-elector.
+#[derive(Debug, Parser)]
+#[command(name = "elector-shim", version, about)]
+struct Args {
+    /// The name of the election.
+    #[arg(long)]
+    election: String,
+    /// The Kubernetes namespace of the election.
+    #[arg(long = "election-namespace", default_value = "default")]
+    election_namespace: String,
+    /// This candidate's id (default: the hostname, i.e. the pod name).
+    #[arg(long)]
+    id: Option<String>,
+    /// The lease duration (Go-style: 10s, 1m); renew deadline ttl/2, retry period ttl/4.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    ttl: Duration,
+    /// Where to serve {"name":...}, e.g. 0.0.0.0:4040; empty: no HTTP server.
+    #[arg(long, default_value = "")]
+    http: String,
+    /// The elector broker's socket.
+    #[arg(long, env = "ELECTOR_SOCKET", default_value = elector_client::protocol::DEFAULT_SOCKET_PATH)]
+    socket: PathBuf,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (try 10s)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit in {s:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let id = match args.id {
+        Some(id) => id,
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .context("no --id and no hostname")?,
+    };
+    let http: Option<SocketAddr> = if args.http.is_empty() {
+        None
+    } else {
+        let addr = args.http.strip_prefix("http://").unwrap_or(&args.http);
+        let addr = if addr.starts_with(':') {
+            format!("0.0.0.0{addr}")
+        } else {
+            addr.to_string()
+        };
+        Some(addr.parse().with_context(|| format!("--http {:?}", args.http))?)
+    };
+    let config = ShimConfig {
+        election: args.election,
+        namespace: args.election_namespace,
+        id,
+        ttl: args.ttl,
+        socket: args.socket,
+    };
+    config.timing().map_err(anyhow::Error::msg)?;
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        s.cancel();
+    });
+    let listener = match http {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?,
+        ),
+        None => None,
+    };
+    shim::run(config, listener, stop).await?;
+    Ok(())
+}
