@@ -31,7 +31,12 @@ enum WriterEnd {
     Broken,
 }
 
-async fn writer(mut out: OwnedWriteHalf, outbox: Arc<Outbox>, write_timeout: Duration) -> WriterEnd {
+async fn writer(
+    mut out: OwnedWriteHalf,
+    outbox: Arc<Outbox>,
+    write_timeout: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> WriterEnd {
     loop {
         outbox.ready().await;
         let events = match outbox.drain() {
@@ -56,7 +61,9 @@ async fn writer(mut out: OwnedWriteHalf, outbox: Arc<Outbox>, write_timeout: Dur
             buf.extend_from_slice(&e.to_line());
         }
         match tokio::time::timeout(write_timeout, out.write_all(&buf)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                metrics.events_sent.inc_by(events.len() as u64);
+            }
             Ok(Err(_)) => return WriterEnd::Broken,
             Err(_) => return WriterEnd::Stuck,
         }
@@ -396,7 +403,12 @@ pub(crate) async fn serve(stream: UnixStream, shared: Arc<ServerShared>) {
         default_namespace: shared.identity.default_namespace.clone(),
         caller: None,
     }));
-    let mut writer_task = tokio::spawn(writer(write, outbox.clone(), limits.write_timeout));
+    let mut writer_task = tokio::spawn(writer(
+        write,
+        outbox.clone(),
+        limits.write_timeout,
+        metrics.clone(),
+    ));
     let mut frames = FramedRead::new(read, LineCodec::new(MAX_LINE_BYTES));
     let mut conn = Conn {
         sink: Arc::new(ConnectionSink(outbox.clone())),
