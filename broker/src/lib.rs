@@ -16,3 +16,7 @@ pub mod lock;
 pub mod metrics;
 pub mod shim;
 pub mod socket;
+
+/// Where `electord` serves `/healthz`, `/readyz`, `/metrics` and `/elections` by default
+/// (`deploy/daemonset.yaml` uses the same port).
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:4041";

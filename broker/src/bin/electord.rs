@@ -47,7 +47,7 @@ struct Args {
     socket_group: Option<u32>,
 
     /// Address of /healthz, /readyz, /metrics and /elections (empty: none).
-    #[arg(long, env = "ELECTOR_HTTP_ADDR", default_value = "0.0.0.0:4041")]
+    #[arg(long, env = "ELECTOR_HTTP_ADDR", default_value = elector_broker::DEFAULT_HTTP_ADDR)]
     http_addr: String,
 
     /// Default lease duration, whole seconds.

@@ -1,0 +1,270 @@
+//! The deployment manifests: they parse into Kubernetes types, agree with the binaries'
+//! defaults, and grant exactly what the broker uses (RBAC completeness, against the test API
+//! server with the ClusterRole's rules as the broker's only permissions).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use elector_client::protocol::{DEFAULT_SOCKET_PATH, LockKind};
+use elector_client::{CampaignOptions, Client};
+use elector_tests::harness::{Backend, TestBroker, fast_timing};
+use elector_tests::kube_api::{Rule, TestApiServer};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde::Deserialize;
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Every YAML document under deploy/, as JSON values.
+fn documents() -> Vec<(PathBuf, Value)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![deploy_dir()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                for doc in serde_yaml::Deserializer::from_str(&text) {
+                    let v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                    out.push((p.clone(), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn typed<T: serde::de::DeserializeOwned>(kind: &str) -> Vec<T> {
+    documents()
+        .into_iter()
+        .filter(|(_, v)| v["kind"] == kind)
+        .map(|(p, v)| {
+            serde_json::from_value(v).unwrap_or_else(|e| panic!("{}: not a valid {kind}: {e}", p.display()))
+        })
+        .collect()
+}
+
+#[test]
+fn every_manifest_parses_into_kubernetes_types() {
+    let docs = documents();
+    assert!(docs.len() >= 8, "{} documents", docs.len());
+    for (path, v) in &docs {
+        let kind = v["kind"].as_str().unwrap_or_default();
+        let ok = match kind {
+            "Namespace" => serde_json::from_value::<Namespace>(v.clone()).is_ok(),
+            "ServiceAccount" => serde_json::from_value::<ServiceAccount>(v.clone()).is_ok(),
+            "ClusterRole" => serde_json::from_value::<ClusterRole>(v.clone()).is_ok(),
+            "ClusterRoleBinding" => serde_json::from_value::<ClusterRoleBinding>(v.clone()).is_ok(),
+            "DaemonSet" => serde_json::from_value::<DaemonSet>(v.clone()).is_ok(),
+            "Deployment" => serde_json::from_value::<Deployment>(v.clone()).is_ok(),
+            "Kustomization" => v["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| deploy_dir().join(r.as_str().unwrap()).is_file()),
+            other => panic!("{}: unexpected kind {other}", path.display()),
+        };
+        assert!(ok, "{}: invalid {kind}", path.display());
+    }
+}
+
+#[tokio::test]
+async fn manifests_match_the_binaries_defaults() {
+    let ds = &typed::<DaemonSet>("DaemonSet")[0];
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(
+        pod.host_pid, None,
+        "hostPID is only needed with --attest=kubernetes"
+    );
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&format!("--socket={DEFAULT_SOCKET_PATH}")),
+        "{args:?}"
+    );
+    let socket_dir = Path::new(DEFAULT_SOCKET_PATH).parent().unwrap().to_str().unwrap();
+    let vol = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.host_path.is_some())
+        .unwrap();
+    assert_eq!(vol.host_path.as_ref().unwrap().path, socket_dir);
+    assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, socket_dir);
+    let http_port: i32 = elector_broker::DEFAULT_HTTP_ADDR
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(args.contains(&format!("--http-addr={}", elector_broker::DEFAULT_HTTP_ADDR)));
+    assert_eq!(c.ports.as_ref().unwrap()[0].container_port, http_port);
+    let env: Vec<_> = c.env.as_ref().unwrap().iter().map(|e| e.name.as_str()).collect();
+    assert!(env.contains(&"NODE_NAME"));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &["ALL"]);
+    let ru = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .update_strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        ru.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    assert!(pod.termination_grace_period_seconds.unwrap() >= 10);
+
+    // The probe paths answer on a running broker.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start("n", dir.path(), Backend::Memory, fast_timing(), true);
+    for probe in [
+        c.liveness_probe.as_ref().unwrap(),
+        c.readiness_probe.as_ref().unwrap(),
+    ] {
+        let path = probe.http_get.as_ref().unwrap().path.clone().unwrap();
+        let (status, _) = elector_tests::http_get(broker.http_addr.unwrap(), &path)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{path}");
+    }
+
+    // The example apps mount the socket directory read-only, never the socket file.
+    for d in typed::<Deployment>("Deployment") {
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let vol = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.host_path.is_some())
+            .unwrap();
+        assert_eq!(vol.host_path.unwrap().path, socket_dir);
+        for c in pod.containers {
+            for m in c
+                .volume_mounts
+                .unwrap_or_default()
+                .iter()
+                .filter(|m| m.name == vol.name)
+            {
+                assert_eq!((m.mount_path.as_str(), m.read_only), (socket_dir, Some(true)));
+            }
+            if c.args
+                .as_ref()
+                .is_some_and(|a| a.iter().any(|x| x.starts_with("--http=")))
+            {
+                let port = c.ports.unwrap()[0].container_port;
+                assert!(c.args.unwrap().contains(&format!("--http=0.0.0.0:{port}")));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_is_exactly_what_the_broker_uses() {
+    let role = &typed::<ClusterRole>("ClusterRole")[0];
+    let rules: Vec<Rule> = role
+        .rules
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|r| Rule {
+            verbs: r.verbs.clone(),
+            api_groups: r.api_groups.clone().unwrap_or_default(),
+            resources: r.resources.clone().unwrap_or_default(),
+            namespaces: None,
+        })
+        .collect();
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut brokers = Vec::new();
+    let mut users = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let user = server.add_user(node, rules.clone());
+        brokers.push(TestBroker::start(
+            node,
+            dir.path(),
+            Backend::Kube(server.kubeconfig_path(&user)),
+            fast_timing(),
+            false,
+        ));
+        users.push(user);
+    }
+    // Campaign on both lock kinds on both nodes, fail over, and shut down (release).
+    for lock in [LockKind::Lease, LockKind::Endpoints] {
+        let ca = Client::connect(&brokers[0].socket).await.unwrap();
+        let a = ca
+            .campaign(CampaignOptions::new("rbac-job", "pod-a").lock(lock))
+            .await
+            .unwrap();
+        a.elected().await.unwrap();
+        let cb = Client::connect(&brokers[1].socket).await.unwrap();
+        let b = cb
+            .campaign(CampaignOptions::new("rbac-job", "pod-b").lock(lock))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        a.resign().await.unwrap();
+        b.elected().await.unwrap();
+        // Someone else writes (a conflict makes the broker re-read with a get).
+        let _ = cb.observe("rbac-job", None, lock).await.unwrap();
+        drop((b, ca));
+    }
+    // A lost conflict forces a read: two candidates created at the same moment on two nodes.
+    let c1 = Client::connect(&brokers[0].socket).await.unwrap();
+    let c2 = Client::connect(&brokers[1].socket).await.unwrap();
+    let (x, y) = tokio::join!(
+        c1.campaign(CampaignOptions::new("race", "x")),
+        c2.campaign(CampaignOptions::new("race", "y"))
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop((x, y));
+    for b in brokers.drain(..) {
+        b.shutdown();
+    }
+
+    let log = server.requests();
+    let mine: Vec<_> = log
+        .iter()
+        .filter(|r| users.iter().any(|u| u.name == r.user))
+        .collect();
+    let forbidden: Vec<_> = mine
+        .iter()
+        .filter(|r| r.status == 403)
+        .map(|r| format!("{} {}", r.verb, r.path))
+        .collect();
+    assert!(forbidden.is_empty(), "forbidden: {forbidden:?}");
+    let used: BTreeSet<(String, String)> = mine
+        .iter()
+        .filter(|r| r.verb != "discovery")
+        .map(|r| (r.verb.clone(), r.resource.clone()))
+        .collect();
+    let granted: BTreeSet<(String, String)> = rules
+        .iter()
+        .flat_map(|r| {
+            r.verbs
+                .iter()
+                .flat_map(move |v| r.resources.iter().map(move |res| (v.clone(), res.clone())))
+        })
+        .collect();
+    let unused: Vec<_> = granted.difference(&used).collect();
+    assert!(
+        unused.is_empty(),
+        "granted but never used: {unused:?} (used: {used:?})"
+    );
+    let ungranted: Vec<_> = used.difference(&granted).collect();
+    assert!(ungranted.is_empty(), "used but not granted: {ungranted:?}");
+}
