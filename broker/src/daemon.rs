@@ -65,6 +65,8 @@ pub struct DaemonConfig {
     pub http_addr: Option<SocketAddr>,
     /// How long shutdown may take to release held locks.
     pub shutdown_grace: Duration,
+    /// `Some`: attest every caller (`--attest=kubernetes`).
+    pub attestor: Option<Arc<crate::attest::Attestor>>,
 }
 
 impl DaemonConfig {
@@ -84,6 +86,7 @@ impl DaemonConfig {
             limits: Limits::default(),
             http_addr: None,
             shutdown_grace: Duration::from_secs(5),
+            attestor: None,
         }
     }
 }
@@ -132,6 +135,7 @@ impl Daemon {
             config.identity.clone(),
             config.limits.clone(),
             socket_shutdown.clone(),
+            config.attestor.clone(),
         );
         let socket_task = tokio::spawn(server.run());
         let (http_task, http_addr) = match config.http_addr {

@@ -8,6 +8,7 @@
 //! - [`http`]: health, readiness, metrics and `/elections`;
 //! - [`shim`]: `elector-shim`, the drop-in for the 2016 leader-elector sidecar.
 
+pub mod attest;
 pub mod daemon;
 pub mod election;
 pub mod elections;

@@ -44,6 +44,12 @@ pub struct Metrics {
     pub events_coalesced: Counter,
     pub events_dropped: Counter,
     pub rejected_requests: Family<CodeLabels, Counter>,
+    pub attestation_failures: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
 }
 
 impl Default for Metrics {
@@ -73,6 +79,7 @@ impl Metrics {
             events_coalesced: Counter::default(),
             events_dropped: Counter::default(),
             rejected_requests: Family::default(),
+            attestation_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -136,6 +143,11 @@ impl Metrics {
             "Requests rejected, by error code",
             m.rejected_requests.clone(),
         );
+        registry.register(
+            "attestation_failures",
+            "Connections rejected because the calling pod could not be attested, by reason",
+            m.attestation_failures.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -158,6 +170,14 @@ impl Metrics {
     pub fn rejected(&self, code: &str) {
         self.rejected_requests
             .get_or_create(&CodeLabels { code: code.into() })
+            .inc();
+    }
+
+    pub fn attestation_failure(&self, reason: &str) {
+        self.attestation_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
             .inc();
     }
 

@@ -50,6 +50,19 @@ pub fn fast_timing() -> ElectionTiming {
 
 impl TestBroker {
     pub fn start(node: &str, dir: &Path, backend: Backend, timing: ElectionTiming, http: bool) -> TestBroker {
+        Self::start_attested(node, dir, backend, timing, http, None)
+    }
+
+    /// Like [`TestBroker::start`], attesting callers from `proc_root` and this node's pods
+    /// (needs a Kube backend).
+    pub fn start_attested(
+        node: &str,
+        dir: &Path,
+        backend: Backend,
+        timing: ElectionTiming,
+        http: bool,
+        proc_root: Option<PathBuf>,
+    ) -> TestBroker {
         let socket = dir.join(format!("{node}.sock"));
         let mut config = DaemonConfig::for_socket(&socket, node);
         config.defaults = Defaults { timing };
@@ -67,6 +80,7 @@ impl TestBroker {
                     .enable_all()
                     .build()
                     .expect("runtime");
+                let node_name = config.identity.node.clone();
                 let daemon = rt.block_on(async {
                     let metrics = Arc::new(Metrics::new());
                     let backends = match backend {
@@ -80,10 +94,17 @@ impl TestBroker {
                             .await
                             .expect("kube config");
                             cfg.default_retry = false;
-                            Backends::kubernetes(
-                                kube::Client::try_from(cfg).expect("client"),
-                                Some(metrics.clone()),
-                            )
+                            let client = kube::Client::try_from(cfg).expect("client");
+                            if let Some(root) = proc_root {
+                                let pods = Arc::new(elector_broker::attest::PodCache::default());
+                                pods.watch_node(client.clone(), &node_name);
+                                config.attestor = Some(Arc::new(elector_broker::attest::Attestor::new(
+                                    root,
+                                    pods,
+                                    Duration::from_millis(700),
+                                )));
+                            }
+                            Backends::kubernetes(client, Some(metrics.clone()))
                         }
                     };
                     Daemon::start(config, backends, metrics, Arc::new(Readiness::standalone()))

@@ -79,12 +79,14 @@ fn every_manifest_parses_into_kubernetes_types() {
 async fn manifests_match_the_binaries_defaults() {
     let ds = &typed::<DaemonSet>("DaemonSet")[0];
     let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-    assert_eq!(
-        pod.host_pid, None,
-        "hostPID is only needed with --attest=kubernetes"
-    );
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap_or_default();
+    assert!(args.contains(&"--attest=kubernetes".to_string()), "{args:?}");
+    assert_eq!(
+        pod.host_pid,
+        Some(true),
+        "attestation reads callers' /proc entries by host pid"
+    );
     assert!(
         args.contains(&format!("--socket={DEFAULT_SOCKET_PATH}")),
         "{args:?}"
@@ -191,14 +193,44 @@ async fn rbac_is_exactly_what_the_broker_uses() {
     let dir = tempfile::tempdir().unwrap();
     let mut brokers = Vec::new();
     let mut users = Vec::new();
-    for node in ["node-a", "node-b"] {
+    let admin = server.client(server.admin()).await.unwrap();
+    for (node, pod) in [("node-a", "pod-a"), ("node-b", "pod-b")] {
+        // This test process is pod-a to node-a's broker and pod-b to node-b's.
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(admin.clone(), "default");
+        let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": pod},
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "x:1"}]}
+        }))
+        .unwrap();
+        let uid = pods
+            .create(&Default::default(), &p)
+            .await
+            .unwrap()
+            .metadata
+            .uid
+            .unwrap();
+        let proc_root = dir.path().join(format!("proc-{node}"));
+        let me = proc_root.join(std::process::id().to_string());
+        std::fs::create_dir_all(&me).unwrap();
+        std::fs::write(
+            me.join("stat"),
+            "1 (t) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 777 0 0",
+        )
+        .unwrap();
+        std::fs::write(
+            me.join("cgroup"),
+            format!("0::/kubepods/pod{uid}/{}\n", "a".repeat(64)),
+        )
+        .unwrap();
         let user = server.add_user(node, rules.clone());
-        brokers.push(TestBroker::start(
+        brokers.push(TestBroker::start_attested(
             node,
             dir.path(),
             Backend::Kube(server.kubeconfig_path(&user)),
             fast_timing(),
             false,
+            Some(proc_root),
         ));
         users.push(user);
     }
@@ -226,8 +258,8 @@ async fn rbac_is_exactly_what_the_broker_uses() {
     let c1 = Client::connect(&brokers[0].socket).await.unwrap();
     let c2 = Client::connect(&brokers[1].socket).await.unwrap();
     let (x, y) = tokio::join!(
-        c1.campaign(CampaignOptions::new("race", "x")),
-        c2.campaign(CampaignOptions::new("race", "y"))
+        c1.campaign(CampaignOptions::new("race", "pod-a/x")),
+        c2.campaign(CampaignOptions::new("race", "pod-b/y"))
     );
     let (x, y) = (x.unwrap(), y.unwrap());
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use elector_broker::attest::{Attestor, PodCache};
 use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
 use elector_broker::election::machine::ElectionTiming;
 use elector_broker::elections::Defaults;
@@ -70,9 +71,29 @@ struct Args {
     #[arg(long, env = "ELECTOR_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
 
+    /// Who may campaign as whom: `kubernetes` attests each caller's pod (needs hostPID and pod
+    /// list/watch); `none` trusts what clients say. Default: `kubernetes`, or `none` with
+    /// --standalone.
+    #[arg(long, env = "ELECTOR_ATTEST", value_enum)]
+    attest: Option<AttestMode>,
+
+    /// Where to read callers' /proc/<pid>/{cgroup,stat} (the host's /proc, with hostPID).
+    #[arg(long, env = "ELECTOR_PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
+
+    /// How long to wait for a just-started pod to appear in the pod watch before rejecting it.
+    #[arg(long, env = "ELECTOR_ATTEST_WAIT", default_value_t = 3.0)]
+    attest_wait: f64,
+
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AttestMode {
+    Kubernetes,
+    None,
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -147,7 +168,23 @@ async fn main() -> anyhow::Result<()> {
         },
         http_addr,
         shutdown_grace: secs(args.shutdown_grace, "--shutdown-grace")?,
+        attestor: None,
     };
+    let attest = args.attest.unwrap_or(if args.standalone {
+        AttestMode::None
+    } else {
+        AttestMode::Kubernetes
+    });
+    anyhow::ensure!(
+        !(args.standalone && attest == AttestMode::Kubernetes),
+        "--attest=kubernetes needs a cluster (it watches this node's pods); use --attest=none with --standalone"
+    );
+    if attest == AttestMode::None {
+        tracing::warn!(
+            "--attest=none: any process that can reach the socket may campaign in any namespace under any identity"
+        );
+    }
+    let mut config = config;
 
     let metrics = Arc::new(Metrics::new());
     let (backends, readiness) = if args.standalone {
@@ -167,6 +204,15 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
         });
+        if attest == AttestMode::Kubernetes {
+            let pods = Arc::new(PodCache::default());
+            pods.watch_node(client.clone(), &node);
+            config.attestor = Some(Arc::new(Attestor::new(
+                args.proc_root.clone(),
+                pods,
+                secs(args.attest_wait, "--attest-wait")?,
+            )));
+        }
         (Backends::kubernetes(client, Some(metrics.clone())), readiness)
     };
 

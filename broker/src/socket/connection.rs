@@ -13,12 +13,14 @@ use tokio_util::codec::FramedRead;
 
 use super::ServerShared;
 use super::outbox::{ConnectionSink, Outbox};
+use crate::attest::Caller;
 use crate::election::machine::{ElectionTiming, PartyId};
 use crate::elections::JoinError;
 use elector_client::codec::{Frame, LineCodec};
 use elector_client::protocol::{
-    self, BareRequest, CampaignRequest, ElectionName, ElectionRef, ElectionStatus, ErrorCode, Event, Hello,
-    LostReason, MAX_LINE_BYTES, OkReply, Pong, Request, RequestError, RequestId, StatusReply,
+    self, BareRequest, Caller as WireCaller, CampaignRequest, ElectionName, ElectionRef, ElectionStatus,
+    ErrorCode, Event, Hello, LostReason, MAX_LINE_BYTES, OkReply, Pong, Request, RequestError, RequestId,
+    StatusReply,
 };
 
 /// Why the writer stopped.
@@ -78,6 +80,8 @@ struct Membership {
 
 struct Conn {
     shared: Arc<ServerShared>,
+    /// The attested caller (`None` without attestation).
+    caller: Option<Caller>,
     outbox: Arc<Outbox>,
     sink: Arc<ConnectionSink>,
     /// By (namespace, election).
@@ -91,6 +95,11 @@ fn err(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Re
 
 impl Conn {
     fn namespace(&self, id: &Option<RequestId>, ns: &Option<String>) -> Result<String, RequestError> {
+        if let Some(caller) = &self.caller {
+            return caller
+                .namespace(ns.as_deref())
+                .map_err(|(code, m)| err(id.clone(), code, m));
+        }
         let ns = ns
             .clone()
             .unwrap_or_else(|| self.shared.identity.default_namespace.clone());
@@ -164,7 +173,15 @@ impl Conn {
         let id = req.id.clone();
         self.election(&id, &req.election)?;
         let namespace = self.namespace(&id, &req.namespace)?;
-        let identity = match &req.identity {
+        let requested = match &self.caller {
+            Some(caller) => Some(
+                caller
+                    .identity(req.identity.as_deref())
+                    .map_err(|(code, m)| err(id.clone(), code, m))?,
+            ),
+            None => req.identity.clone(),
+        };
+        let identity = match &requested {
             Some(i) if !i.is_empty() && i.len() <= 253 && !i.chars().any(char::is_control) => i.clone(),
             Some(i) => {
                 return Err(err(
@@ -391,17 +408,48 @@ fn truncate(s: &str) -> String {
     s.chars().take(80).collect()
 }
 
-pub(crate) async fn serve(stream: UnixStream, shared: Arc<ServerShared>) {
+pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<ServerShared>) {
     let metrics = shared.elections.metrics().clone();
     let limits = shared.limits.clone();
+    let caller = match &shared.attestor {
+        None => None,
+        Some(attestor) => match attestor.attest(pid).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                metrics.rejected(ErrorCode::Unattested.as_str());
+                metrics.attestation_failure(e.reason());
+                tracing::warn!(pid = ?pid, reason = e.reason(), "rejected an unattested caller: {e}");
+                let bye = err(
+                    None,
+                    ErrorCode::Unattested,
+                    format!("the broker could not tell which pod is calling: {e}"),
+                );
+                let mut stream = stream;
+                let _ = tokio::time::timeout(
+                    limits.write_timeout,
+                    stream.write_all(&bye.into_event().to_line()),
+                )
+                .await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+        },
+    };
     let (read, write) = stream.into_split();
     let outbox = Arc::new(Outbox::new(limits.outbox_limit, metrics.clone()));
+    let default_namespace = caller
+        .as_ref()
+        .map(|c| c.pod.namespace.clone())
+        .unwrap_or_else(|| shared.identity.default_namespace.clone());
     outbox.push(Event::Hello(Hello {
         protocol: protocol::PROTOCOL_VERSION,
         broker_version: env!("CARGO_PKG_VERSION").to_string(),
         node: shared.identity.node.clone(),
-        default_namespace: shared.identity.default_namespace.clone(),
-        caller: None,
+        default_namespace,
+        caller: caller.as_ref().map(|c| WireCaller {
+            namespace: Some(c.pod.namespace.clone()),
+            pod: Some(c.pod.name.clone()),
+        }),
     }));
     let mut writer_task = tokio::spawn(writer(
         write,
@@ -411,6 +459,7 @@ pub(crate) async fn serve(stream: UnixStream, shared: Arc<ServerShared>) {
     ));
     let mut frames = FramedRead::new(read, LineCodec::new(MAX_LINE_BYTES));
     let mut conn = Conn {
+        caller,
         sink: Arc::new(ConnectionSink(outbox.clone())),
         outbox: outbox.clone(),
         shared: shared.clone(),

@@ -22,6 +22,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::attest::Attestor;
 use crate::elections::Elections;
 use elector_client::protocol::{ErrorCode, Event, RequestError};
 
@@ -132,6 +133,8 @@ pub(crate) struct ServerShared {
     pub limits: Limits,
     pub identity: BrokerIdentity,
     pub shutdown: CancellationToken,
+    /// `Some`: callers are attested (`--attest=kubernetes`).
+    pub attestor: Option<Arc<Attestor>>,
     conns_per_uid: Mutex<HashMap<u32, usize>>,
     total: Mutex<usize>,
 }
@@ -153,6 +156,7 @@ impl SocketServer {
         identity: BrokerIdentity,
         limits: Limits,
         shutdown: CancellationToken,
+        attestor: Option<Arc<Attestor>>,
     ) -> Self {
         SocketServer {
             listener,
@@ -162,6 +166,7 @@ impl SocketServer {
                 limits,
                 identity,
                 shutdown,
+                attestor,
                 conns_per_uid: Mutex::new(HashMap::new()),
                 total: Mutex::new(0),
             }),
@@ -192,7 +197,9 @@ impl SocketServer {
     }
 
     fn accept(&self, stream: UnixStream) {
-        let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+        let cred = stream.peer_cred().ok();
+        let uid = cred.map(|c| c.uid()).unwrap_or(u32::MAX);
+        let pid = cred.and_then(|c| c.pid());
         let shared = self.shared.clone();
         let limits = &shared.limits;
         let admitted = {
@@ -227,7 +234,7 @@ impl SocketServer {
             Ok(()) => {
                 metrics.connected_clients.inc();
                 self.tracker.spawn(async move {
-                    connection::serve(stream, shared.clone()).await;
+                    connection::serve(stream, pid, shared.clone()).await;
                     metrics.connected_clients.dec();
                     *shared.total.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
                     let mut per_uid = shared.conns_per_uid.lock().unwrap_or_else(|p| p.into_inner());
