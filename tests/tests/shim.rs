@@ -138,6 +138,11 @@ async fn the_2016_nodejs_app_reports_the_new_master_after_failover() {
     })
     .await;
     let c = TestShim::start(&broker.socket, "example", "pod-c", ttl, "127.0.0.1:0");
+    // c registers before a, so c is next in line.
+    eventually("pod-c sees pod-b", Duration::from_secs(5), || async {
+        name_of(&c).await == "pod-b"
+    })
+    .await;
     let a = TestShim::start(&broker.socket, "example", "pod-a", ttl, "127.0.0.1:4040");
     eventually("pod-a sees pod-b", Duration::from_secs(5), || async {
         name_of(&a).await == "pod-b"
