@@ -149,6 +149,24 @@ impl TestBroker {
         (broker, user)
     }
 
+    /// A broker of the test API server as an existing user (a restart of the same node).
+    pub fn on_server_as(
+        server: &TestApiServer,
+        user: &User,
+        node: &str,
+        dir: &Path,
+        timing: ElectionTiming,
+    ) -> (TestBroker, User) {
+        let broker = TestBroker::start(
+            node,
+            dir,
+            Backend::Kube(server.kubeconfig_path(user)),
+            timing,
+            true,
+        );
+        (broker, user.clone())
+    }
+
     fn stop(&mut self, how: Stop) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(how);

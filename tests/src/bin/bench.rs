@@ -1,0 +1,507 @@
+//! elector's benchmarks: `cargo run --release -p elector-tests --bin bench -- <scenario> [--json]`
+//!
+//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `all`. Each prints a table (or JSON).
+//! Brokers run on the test API server (failover, api-load) or standalone (scale, protocol); for
+//! RSS and CPU the broker (or shim) runs as a child process of this program, so the numbers are
+//! its own.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
+use elector_broker::election::machine::ElectionTiming;
+use elector_broker::lock::Backends;
+use elector_broker::metrics::Metrics;
+use elector_client::protocol::{LockKind, Timing};
+use elector_client::{CampaignOptions, Client};
+use elector_tests::harness::TestBroker;
+use elector_tests::kube_api::TestApiServer;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Failover after the leading app exits (same node, cross node) and after the leading broker dies.
+    Failover {
+        #[arg(long, default_value_t = 30)]
+        trials: usize,
+    },
+    /// API requests at steady state: elections × 3 candidates × 3 brokers, next to client-go's.
+    ApiLoad {
+        #[arg(long, default_value_t = 100)]
+        elections: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// One broker with many elections and clients: RSS, steady CPU, event fan-out latency.
+    Scale {
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        #[arg(long, default_value_t = 1_000)]
+        observers: usize,
+    },
+    /// Campaign-to-reply latency, events per second through one socket, shim RSS.
+    Protocol,
+    /// Every scenario with its defaults.
+    All,
+    /// (internal) Run a standalone broker on a socket until killed.
+    #[command(hide = true)]
+    ServeBroker { socket: PathBuf },
+    /// (internal) Run an elector-shim until killed.
+    #[command(hide = true)]
+    ServeShim { socket: PathBuf },
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut ms: Vec<f64>, target: &str) -> Value {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    json!({"scenario": name, "trials": ms.len(), "p50_ms": pct(&ms, 50.0), "p95_ms": pct(&ms, 95.0),
+           "p99_ms": pct(&ms, 99.0), "max_ms": ms.last().copied().unwrap_or(f64::NAN), "target": target})
+}
+
+const FAST: Timing = Timing {
+    lease_duration: Some(1),
+    renew_deadline: Some(0.6),
+    retry_period: Some(0.2),
+};
+
+fn fast() -> ElectionTiming {
+    ElectionTiming::new(
+        Duration::from_secs(1),
+        Duration::from_millis(600),
+        Duration::from_millis(200),
+    )
+    .unwrap()
+}
+
+async fn campaign(
+    socket: &Path,
+    election: &str,
+    who: &str,
+) -> anyhow::Result<(Client, elector_client::Campaign)> {
+    let c = Client::connect(socket).await?;
+    let camp = c
+        .campaign(
+            CampaignOptions::new(election, who)
+                .lock(LockKind::Lease)
+                .timing(FAST),
+        )
+        .await?;
+    Ok((c, camp))
+}
+
+async fn failover(trials: usize) -> anyhow::Result<Vec<Value>> {
+    let server = TestApiServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut out = Vec::new();
+    // Same node: two candidates on one broker; the leader's app exits.
+    let (a, _) = TestBroker::on_server(&server, "node-a", dir.path(), fast());
+    let (b, _) = TestBroker::on_server(&server, "node-b", dir.path(), fast());
+    let mut same = Vec::new();
+    let mut cross = Vec::new();
+    for t in 0..trials {
+        let e = format!("same-{t}");
+        let (c1, l) = campaign(&a.socket, &e, "p1").await?;
+        l.elected().await?;
+        let (_c2, s) = campaign(&a.socket, &e, "p2").await?;
+        let t0 = Instant::now();
+        drop((l, c1));
+        s.elected().await?;
+        same.push(t0.elapsed().as_secs_f64() * 1000.0);
+
+        let e = format!("cross-{t}");
+        let (c1, l) = campaign(&a.socket, &e, "p1").await?;
+        l.elected().await?;
+        let (_c2, s) = campaign(&b.socket, &e, "p2").await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t0 = Instant::now();
+        drop((l, c1));
+        s.elected().await?;
+        cross.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    out.push(summary("failover: app exits, same node", same, "-"));
+    out.push(summary(
+        "failover: app exits, other node",
+        cross,
+        "p50 <= 50 ms, p99 <= 200 ms",
+    ));
+    drop((a, b));
+
+    // The leading broker dies (no release): waited out for the lease (1 s here).
+    let mut killed = Vec::new();
+    for t in 0..trials {
+        let e = format!("kill-{t}");
+        let (a, _) = TestBroker::on_server(&server, &format!("ka-{t}"), dir.path(), fast());
+        let (b, _) = TestBroker::on_server(&server, &format!("kb-{t}"), dir.path(), fast());
+        let (_c1, l) = campaign(&a.socket, &e, "p1").await?;
+        l.elected().await?;
+        let (_c2, s) = campaign(&b.socket, &e, "p2").await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t0 = Instant::now();
+        a.kill();
+        s.elected().await?;
+        killed.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    out.push(summary(
+        "failover: broker killed (lease 1 s)",
+        killed,
+        "<= lease + 250 ms = 1250 ms",
+    ));
+    Ok(out)
+}
+
+async fn api_load(elections: usize, seconds: u64) -> anyhow::Result<Vec<Value>> {
+    let server = TestApiServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let timing = ElectionTiming::default();
+    let mut brokers = Vec::new();
+    for n in ["node-a", "node-b", "node-c"] {
+        brokers.push(TestBroker::on_server(&server, n, dir.path(), timing).0);
+    }
+    let mut keep = Vec::new();
+    for e in 0..elections {
+        for (bi, b) in brokers.iter().enumerate() {
+            for c in 0..3 {
+                let client = Client::connect(&b.socket).await?;
+                let camp = client
+                    .campaign(CampaignOptions::new(format!("load-{e}"), format!("p{bi}-{c}")))
+                    .await?;
+                keep.push((client, camp));
+            }
+        }
+    }
+    // Settle: every election has a leader.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while keep.iter().filter(|(_, c)| c.is_leader()).count() < elections {
+        anyhow::ensure!(Instant::now() < deadline, "not every election got a leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.clear_requests();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let log = server.requests();
+    let secs = seconds as f64;
+    let writes = log.iter().filter(|r| r.is_write()).count() as f64;
+    let reads = log.iter().filter(|r| r.verb == "get" || r.verb == "list").count() as f64;
+    let total = log.len() as f64;
+    let retry = timing.retry_period.as_secs_f64();
+    // client-go: every candidate Gets once per jittered retry period (mean 2.2 × retry with
+    // JitterFactor 1.2), and the leader's renewals are a Get plus an Update each retry period.
+    let candidates = (elections * 9) as f64;
+    let client_go = elections as f64 * (2.0 / retry) + (candidates - elections as f64) / (retry * 2.2);
+    Ok(vec![json!({
+        "scenario": format!("api-load: {elections} elections x 3 candidates x 3 brokers, {secs} s, retry {retry} s"),
+        "requests_per_s": total / secs, "writes_per_s": writes / secs, "reads_per_s": reads / secs,
+        "writes_per_s_per_held_election": writes / secs / elections as f64,
+        "client_go_requests_per_s": client_go,
+        "target": "<= 0.5 writes/s per held election, no periodic reads",
+    })])
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn spawn_self(args: &[&str]) -> anyhow::Result<std::process::Child> {
+    Ok(std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .spawn()?)
+}
+
+async fn wait_for_socket(path: &Path) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if UnixStream::connect(path).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("{} never appeared", path.display())
+}
+
+struct Raw {
+    r: BufReader<tokio::net::unix::OwnedReadHalf>,
+    w: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Raw {
+    async fn open(path: &Path) -> anyhow::Result<Raw> {
+        let (r, w) = UnixStream::connect(path).await?.into_split();
+        let mut raw = Raw {
+            r: BufReader::new(r),
+            w,
+        };
+        raw.line().await?;
+        Ok(raw)
+    }
+    async fn send(&mut self, v: &Value) -> anyhow::Result<()> {
+        let mut l = serde_json::to_vec(v)?;
+        l.push(b'\n');
+        self.w.write_all(&l).await?;
+        Ok(())
+    }
+    async fn line(&mut self) -> anyhow::Result<Value> {
+        let mut s = String::new();
+        anyhow::ensure!(self.r.read_line(&mut s).await? > 0, "closed");
+        Ok(serde_json::from_str(&s)?)
+    }
+    async fn until(&mut self, event: &str) -> anyhow::Result<Value> {
+        loop {
+            let v = self.line().await?;
+            if v["event"] == event {
+                return Ok(v);
+            }
+        }
+    }
+}
+
+async fn scale(clients: usize, observers: usize) -> anyhow::Result<Vec<Value>> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("scale.sock");
+    let mut child = spawn_self(&["serve-broker", socket.to_str().context("path")?])?;
+    let pid = child.id();
+    wait_for_socket(&socket).await?;
+    let rss_idle = rss_kib(pid).unwrap_or(0);
+    let mut conns = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let mut c = Raw::open(&socket).await?;
+        c.send(&json!({"op":"campaign","election":format!("e-{i}"),"identity":format!("pod-{i}")}))
+            .await?;
+        conns.push(c);
+    }
+    for c in &mut conns {
+        c.until("elected").await?;
+    }
+    // Observers of one election, to measure fan-out.
+    let mut obs = Vec::with_capacity(observers);
+    for _ in 0..observers {
+        let mut o = Raw::open(&socket).await?;
+        o.send(&json!({"op":"observe","election":"fan"})).await?;
+        o.until("ok").await?;
+        obs.push(o);
+    }
+    let mut leader = Raw::open(&socket).await?;
+    leader
+        .send(&json!({"op":"campaign","election":"fan","identity":"first"}))
+        .await?;
+    leader.until("elected").await?;
+    let mut second = Raw::open(&socket).await?;
+    second
+        .send(&json!({"op":"campaign","election":"fan","identity":"second"}))
+        .await?;
+    second.until("ok").await?;
+    for o in &mut obs {
+        // Drain up to the leader event naming "first".
+        loop {
+            let v = o.until("leader").await?;
+            if v["leader"] == "first" {
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Steady state: nothing happens, measure the broker's CPU.
+    let cpu0 = cpu_ticks(pid).unwrap_or(0);
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let cpu = (cpu_ticks(pid).unwrap_or(0) - cpu0) as f64 / ticks_per_s / t.elapsed().as_secs_f64() * 100.0;
+    let rss = rss_kib(pid).unwrap_or(0);
+    // Fan-out: the leader resigns; every observer learns of "second".
+    let t0 = Instant::now();
+    leader.send(&json!({"op":"resign","election":"fan"})).await?;
+    let mut lat = Vec::with_capacity(observers);
+    let mut set = tokio::task::JoinSet::new();
+    for mut o in obs {
+        set.spawn(async move {
+            loop {
+                let v = o.until("leader").await?;
+                if v["leader"] == "second" {
+                    return Ok::<_, anyhow::Error>(t0.elapsed());
+                }
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        lat.push(r??.as_secs_f64() * 1000.0);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut fan = summary(
+        &format!("scale: fan-out to {observers} observers"),
+        lat,
+        "p99 <= 10 ms",
+    );
+    fan["clients"] = json!(clients + observers + 2);
+    Ok(vec![
+        json!({"scenario": format!("scale: {clients} elections, {} connections", clients + observers + 2),
+               "rss_mib_idle": rss_idle as f64 / 1024.0, "rss_mib": rss as f64 / 1024.0,
+               "steady_cpu_percent_of_one_core": cpu, "target": "RSS <= 150 MB, CPU <= 10%"}),
+        fan,
+    ])
+}
+
+async fn protocol() -> anyhow::Result<Vec<Value>> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("p.sock");
+    let mut child = spawn_self(&["serve-broker", socket.to_str().context("path")?])?;
+    wait_for_socket(&socket).await?;
+    let mut c = Raw::open(&socket).await?;
+    let mut lat = Vec::new();
+    for i in 0..1000 {
+        let t = Instant::now();
+        c.send(&json!({"op":"campaign","id":i,"election":format!("p-{i}"),"identity":"me"}))
+            .await?;
+        c.until("ok").await?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    // Events per second through one socket: pipelined pings, each answered by a pong.
+    let mut p = Raw::open(&socket).await?;
+    let n = 100_000;
+    let t = Instant::now();
+    let writer = {
+        let mut w = p.w;
+        tokio::spawn(async move {
+            let chunk = b"{\"op\":\"ping\"}\n".repeat(1000);
+            for _ in 0..n / 1000 {
+                w.write_all(&chunk).await?;
+            }
+            Ok::<_, std::io::Error>(w)
+        })
+    };
+    let mut got = 0;
+    let mut s = String::new();
+    while got < n {
+        s.clear();
+        if p.r.read_line(&mut s).await? == 0 {
+            break;
+        }
+        got += 1;
+    }
+    let eps = got as f64 / t.elapsed().as_secs_f64();
+    let _ = writer.await;
+    // Shim RSS: one shim campaigning through the broker.
+    let mut shim = spawn_self(&["serve-shim", socket.to_str().context("path")?])?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let shim_rss = rss_kib(shim.id()).unwrap_or(0);
+    let _ = shim.kill();
+    let _ = shim.wait();
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut camp = summary("protocol: campaign to reply", lat, "-");
+    camp["note"] = json!("one connection, 1000 sequential campaigns in new elections");
+    Ok(vec![
+        camp,
+        json!({"scenario": "protocol: events through one socket", "events_per_s": eps, "target": "-"}),
+        json!({"scenario": "protocol: elector-shim RSS", "rss_mib": shim_rss as f64 / 1024.0, "target": "small (one per pod)"}),
+    ])
+}
+
+fn print_table(rows: &[Value]) {
+    for r in rows {
+        let mut fields: Vec<String> = Vec::new();
+        if let Some(o) = r.as_object() {
+            for (k, v) in o {
+                if k == "scenario" {
+                    continue;
+                }
+                let v = match v {
+                    Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                fields.push(format!("{k}={v}"));
+            }
+        }
+        println!(
+            "{:<52} {}",
+            r["scenario"].as_str().unwrap_or(""),
+            fields.join("  ")
+        );
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let rows = match args.scenario {
+            Scenario::ServeBroker { socket } => {
+                let d = Daemon::start(
+                    DaemonConfig::for_socket(&socket, "bench"),
+                    Backends::memory(),
+                    Arc::new(Metrics::new()),
+                    Arc::new(Readiness::standalone()),
+                )
+                .await?;
+                tokio::signal::ctrl_c().await?;
+                d.shutdown().await;
+                return Ok(());
+            }
+            Scenario::ServeShim { socket } => {
+                let config = elector_broker::shim::ShimConfig {
+                    election: "shim-bench".into(),
+                    namespace: "default".into(),
+                    id: "shim".into(),
+                    ttl: Duration::from_secs(10),
+                    socket,
+                };
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                elector_broker::shim::run(config, Some(listener), tokio_util::sync::CancellationToken::new())
+                    .await?;
+                return Ok(());
+            }
+            Scenario::Failover { trials } => failover(trials).await?,
+            Scenario::ApiLoad { elections, seconds } => api_load(elections, seconds).await?,
+            Scenario::Scale { clients, observers } => scale(clients, observers).await?,
+            Scenario::Protocol => protocol().await?,
+            Scenario::All => {
+                let mut rows = failover(30).await?;
+                rows.extend(api_load(100, 20).await?);
+                rows.extend(scale(10_000, 1_000).await?);
+                rows.extend(protocol().await?);
+                rows
+            }
+        };
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            print_table(&rows);
+        }
+        Ok(())
+    })
+}
