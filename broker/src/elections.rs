@@ -648,10 +648,21 @@ impl ElectionTask {
         let mut pending: Option<Pending> = None;
         loop {
             let action = self.machine.poll(Instant::now(), chrono::Utc::now());
+            match &action {
+                Action::Write(w) => tracing::debug!(election = %self.name, purpose = ?w.purpose,
+                    holder = %w.record.holder_identity, base = ?w.base.as_ref().map(|b| &b.version), "write"),
+                Action::Read => tracing::debug!(election = %self.name, "read"),
+                Action::Wait(_) => {}
+            }
             self.deliver();
-            let (started, wait_until) = self.start(action);
+            let (started, mut wait_until) = self.start(action);
             if started.is_some() {
                 pending = started;
+            }
+            if pending.is_some() {
+                // While a request is in flight, still wake at the renew deadline: the leader is
+                // told `lost` then, not when the request finally fails.
+                wait_until = self.machine.renew_deadline_at();
             }
             if pending.is_none() && self.try_exit() {
                 break;
@@ -666,13 +677,21 @@ impl ElectionTask {
                     pending = None;
                     let now = Instant::now();
                     match result {
-                        PendingResult::Write(started, r) => self.machine.write_done(now, started, r),
+                        PendingResult::Write(started, r) => {
+                            tracing::debug!(election = %self.name, ok = r.is_ok(), result = ?r.as_ref().map(|o| &o.version).map_err(|e| e.clone()),
+                                sent_ago = ?now - started, "write done");
+                            self.machine.write_done(now, started, r)
+                        }
                         PendingResult::Read(r) => self.machine.read_done(now, r),
                     }
                 }
                 changed = self.lock_rx.changed() => {
                     if changed.is_ok() {
                         let state = self.lock_rx.borrow_and_update().clone();
+                        if let LockState::Present(o) = &state {
+                            tracing::debug!(election = %self.name, version = %o.version,
+                                holder = ?o.record.as_ref().map(|r| &r.holder_identity), "watch");
+                        }
                         self.machine.observe(Instant::now(), state);
                     }
                 }

@@ -77,6 +77,7 @@ impl TestBroker {
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(1)
+                    .thread_name(format!("broker-{}", config.identity.node))
                     .enable_all()
                     .build()
                     .expect("runtime");

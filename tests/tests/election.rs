@@ -7,7 +7,7 @@ use std::time::Duration;
 use elector_client::protocol::{LockKind, LostReason, Timing};
 use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client};
 use elector_tests::harness::{TestBroker, fast_timing};
-use elector_tests::kube_api::TestApiServer;
+use elector_tests::kube_api::{InjectedError, TestApiServer};
 use futures::StreamExt;
 use tokio::time::Instant;
 
@@ -386,4 +386,52 @@ async fn client_go_records_are_honoured() {
         "{ann}"
     );
     drop(journal);
+}
+
+/// A 429 with `Retry-After: 1` delays the next renewal; that renewal then hangs in a partition.
+/// The leader must still be told `lost` at its renew deadline (counted from its last successful
+/// renewal), not when the hanging request finally times out, and before the other node leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_at_the_deadline_even_while_a_delayed_renewal_hangs() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::default();
+    let (a, user_a) = TestBroker::on_server(&server, "node-a", dir.path(), fast_timing());
+    let leader = candidate(&a, "pod-a", LockKind::Lease, &journal).await;
+    settled_leader(std::slice::from_ref(&leader)).await;
+    let (b, _) = TestBroker::on_server(&server, "node-b", dir.path(), fast_timing());
+    let _follower = candidate(&b, "pod-b", LockKind::Lease, &journal).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let cut = Instant::now();
+    server.faults(&user_a).errors(
+        1.0,
+        InjectedError::TooManyRequests {
+            retry_after_seconds: 1,
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.faults(&user_a).clear();
+    server.faults(&user_a).partition(true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while journal.elected_after(cut).is_empty() {
+        assert!(Instant::now() < deadline, "nobody took over: {:?}", journal.all());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (lost_at, reason) = journal.lost_of("pod-a").expect("the leader was told");
+    assert_eq!(reason, LostReason::RenewFailed);
+    let (new_at, _) = journal.elected_after(cut)[0].clone();
+    assert!(
+        lost_at < new_at,
+        "lost at {:?}, new leader at {:?}",
+        lost_at - cut,
+        new_at - cut
+    );
+    // The last success was at most one retry period (250 ms) before the cut; deadline 1.5 s.
+    assert!(
+        lost_at - cut <= Duration::from_millis(1500 + 400),
+        "lost after {:?}",
+        lost_at - cut
+    );
+    server.faults(&user_a).partition(false);
 }

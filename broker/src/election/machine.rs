@@ -272,6 +272,14 @@ impl<Raw: Clone> Contender<Raw> {
         self.held.is_some()
     }
 
+    /// When the local leader must be told `lost` unless a renewal succeeds first: the driver
+    /// must wake by then even while a write is in flight.
+    pub fn renew_deadline_at(&self) -> Option<Instant> {
+        self.held
+            .as_ref()
+            .map(|h| h.last_renew_start + self.timing.renew_deadline)
+    }
+
     /// When the last successful write was sent, while holding.
     pub fn last_renew_start(&self) -> Option<Instant> {
         self.held.as_ref().map(|h| h.last_renew_start)
@@ -446,6 +454,12 @@ impl<Raw: Clone> Contender<Raw> {
                 self.lock = LockState::Present(obs);
                 if purpose == WritePurpose::Release {
                     self.held = None;
+                    return;
+                }
+                if matches!(purpose, WritePurpose::Renew | WritePurpose::Handover) && self.held.is_none() {
+                    // The leader was told `lost` (deadline) while this write was in flight: its
+                    // late success does not resurrect that leadership. The record names a local
+                    // candidate, so the next poll re-acquires, with a new term.
                     return;
                 }
                 if now >= started + self.timing.renew_deadline {
@@ -878,6 +892,43 @@ mod tests {
         assert!(!c.holds());
         // Lost strictly before anyone else could take over (t0 + lease duration).
         assert!(Instant::now() < t0 + Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_lands_after_lost_does_not_resurrect_the_same_term() {
+        let mut c = C::new(timing());
+        c.add_candidate(1, "a".into(), 0);
+        let _ = c.poll(Instant::now(), wall());
+        c.read_done(Instant::now(), Ok(LockState::Missing));
+        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+            panic!()
+        };
+        let t0 = Instant::now();
+        c.write_done(t0, t0, Ok(written(&w, 1)));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        let Action::Write(renew) = c.poll(Instant::now(), wall()) else {
+            panic!()
+        };
+        let sent = Instant::now();
+        assert_eq!(c.renew_deadline_at(), Some(t0 + Duration::from_secs(10)));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let _ = c.poll(Instant::now(), wall());
+        c.take_notifications();
+        assert!(!c.holds(), "told lost at the deadline");
+        // The hanging renewal succeeds now: no `elected` with the old term.
+        c.write_done(Instant::now(), sent, Ok(written(&renew, 2)));
+        assert!(
+            c.take_notifications()
+                .iter()
+                .all(|n| !matches!(n, Notification::Elected { .. }))
+        );
+        let Action::Write(again) = c.poll(Instant::now(), wall()) else {
+            panic!()
+        };
+        assert_eq!(
+            (again.purpose, again.record.leader_transitions),
+            (WritePurpose::Acquire, 1)
+        );
     }
 
     #[tokio::test(start_paused = true)]
