@@ -335,7 +335,15 @@ async fn client_go_records_are_honoured() {
     assert_eq!(spec.holder_identity.as_deref(), Some("pod-x"));
     assert_eq!(spec.lease_transitions, Some(1));
     campaign.resign().await.unwrap();
-    let released = api.get("cg-lease").await.unwrap().spec.unwrap();
+    // The release is written right after the resign is answered.
+    let mut released = api.get("cg-lease").await.unwrap().spec.unwrap();
+    for _ in 0..50 {
+        if released.holder_identity.as_deref() == Some("") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        released = api.get("cg-lease").await.unwrap().spec.unwrap();
+    }
     assert_eq!(
         (
             released.holder_identity.as_deref(),
