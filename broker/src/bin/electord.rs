@@ -85,6 +85,10 @@ struct Args {
     #[arg(long, env = "ELECTOR_ATTEST_WAIT", default_value_t = 3.0)]
     attest_wait: f64,
 
+    /// Maximum client connections from one uid (many pods may share a uid).
+    #[arg(long, env = "ELECTOR_MAX_CONNECTIONS_PER_UID", default_value_t = 1024)]
+    max_connections_per_uid: usize,
+
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -164,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
         defaults: Defaults { timing },
         limits: Limits {
             max_connections: args.max_connections,
+            max_connections_per_uid: args.max_connections_per_uid,
             ..Limits::default()
         },
         http_addr,

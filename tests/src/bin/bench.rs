@@ -265,7 +265,8 @@ impl Raw {
             r: BufReader::new(r),
             w,
         };
-        raw.line().await?;
+        let hello = raw.line().await?;
+        anyhow::ensure!(hello["event"] == "hello", "connection refused: {hello}");
         Ok(raw)
     }
     async fn send(&mut self, v: &Value) -> anyhow::Result<()> {
@@ -459,8 +460,12 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         let rows = match args.scenario {
             Scenario::ServeBroker { socket } => {
+                let mut config = DaemonConfig::for_socket(&socket, "bench");
+                // Every bench client runs as this uid: lift the per-uid limit to the scale size.
+                config.limits.max_connections = 50_000;
+                config.limits.max_connections_per_uid = 50_000;
                 let d = Daemon::start(
-                    DaemonConfig::for_socket(&socket, "bench"),
+                    config,
                     Backends::memory(),
                     Arc::new(Metrics::new()),
                     Arc::new(Readiness::standalone()),
