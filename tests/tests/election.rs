@@ -198,26 +198,32 @@ async fn crashed_leader_is_waited_out_never_before_the_lease() {
     drop(leader);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partitioned_leader_is_told_lost_before_anyone_else_leads() {
-    let server = TestApiServer::start().await.unwrap();
+/// The shared oracle of the partition scenarios: node-a's `pod-a` leads, node-b's `pod-b`
+/// waits; `fault` cuts node-a off from the API (how is up to the scenario). Then `pod-a` must
+/// be told `lost` (renew_failed) within `lost_within` of the cut, and before `pod-b` is elected.
+async fn leader_cut_off<F, Fut>(lock: LockKind, lost_within: Duration, fault: F)
+where
+    F: FnOnce(Arc<TestApiServer>, elector_tests::kube_api::User) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let server = Arc::new(TestApiServer::start().await.unwrap());
     let dir = tempfile::tempdir().unwrap();
     let journal = Journal::default();
     let (a, user_a) = TestBroker::on_server(&server, "node-a", dir.path(), fast_timing());
-    let leader = candidate(&a, "pod-a", LockKind::Endpoints, &journal).await;
+    let leader = candidate(&a, "pod-a", lock, &journal).await;
     settled_leader(std::slice::from_ref(&leader)).await;
     let (b, _) = TestBroker::on_server(&server, "node-b", dir.path(), fast_timing());
-    let _follower = candidate(&b, "pod-b", LockKind::Endpoints, &journal).await;
+    let _follower = candidate(&b, "pod-b", lock, &journal).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let cut = Instant::now();
-    server.faults(&user_a).partition(true);
+    fault(server.clone(), user_a.clone()).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while journal.elected_after(cut).is_empty() {
         assert!(Instant::now() < deadline, "nobody took over: {:?}", journal.all());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (lost_at, reason) = journal.lost_of("pod-a").expect("the partitioned leader was told");
+    let (lost_at, reason) = journal.lost_of("pod-a").expect("the cut-off leader was told");
     assert_eq!(reason, LostReason::RenewFailed);
     let (new_at, who) = journal.elected_after(cut)[0].clone();
     assert_eq!(who, "pod-b");
@@ -227,13 +233,45 @@ async fn partitioned_leader_is_told_lost_before_anyone_else_leads() {
         lost_at - cut,
         new_at - cut
     );
-    assert!(
-        lost_at - cut <= Duration::from_millis(1500 + 300),
-        "lost after {:?}",
-        lost_at - cut
-    );
+    assert!(lost_at - cut <= lost_within, "lost after {:?}", lost_at - cut);
     assert!(!leader.campaign.is_leader());
-    server.faults(&user_a).partition(false);
+    server.faults(&user_a).clear();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_leader_is_told_lost_before_anyone_else_leads() {
+    // The last success was at most one retry period (250 ms) before the cut; deadline 1.5 s.
+    leader_cut_off(
+        LockKind::Endpoints,
+        Duration::from_millis(1500 + 300),
+        |server, user| async move {
+            server.faults(&user).partition(true);
+        },
+    )
+    .await;
+}
+
+/// A 429 with `Retry-After: 1` delays the next renewal; that renewal then hangs in a partition.
+/// The leader must still be told `lost` at its renew deadline (counted from its last successful
+/// renewal), not when the hanging request finally times out, and before the other node leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_at_the_deadline_even_while_a_delayed_renewal_hangs() {
+    leader_cut_off(
+        LockKind::Lease,
+        Duration::from_millis(1500 + 400),
+        |server, user| async move {
+            server.faults(&user).errors(
+                1.0,
+                InjectedError::TooManyRequests {
+                    retry_after_seconds: 1,
+                },
+            );
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            server.faults(&user).clear();
+            server.faults(&user).partition(true);
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,52 +432,4 @@ async fn client_go_records_are_honoured() {
         "{ann}"
     );
     drop(journal);
-}
-
-/// A 429 with `Retry-After: 1` delays the next renewal; that renewal then hangs in a partition.
-/// The leader must still be told `lost` at its renew deadline (counted from its last successful
-/// renewal), not when the hanging request finally times out, and before the other node leads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_at_the_deadline_even_while_a_delayed_renewal_hangs() {
-    let server = TestApiServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let journal = Journal::default();
-    let (a, user_a) = TestBroker::on_server(&server, "node-a", dir.path(), fast_timing());
-    let leader = candidate(&a, "pod-a", LockKind::Lease, &journal).await;
-    settled_leader(std::slice::from_ref(&leader)).await;
-    let (b, _) = TestBroker::on_server(&server, "node-b", dir.path(), fast_timing());
-    let _follower = candidate(&b, "pod-b", LockKind::Lease, &journal).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let cut = Instant::now();
-    server.faults(&user_a).errors(
-        1.0,
-        InjectedError::TooManyRequests {
-            retry_after_seconds: 1,
-        },
-    );
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    server.faults(&user_a).clear();
-    server.faults(&user_a).partition(true);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while journal.elected_after(cut).is_empty() {
-        assert!(Instant::now() < deadline, "nobody took over: {:?}", journal.all());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (lost_at, reason) = journal.lost_of("pod-a").expect("the leader was told");
-    assert_eq!(reason, LostReason::RenewFailed);
-    let (new_at, _) = journal.elected_after(cut)[0].clone();
-    assert!(
-        lost_at < new_at,
-        "lost at {:?}, new leader at {:?}",
-        lost_at - cut,
-        new_at - cut
-    );
-    // The last success was at most one retry period (250 ms) before the cut; deadline 1.5 s.
-    assert!(
-        lost_at - cut <= Duration::from_millis(1500 + 400),
-        "lost after {:?}",
-        lost_at - cut
-    );
-    server.faults(&user_a).partition(false);
 }
