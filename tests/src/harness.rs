@@ -28,14 +28,37 @@ enum Stop {
     Kill,
 }
 
+/// A thread running something on its own runtime, stopped by message (and killed when dropped).
+#[derive(Debug)]
+struct BackgroundThread {
+    stop: Option<tokio::sync::oneshot::Sender<Stop>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundThread {
+    fn stop(&mut self, how: Stop) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(how);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for BackgroundThread {
+    fn drop(&mut self) {
+        self.stop(Stop::Kill);
+    }
+}
+
 /// A broker running on its own thread.
 #[derive(Debug)]
 pub struct TestBroker {
     pub node: String,
     pub socket: PathBuf,
     pub http_addr: Option<std::net::SocketAddr>,
-    stop: Option<tokio::sync::oneshot::Sender<Stop>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    background: BackgroundThread,
 }
 
 /// Fast timing for tests: lease 2 s, renew deadline 1.5 s, retry 0.25 s.
@@ -127,8 +150,10 @@ impl TestBroker {
             node: node.to_string(),
             socket,
             http_addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            background: BackgroundThread {
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            },
         }
     }
 
@@ -168,29 +193,14 @@ impl TestBroker {
         (broker, user.clone())
     }
 
-    fn stop(&mut self, how: Stop) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(how);
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-
     /// Crash: every task is dropped, nothing is released.
     pub fn kill(mut self) {
-        self.stop(Stop::Kill);
+        self.background.stop(Stop::Kill);
     }
 
     /// SIGTERM: release, tell leaders `broker_shutdown`, remove the socket.
     pub fn shutdown(mut self) {
-        self.stop(Stop::Shutdown);
-    }
-}
-
-impl Drop for TestBroker {
-    fn drop(&mut self) {
-        self.stop(Stop::Kill);
+        self.background.stop(Stop::Shutdown);
     }
 }
 
@@ -199,8 +209,7 @@ impl Drop for TestBroker {
 pub struct TestShim {
     pub id: String,
     pub http_addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<Stop>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    background: BackgroundThread,
 }
 
 impl TestShim {
@@ -237,28 +246,15 @@ impl TestShim {
         TestShim {
             id: id.to_string(),
             http_addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(&mut self, how: Stop) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(how);
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            background: BackgroundThread {
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            },
         }
     }
 
     /// Like `kill -9` of the sidecar: its socket connection just closes.
     pub fn kill(mut self) {
-        self.stop(Stop::Kill);
-    }
-}
-
-impl Drop for TestShim {
-    fn drop(&mut self) {
-        self.stop(Stop::Kill);
+        self.background.stop(Stop::Kill);
     }
 }
