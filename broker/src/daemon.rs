@@ -171,6 +171,18 @@ impl Daemon {
         })
     }
 
+    /// A standalone broker (`electord --standalone`): memory locks, fresh metrics, always
+    /// ready.
+    pub async fn start_standalone(config: DaemonConfig) -> Result<Self, DaemonError> {
+        Self::start(
+            config,
+            Backends::memory(),
+            Arc::new(Metrics::new()),
+            Arc::new(Readiness::standalone()),
+        )
+        .await
+    }
+
     pub fn elections(&self) -> &Elections {
         &self.elections
     }

@@ -175,24 +175,6 @@ impl TestBroker {
         (broker, user)
     }
 
-    /// A broker of the test API server as an existing user (a restart of the same node).
-    pub fn on_server_as(
-        server: &TestApiServer,
-        user: &User,
-        node: &str,
-        dir: &Path,
-        timing: ElectionTiming,
-    ) -> (TestBroker, User) {
-        let broker = TestBroker::start(
-            node,
-            dir,
-            Backend::Kube(server.kubeconfig_path(user)),
-            timing,
-            true,
-        );
-        (broker, user.clone())
-    }
-
     /// Crash: every task is dropped, nothing is released.
     pub fn kill(mut self) {
         self.background.stop(Stop::Kill);

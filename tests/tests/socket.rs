@@ -1,12 +1,9 @@
 //! The socket protocol through a real Unix socket: every op, every kind of bad input, limits,
 //! deadlines, slow readers, many connections, shutdown. The broker runs on the memory lock.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
-use elector_broker::lock::Backends;
-use elector_broker::metrics::Metrics;
+use elector_broker::daemon::{Daemon, DaemonConfig};
 use elector_broker::socket::Limits;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -77,14 +74,7 @@ async fn broker(limits: Limits) -> (Daemon, tempfile::TempDir, std::path::PathBu
     let path = dir.path().join("run/elector.sock");
     let mut config = DaemonConfig::for_socket(&path, "node-t");
     config.limits = limits;
-    let d = Daemon::start(
-        config,
-        Backends::memory(),
-        Arc::new(Metrics::new()),
-        Arc::new(Readiness::standalone()),
-    )
-    .await
-    .unwrap();
+    let d = Daemon::start_standalone(config).await.unwrap();
     (d, dir, path)
 }
 
@@ -397,27 +387,13 @@ async fn socket_path_is_replaced_only_if_it_is_a_socket() {
     let path = dir.path().join("elector.sock");
     std::fs::write(&path, b"precious").unwrap();
     let config = DaemonConfig::for_socket(&path, "n");
-    let err = Daemon::start(
-        config.clone(),
-        Backends::memory(),
-        Arc::new(Metrics::new()),
-        Arc::new(Readiness::standalone()),
-    )
-    .await
-    .unwrap_err();
+    let err = Daemon::start_standalone(config.clone()).await.unwrap_err();
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     std::fs::remove_file(&path).unwrap();
     // A stale socket (left by a crash) is replaced.
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-    let d = Daemon::start(
-        config,
-        Backends::memory(),
-        Arc::new(Metrics::new()),
-        Arc::new(Readiness::standalone()),
-    )
-    .await
-    .unwrap();
+    let d = Daemon::start_standalone(config).await.unwrap();
     let _c = Conn::open(&path).await;
     d.shutdown().await;
 }

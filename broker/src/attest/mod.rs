@@ -298,10 +298,6 @@ impl Attestor {
         }
     }
 
-    pub fn pods(&self) -> &Arc<PodCache> {
-        &self.pods
-    }
-
     fn start_time(&self, pid: i32) -> Result<u64, AttestError> {
         read(&self.proc_root.join(pid.to_string()).join("stat"))
             .as_deref()

@@ -280,11 +280,6 @@ impl<Raw: Clone> Contender<Raw> {
             .map(|h| h.last_renew_start + self.timing.renew_deadline)
     }
 
-    /// When the last successful write was sent, while holding.
-    pub fn last_renew_start(&self) -> Option<Instant> {
-        self.held.as_ref().map(|h| h.last_renew_start)
-    }
-
     pub fn candidate_count(&self) -> usize {
         self.candidates.len()
     }

@@ -3,13 +3,10 @@
 //!
 //! `cargo run --release -p elector-examples --bin demo`
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
-use elector_broker::lock::Backends;
-use elector_broker::metrics::Metrics;
+use elector_broker::daemon::{Daemon, DaemonConfig};
 use elector_client::{CampaignOptions, Client};
 
 struct App {
@@ -58,14 +55,9 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("elector.sock");
     println!("elector demo: one broker, three apps, one election (\"report-job\")\n");
-    let daemon = Daemon::start(
-        DaemonConfig::for_socket(&socket, "laptop"),
-        Backends::memory(),
-        Arc::new(Metrics::new()),
-        Arc::new(Readiness::standalone()),
-    )
-    .await
-    .context("starting the standalone broker")?;
+    let daemon = Daemon::start_standalone(DaemonConfig::for_socket(&socket, "laptop"))
+        .await
+        .context("starting the standalone broker")?;
     println!("  broker   electord --standalone, socket {}", socket.display());
 
     let mut apps = Vec::new();

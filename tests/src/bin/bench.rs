@@ -6,15 +6,12 @@
 //! its own.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
+use elector_broker::daemon::{Daemon, DaemonConfig};
 use elector_broker::election::machine::ElectionTiming;
-use elector_broker::lock::Backends;
-use elector_broker::metrics::Metrics;
 use elector_client::protocol::{LockKind, Timing};
 use elector_client::{CampaignOptions, Client};
 use elector_tests::harness::TestBroker;
@@ -464,13 +461,7 @@ fn main() -> anyhow::Result<()> {
                 // Every bench client runs as this uid: lift the per-uid limit to the scale size.
                 config.limits.max_connections = 50_000;
                 config.limits.max_connections_per_uid = 50_000;
-                let d = Daemon::start(
-                    config,
-                    Backends::memory(),
-                    Arc::new(Metrics::new()),
-                    Arc::new(Readiness::standalone()),
-                )
-                .await?;
+                let d = Daemon::start_standalone(config).await?;
                 tokio::signal::ctrl_c().await?;
                 d.shutdown().await;
                 return Ok(());
