@@ -1,6 +1,5 @@
 //! One client connection: reads requests, answers them, and writes events from its outbox.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
 use super::ServerShared;
-use super::outbox::{ConnectionSink, Outbox};
+use super::outbox::{MembershipSink, Outbox};
 use crate::attest::Caller;
 use crate::election::machine::{ElectionTiming, PartyId};
 use crate::elections::JoinError;
@@ -60,7 +59,7 @@ async fn writer(
         }
         let mut buf = Vec::new();
         for e in &events {
-            buf.extend_from_slice(&e.to_line());
+            buf.extend_from_slice(&e.line());
         }
         match tokio::time::timeout(write_timeout, out.write_all(&buf)).await {
             Ok(Ok(())) => {
@@ -72,10 +71,20 @@ async fn writer(
     }
 }
 
+/// One campaign (with its identity) or observation of this connection.
 struct Membership {
     name: ElectionName,
     party: PartyId,
     identity: Option<String>,
+    sink: Arc<MembershipSink>,
+}
+
+impl Membership {
+    fn is(&self, campaign: bool, namespace: &str, election: &str) -> bool {
+        self.identity.is_some() == campaign
+            && self.name.namespace == namespace
+            && self.name.election == election
+    }
 }
 
 struct Conn {
@@ -83,10 +92,9 @@ struct Conn {
     /// The attested caller (`None` without attestation).
     caller: Option<Caller>,
     outbox: Arc<Outbox>,
-    sink: Arc<ConnectionSink>,
-    /// By (namespace, election).
-    campaigns: HashMap<(String, String), Membership>,
-    observations: HashMap<(String, String), Membership>,
+    /// Campaigns and observations: a few per connection (at most
+    /// `max_elections_per_connection`), so a list, grown one at a time, is smallest.
+    memberships: Vec<Membership>,
 }
 
 fn err(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> RequestError {
@@ -157,7 +165,7 @@ impl Conn {
 
     fn room_for_one_more(&self, id: &Option<RequestId>) -> Result<(), RequestError> {
         let max = self.shared.limits.max_elections_per_connection;
-        if self.campaigns.len() + self.observations.len() >= max {
+        if self.memberships.len() >= max {
             return Err(err(
                 id.clone(),
                 ErrorCode::TooManyCampaigns,
@@ -202,8 +210,7 @@ impl Conn {
             }
         };
         let timing = self.timing(&req)?;
-        let key = (namespace.clone(), req.election.clone());
-        if let Some(m) = self.campaigns.get(&key) {
+        if let Some(m) = self.find(true, &namespace, &req.election) {
             return Err(err(
                 id,
                 ErrorCode::AlreadyCampaigning,
@@ -221,6 +228,7 @@ impl Conn {
             lock: req.lock.unwrap_or_default(),
         };
         let party = self.shared.elections.new_party();
+        let sink = Arc::new(MembershipSink::new(self.outbox.clone()));
         let joined = self
             .shared
             .elections
@@ -230,19 +238,17 @@ impl Conn {
                 identity.clone(),
                 req.priority.unwrap_or(0),
                 timing,
-                self.sink.clone(),
+                sink.clone(),
             )
             .await;
         match joined {
             Ok(()) => {
-                self.campaigns.insert(
-                    key,
-                    Membership {
-                        name: name.clone(),
-                        party,
-                        identity: Some(identity.clone()),
-                    },
-                );
+                self.add(Membership {
+                    name: name.clone(),
+                    party,
+                    identity: Some(identity.clone()),
+                    sink,
+                });
                 Ok(Event::Ok(OkReply {
                     id,
                     op: "campaign".into(),
@@ -263,8 +269,7 @@ impl Conn {
 
     async fn resign(&mut self, req: ElectionRef) -> Result<Event, RequestError> {
         let namespace = self.namespace(&req.id, &req.namespace)?;
-        let key = (namespace.clone(), req.election.clone());
-        let Some(m) = self.campaigns.remove(&key) else {
+        let Some(m) = self.remove(true, &namespace, &req.election) else {
             return Err(err(
                 req.id,
                 ErrorCode::NotCampaigning,
@@ -278,9 +283,6 @@ impl Conn {
             .elections
             .leave(&m.name, m.party, LostReason::Resigned, true)
             .await;
-        if !self.observations.values().any(|o| o.name == m.name) {
-            self.outbox.forget_view(&m.name);
-        }
         Ok(Event::Ok(OkReply {
             id: req.id,
             op: "resign".into(),
@@ -297,8 +299,7 @@ impl Conn {
             namespace: namespace.clone(),
             lock: req.lock.unwrap_or_default(),
         };
-        let key = (namespace, req.election.clone());
-        if let Some(m) = self.observations.get(&key) {
+        if let Some(m) = self.find(false, &namespace, &req.election) {
             if m.name.lock != name.lock {
                 return Err(err(
                     req.id,
@@ -312,15 +313,14 @@ impl Conn {
         } else {
             self.room_for_one_more(&req.id)?;
             let party = self.shared.elections.new_party();
-            self.shared.elections.observe(&name, party, self.sink.clone());
-            self.observations.insert(
-                key,
-                Membership {
-                    name: name.clone(),
-                    party,
-                    identity: None,
-                },
-            );
+            let sink = Arc::new(MembershipSink::new(self.outbox.clone()));
+            self.shared.elections.observe(&name, party, sink.clone());
+            self.add(Membership {
+                name: name.clone(),
+                party,
+                identity: None,
+                sink,
+            });
         }
         Ok(Event::Ok(OkReply {
             id: req.id,
@@ -332,8 +332,7 @@ impl Conn {
 
     async fn unobserve(&mut self, req: ElectionRef) -> Result<Event, RequestError> {
         let namespace = self.namespace(&req.id, &req.namespace)?;
-        let key = (namespace.clone(), req.election.clone());
-        let Some(m) = self.observations.remove(&key) else {
+        let Some(m) = self.remove(false, &namespace, &req.election) else {
             return Err(err(
                 req.id,
                 ErrorCode::NotObserving,
@@ -347,9 +346,6 @@ impl Conn {
             .elections
             .leave(&m.name, m.party, LostReason::Resigned, false)
             .await;
-        if !self.campaigns.values().any(|c| c.name == m.name) {
-            self.outbox.forget_view(&m.name);
-        }
         Ok(Event::Ok(OkReply {
             id: req.id,
             op: "unobserve".into(),
@@ -360,7 +356,7 @@ impl Conn {
 
     fn status(&self, req: BareRequest) -> Event {
         let describe = |m: &Membership| {
-            let view = self.outbox.view(&m.name);
+            let view = m.sink.view();
             ElectionStatus {
                 name: m.name.clone(),
                 identity: m.identity.clone(),
@@ -369,8 +365,10 @@ impl Conn {
                 is_me: m.identity.is_some() && view.as_ref().is_some_and(|v| v.is_me),
             }
         };
-        let mut campaigns: Vec<_> = self.campaigns.values().map(describe).collect();
-        let mut observations: Vec<_> = self.observations.values().map(describe).collect();
+        let (campaigns, observations): (Vec<_>, Vec<_>) =
+            self.memberships.iter().partition(|m| m.identity.is_some());
+        let mut campaigns: Vec<_> = campaigns.into_iter().map(describe).collect();
+        let mut observations: Vec<_> = observations.into_iter().map(describe).collect();
         campaigns.sort_by(|a, b| a.name.cmp(&b.name));
         observations.sort_by(|a, b| a.name.cmp(&b.name));
         Event::Status(StatusReply {
@@ -392,11 +390,30 @@ impl Conn {
     }
 
     fn has_elections(&self) -> bool {
-        !self.campaigns.is_empty() || !self.observations.is_empty()
+        !self.memberships.is_empty()
+    }
+
+    fn find(&self, campaign: bool, namespace: &str, election: &str) -> Option<&Membership> {
+        self.memberships
+            .iter()
+            .find(|m| m.is(campaign, namespace, election))
+    }
+
+    fn remove(&mut self, campaign: bool, namespace: &str, election: &str) -> Option<Membership> {
+        let i = self
+            .memberships
+            .iter()
+            .position(|m| m.is(campaign, namespace, election))?;
+        Some(self.memberships.swap_remove(i))
+    }
+
+    fn add(&mut self, m: Membership) {
+        self.memberships.reserve_exact(1);
+        self.memberships.push(m);
     }
 
     fn leave_all(&mut self) {
-        for (_, m) in self.campaigns.drain().chain(self.observations.drain()) {
+        for m in self.memberships.drain(..) {
             self.shared
                 .elections
                 .leave_nowait(&m.name, m.party, LostReason::Resigned, false);
@@ -413,7 +430,8 @@ pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<Serv
     let limits = shared.limits.clone();
     let caller = match &shared.attestor {
         None => None,
-        Some(attestor) => match attestor.attest(pid).await {
+        // Boxed, like `handle` below: awaited once, it need not stay in every connection's state.
+        Some(attestor) => match Box::pin(attestor.attest(pid)).await {
             Ok(c) => Some(c),
             Err(e) => {
                 metrics.rejected(ErrorCode::Unattested.as_str());
@@ -462,11 +480,9 @@ pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<Serv
     let mut frames = FramedRead::with_capacity(read, LineCodec::new(MAX_LINE_BYTES), 512);
     let mut conn = Conn {
         caller,
-        sink: Arc::new(ConnectionSink(outbox.clone())),
         outbox: outbox.clone(),
         shared: shared.clone(),
-        campaigns: HashMap::new(),
-        observations: HashMap::new(),
+        memberships: Vec::new(),
     };
     let mut deadline = Instant::now() + limits.first_request_timeout;
     let mut seen_request = false;
@@ -482,7 +498,9 @@ pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<Serv
                     ))),
                     Some(Ok(Frame::Line(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
                     Some(Ok(Frame::Line(line))) => match protocol::parse_request(&line) {
-                        Ok(req) => conn.handle(req).await,
+                        // Boxed: the futures of the requests would otherwise make every idle
+                        // connection's task as big as the biggest of them.
+                        Ok(req) => Box::pin(conn.handle(req)).await,
                         Err(e) => Err(e),
                     },
                 };

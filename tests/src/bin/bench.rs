@@ -49,6 +49,9 @@ enum Scenario {
         clients: usize,
         #[arg(long, default_value_t = 1_000)]
         observers: usize,
+        /// Leader changes fanned out to the observers (each one a trial per observer).
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
     },
     /// Campaign-to-reply latency, events per second through one socket, shim RSS.
     Protocol,
@@ -233,6 +236,18 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// On-CPU time of a process, all threads, in nanoseconds (from `/proc/<pid>/task/*/schedstat`).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn spawn_self(args: &[&str]) -> anyhow::Result<std::process::Child> {
     Ok(std::process::Command::new(std::env::current_exe()?)
         .args(args)
@@ -277,17 +292,41 @@ impl Raw {
         anyhow::ensure!(self.r.read_line(&mut s).await? > 0, "closed");
         Ok(serde_json::from_str(&s)?)
     }
+    /// Reads until a `leader` event names `expected`, parsing only the fields it needs (as a
+    /// client that follows the leader would), so the bench client's share of the two cores
+    /// stays small.
+    async fn until_leader(&mut self, expected: &str) -> anyhow::Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Line<'a> {
+            #[serde(borrow)]
+            event: std::borrow::Cow<'a, str>,
+            #[serde(borrow, default)]
+            leader: Option<std::borrow::Cow<'a, str>>,
+        }
+        let mut s = String::new();
+        loop {
+            s.clear();
+            anyhow::ensure!(self.r.read_line(&mut s).await? > 0, "closed");
+            let line: Line = serde_json::from_str(&s)?;
+            anyhow::ensure!(line.event != "error", "waiting for leader {expected:?}: {s}");
+            if line.event == "leader" && line.leader.as_deref() == Some(expected) {
+                return Ok(());
+            }
+        }
+    }
+
     async fn until(&mut self, event: &str) -> anyhow::Result<Value> {
         loop {
             let v = self.line().await?;
             if v["event"] == event {
                 return Ok(v);
             }
+            anyhow::ensure!(v["event"] != "error", "waiting for {event:?}: {v}");
         }
     }
 }
 
-async fn scale(clients: usize, observers: usize) -> anyhow::Result<Vec<Value>> {
+async fn scale(clients: usize, observers: usize, rounds: usize) -> anyhow::Result<Vec<Value>> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("scale.sock");
     let mut child = spawn_self(&["serve-broker", socket.to_str().context("path")?])?;
@@ -312,16 +351,19 @@ async fn scale(clients: usize, observers: usize) -> anyhow::Result<Vec<Value>> {
         o.until("ok").await?;
         obs.push(o);
     }
-    let mut leader = Raw::open(&socket).await?;
-    leader
-        .send(&json!({"op":"campaign","election":"fan","identity":"first"}))
-        .await?;
-    leader.until("elected").await?;
-    let mut second = Raw::open(&socket).await?;
-    second
-        .send(&json!({"op":"campaign","election":"fan","identity":"second"}))
-        .await?;
-    second.until("ok").await?;
+    // Two candidates of the observed election take turns: each round the leader resigns (and
+    // campaigns again, as the standby), and every observer's time to learn of the new leader
+    // is one sample.
+    let names = ["first", "second"];
+    let mut fan_conns = Vec::new();
+    for name in names {
+        let mut c = Raw::open(&socket).await?;
+        c.send(&json!({"op":"campaign","election":"fan","identity":name}))
+            .await?;
+        // "first" is elected (possibly before its reply arrives); "second" waits.
+        c.until(if name == "first" { "elected" } else { "ok" }).await?;
+        fan_conns.push(c);
+    }
     for o in &mut obs {
         // Drain up to the leader event naming "first".
         loop {
@@ -339,23 +381,48 @@ async fn scale(clients: usize, observers: usize) -> anyhow::Result<Vec<Value>> {
     let ticks_per_s = 100.0; // USER_HZ on Linux
     let cpu = (cpu_ticks(pid).unwrap_or(0) - cpu0) as f64 / ticks_per_s / t.elapsed().as_secs_f64() * 100.0;
     let rss = rss_kib(pid).unwrap_or(0);
-    // Fan-out: the leader resigns; every observer learns of "second".
-    let t0 = Instant::now();
-    leader.send(&json!({"op":"resign","election":"fan"})).await?;
-    let mut lat = Vec::with_capacity(observers);
-    let mut set = tokio::task::JoinSet::new();
-    for mut o in obs {
-        set.spawn(async move {
-            loop {
-                let v = o.until("leader").await?;
-                if v["leader"] == "second" {
-                    return Ok::<_, anyhow::Error>(t0.elapsed());
+    // Fan-out. Every observer has its own task, started before the first round and told of
+    // each round's start and expected leader, so that the measurement does not include
+    // spawning tasks on the two cores the broker needs.
+    let (round_tx, round_rx) = tokio::sync::watch::channel::<Option<(Instant, &'static str)>>(None);
+    let (sample_tx, mut sample_rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<Duration>>();
+    for mut o in obs.drain(..) {
+        let (mut round_rx, sample_tx) = (round_rx.clone(), sample_tx.clone());
+        tokio::spawn(async move {
+            while round_rx.changed().await.is_ok() {
+                let Some((t0, expected)) = *round_rx.borrow_and_update() else {
+                    continue;
+                };
+                let sample = o.until_leader(expected).await.map(|()| t0.elapsed());
+                if sample_tx.send(sample).is_err() {
+                    return;
                 }
             }
         });
     }
-    while let Some(r) = set.join_next().await {
-        lat.push(r??.as_secs_f64() * 1000.0);
+    drop(sample_tx);
+    let mut lat = Vec::with_capacity(observers * rounds);
+    let (mut broker_cpu, mut bench_cpu) = (0, 0);
+    for round in 0..rounds {
+        let (old, new) = (round % 2, 1 - round % 2);
+        let (broker_cpu0, bench_cpu0) = (cpu_ns(pid), cpu_ns(std::process::id()));
+        let t0 = Instant::now();
+        round_tx.send_replace(Some((t0, names[new])));
+        fan_conns[old]
+            .send(&json!({"op":"resign","election":"fan"}))
+            .await?;
+        for _ in 0..observers {
+            let elapsed = sample_rx.recv().await.context("an observer task ended")??;
+            lat.push(elapsed.as_secs_f64() * 1000.0);
+        }
+        broker_cpu += cpu_ns(pid) - broker_cpu0;
+        bench_cpu += cpu_ns(std::process::id()) - bench_cpu0;
+        fan_conns[old].until("ok").await?;
+        fan_conns[new].until("elected").await?;
+        fan_conns[old]
+            .send(&json!({"op":"campaign","election":"fan","identity":names[old]}))
+            .await?;
+        fan_conns[old].until("ok").await?;
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -365,6 +432,9 @@ async fn scale(clients: usize, observers: usize) -> anyhow::Result<Vec<Value>> {
         "p99 <= 10 ms",
     );
     fan["clients"] = json!(clients + observers + 2);
+    fan["rounds"] = json!(rounds);
+    fan["broker_cpu_ms_per_round"] = json!(broker_cpu as f64 / 1e6 / rounds.max(1) as f64);
+    fan["bench_client_cpu_ms_per_round"] = json!(bench_cpu as f64 / 1e6 / rounds.max(1) as f64);
     Ok(vec![
         json!({"scenario": format!("scale: {clients} elections, {} connections", clients + observers + 2),
                "rss_mib_idle": rss_idle as f64 / 1024.0, "rss_mib": rss as f64 / 1024.0,
@@ -481,12 +551,16 @@ fn main() -> anyhow::Result<()> {
             }
             Scenario::Failover { trials } => failover(trials).await?,
             Scenario::ApiLoad { elections, seconds } => api_load(elections, seconds).await?,
-            Scenario::Scale { clients, observers } => scale(clients, observers).await?,
+            Scenario::Scale {
+                clients,
+                observers,
+                rounds,
+            } => scale(clients, observers, rounds).await?,
             Scenario::Protocol => protocol().await?,
             Scenario::All => {
                 let mut rows = failover(30).await?;
                 rows.extend(api_load(100, 20).await?);
-                rows.extend(scale(10_000, 1_000).await?);
+                rows.extend(scale(10_000, 1_000, 20).await?);
                 rows.extend(protocol().await?);
                 rows
             }
