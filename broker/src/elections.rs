@@ -112,10 +112,25 @@ pub enum JoinError {
     ShuttingDown,
 }
 
-/// Broker-wide defaults.
+/// Broker-wide settings of elections.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Defaults {
+    /// Timing of an election whose first candidate asks for none.
     pub timing: ElectionTiming,
+    /// Added to this broker's wall clock for the timestamps it writes into lock records
+    /// (`acquireTime`, `renewTime`). Zero in production. Tests skew brokers apart with it to
+    /// show that no decision depends on wall clocks agreeing: expiry is judged on each broker's
+    /// monotonic clock from when it saw a record change.
+    pub wall_clock_skew: chrono::TimeDelta,
+}
+
+impl From<ElectionTiming> for Defaults {
+    fn from(timing: ElectionTiming) -> Self {
+        Defaults {
+            timing,
+            ..Defaults::default()
+        }
+    }
 }
 
 /// One election as shown on `/elections`.
@@ -690,7 +705,8 @@ impl ElectionTask {
     async fn run(mut self) {
         let mut pending: Option<Pending> = None;
         loop {
-            let action = self.machine.poll(Instant::now(), chrono::Utc::now());
+            let wall = chrono::Utc::now() + self.elections.inner.defaults.wall_clock_skew;
+            let action = self.machine.poll(Instant::now(), wall);
             match &action {
                 Action::Write(w) => tracing::debug!(election = %self.name, purpose = ?w.purpose,
                     holder = %w.record.holder_identity, base = ?w.base.as_ref().map(|b| &b.version), "write"),

@@ -72,8 +72,16 @@ pub fn fast_timing() -> ElectionTiming {
 }
 
 impl TestBroker {
-    pub fn start(node: &str, dir: &Path, backend: Backend, timing: ElectionTiming, http: bool) -> TestBroker {
-        Self::start_attested(node, dir, backend, timing, http, None)
+    /// Starts a broker; `settings` is an [`ElectionTiming`] or, to also skew its wall clock,
+    /// a [`Defaults`].
+    pub fn start(
+        node: &str,
+        dir: &Path,
+        backend: Backend,
+        settings: impl Into<Defaults>,
+        http: bool,
+    ) -> TestBroker {
+        Self::start_attested(node, dir, backend, settings, http, None)
     }
 
     /// Like [`TestBroker::start`], attesting callers from `proc_root` and this node's pods
@@ -82,13 +90,13 @@ impl TestBroker {
         node: &str,
         dir: &Path,
         backend: Backend,
-        timing: ElectionTiming,
+        settings: impl Into<Defaults>,
         http: bool,
         proc_root: Option<PathBuf>,
     ) -> TestBroker {
         let socket = dir.join(format!("{node}.sock"));
         let mut config = DaemonConfig::for_socket(&socket, node);
-        config.defaults = Defaults { timing };
+        config.defaults = settings.into();
         config.shutdown_grace = Duration::from_secs(3);
         if http {
             config.http_addr = Some("127.0.0.1:0".parse().expect("addr"));
@@ -162,14 +170,14 @@ impl TestBroker {
         server: &TestApiServer,
         node: &str,
         dir: &Path,
-        timing: ElectionTiming,
+        settings: impl Into<Defaults>,
     ) -> (TestBroker, User) {
         let user = server.add_user(node, vec![crate::kube_api::Rule::all()]);
         let broker = TestBroker::start(
             node,
             dir,
             Backend::Kube(server.kubeconfig_path(&user)),
-            timing,
+            settings,
             true,
         );
         (broker, user)

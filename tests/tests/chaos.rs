@@ -1,20 +1,29 @@
 //! Chaos with an oracle: 3 brokers × 2 candidates each × 2 elections (Lease and Endpoints)
 //! against the test API server, under a seeded schedule of per-broker partitions, latency
 //! spikes, 5xx/429 bursts, watch cuts, broker kills and restarts, and client kills and
-//! reconnects.
+//! reconnects. The brokers' wall clocks are skewed apart by up to an hour (the timestamps they
+//! write into lock records disagree), and slow readers (raw socket clients that read one line
+//! now and then) campaign and observe alongside.
 //!
 //! The oracle, from the events every client received on one clock:
 //! - never two clients holding `elected` without a `lost` in between, per election;
 //! - terms strictly increase per election;
 //! - after the faults heal, every client converges on the same leader within a bound.
 //!
+//! A slow reader learns late by definition (the broker's promise is about when it sends), so
+//! its events are checked on their own: `elected` and `lost` alternate, terms grow, and once it
+//! catches up it agrees with everyone else.
+//!
 //! `ELECTOR_CHAOS_SECONDS` (default 20) sets the length; `ELECTOR_CHAOS_SEED` replays a run (the
 //! seed is printed, and named in every failure).
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use elector_broker::elections::Defaults;
 use elector_client::protocol::{LockKind, Timing};
 use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client};
 use elector_tests::harness::{TestBroker, fast_timing};
@@ -22,6 +31,8 @@ use elector_tests::kube_api::{InjectedError, TestApiServer, User};
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
 
 const ELECTIONS: [(&str, LockKind); 2] = [
@@ -90,20 +101,167 @@ async fn kill(b: TestBroker) {
     tokio::task::spawn_blocking(move || b.kill()).await.unwrap();
 }
 
-/// Restarts a node's broker as the same API user, off the async workers.
-async fn restart(server: &TestApiServer, user: &User, node: &str, dir: &std::path::Path) -> TestBroker {
+/// Restarts a node's broker as the same API user (and with the same wall clock), off the async
+/// workers.
+async fn restart(
+    server: &TestApiServer,
+    user: &User,
+    node: &str,
+    dir: &std::path::Path,
+    settings: Defaults,
+) -> TestBroker {
     let (kubeconfig, node, dir) = (server.kubeconfig_path(user), node.to_string(), dir.to_path_buf());
     tokio::task::spawn_blocking(move || {
         TestBroker::start(
             &node,
             &dir,
             elector_tests::harness::Backend::Kube(kubeconfig),
-            fast_timing(),
+            settings,
             true,
         )
     })
     .await
     .unwrap()
+}
+
+/// A client that reads one line now and then, as a stalled app would: a raw socket, so nothing
+/// reads on its behalf. It reconnects (and campaigns or observes again) when its connection ends.
+struct SlowReader {
+    election: &'static str,
+    who: String,
+    /// Every line it read, in order, and `{"event":"disconnected"}` when its connection ended.
+    log: Arc<Mutex<Vec<Value>>>,
+    /// Set at the end: read without pausing, to catch up.
+    hurry: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowReader {
+    fn start(
+        socket: PathBuf,
+        election: &'static str,
+        lock: LockKind,
+        who: Option<String>,
+        seed: u64,
+    ) -> Self {
+        let log: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let hurry: Arc<AtomicBool> = Arc::default();
+        let mut request = json!({"election": election, "namespace": "chaos", "lock": lock});
+        match &who {
+            Some(identity) => {
+                request["op"] = json!("campaign");
+                request["identity"] = json!(identity);
+                request["timing"] = serde_json::to_value(TIMING).unwrap();
+            }
+            None => request["op"] = json!("observe"),
+        }
+        let (log2, hurry2) = (log.clone(), hurry.clone());
+        let task = tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed);
+            loop {
+                if let Err(e) = Self::session(&socket, &request, &log2, &hurry2, &mut rng).await {
+                    log2.lock()
+                        .unwrap()
+                        .push(json!({"event": "disconnected", "why": e.to_string()}));
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        SlowReader {
+            election,
+            who: who.unwrap_or_else(|| "observer".into()),
+            log,
+            hurry,
+            task,
+        }
+    }
+
+    async fn session(
+        socket: &Path,
+        request: &Value,
+        log: &Mutex<Vec<Value>>,
+        hurry: &AtomicBool,
+        rng: &mut StdRng,
+    ) -> std::io::Result<()> {
+        let (r, mut w) = tokio::net::UnixStream::connect(socket).await?.into_split();
+        let mut line = serde_json::to_vec(request).unwrap();
+        line.push(b'\n');
+        w.write_all(&line).await?;
+        let mut r = BufReader::new(r);
+        loop {
+            if !hurry.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(50..1500))).await;
+            }
+            let mut line = String::new();
+            if r.read_line(&mut line).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let event: Value = serde_json::from_str(&line).map_err(std::io::Error::other)?;
+            log.lock().unwrap().push(event);
+        }
+    }
+
+    /// (holds the election, (leader, term) of its latest `leader` event), from what it read.
+    fn state(&self) -> (bool, Option<(Value, Value)>) {
+        let (mut holds, mut view) = (false, None);
+        for e in self.log.lock().unwrap().iter() {
+            match e["event"].as_str() {
+                Some("elected") => holds = true,
+                Some("lost") | Some("disconnected") => {
+                    holds = false;
+                    if e["event"] == "disconnected" {
+                        view = None;
+                    }
+                }
+                Some("leader") => view = Some((e["leader"].clone(), e["term"].clone())),
+                _ => {}
+            }
+        }
+        (holds, view)
+    }
+
+    /// Its own oracle: `elected` and `lost` alternate, elected terms grow, leader terms never go
+    /// back within a connection, and no error but `slow_consumer`.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let (mut holds, mut elected_term, mut leader_term) = (false, None, 0);
+        for e in self.log.lock().unwrap().iter() {
+            let term = e["term"].as_u64();
+            match e["event"].as_str() {
+                Some("elected") => {
+                    if holds {
+                        problems.push(format!("{}: elected twice without lost: {e}", self.who));
+                    }
+                    if term.is_none() || term <= elected_term {
+                        problems.push(format!("{}: elected term went back: {e}", self.who));
+                    }
+                    holds = true;
+                    elected_term = term;
+                }
+                Some("lost") => holds = false,
+                Some("disconnected") => (holds, leader_term) = (false, 0),
+                Some("leader") => {
+                    if let Some(t) = term {
+                        if t < leader_term {
+                            problems.push(format!("{}: leader term went back: {e}", self.who));
+                        }
+                        leader_term = t;
+                    }
+                }
+                Some("error") if e["code"] != "slow_consumer" => {
+                    problems.push(format!("{}: {e}", self.who));
+                }
+                _ => {}
+            }
+        }
+        problems
+    }
+}
+
+impl Drop for SlowReader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Checks the journal: one holder at a time, growing terms. Returns the violations.
@@ -180,12 +338,28 @@ async fn chaos_never_elects_two_leaders() {
     let nodes = ["node-a", "node-b", "node-c"];
     let mut brokers: Vec<Option<TestBroker>> = Vec::new();
     let mut users: Vec<User> = Vec::new();
+    let mut settings: Vec<Defaults> = Vec::new();
     for n in nodes {
-        let (b, u) = TestBroker::on_server(&server, n, dir.path(), fast_timing());
+        // Each node's wall clock is off by up to an hour, either way.
+        let skew = chrono::TimeDelta::seconds(rng.random_range(-3600..=3600));
+        let s = Defaults {
+            timing: fast_timing(),
+            wall_clock_skew: skew,
+        };
+        let (b, u) = TestBroker::on_server(&server, n, dir.path(), s);
+        println!("chaos: {n}: wall clock skewed by {skew}");
         brokers.push(Some(b));
         users.push(u);
+        settings.push(s);
     }
     let socket = |i: usize| dir.path().join(format!("{}.sock", nodes[i]));
+    let mut slow = Vec::new();
+    for (election, lock) in ELECTIONS {
+        for who in [Some(format!("slow-{election}")), None] {
+            let node = rng.random_range(0..nodes.len());
+            slow.push(SlowReader::start(socket(node), election, lock, who, rng.random()));
+        }
+    }
     let mut cands: Vec<Candidate> = Vec::new();
     let mut next_id = 0;
     for (i, node) in nodes.iter().enumerate() {
@@ -235,7 +409,7 @@ async fn chaos_never_elects_two_leaders() {
                 if let Some(b) = brokers[i].take() {
                     kill(b).await;
                 } else {
-                    brokers[i] = Some(restart(&server, user, nodes[i], dir.path()).await);
+                    brokers[i] = Some(restart(&server, user, nodes[i], dir.path(), settings[i]).await);
                 }
             }
             6 => {
@@ -280,7 +454,7 @@ async fn chaos_never_elects_two_leaders() {
     for (i, u) in users.iter().enumerate() {
         server.faults(u).clear();
         if brokers[i].is_none() {
-            brokers[i] = Some(restart(&server, u, nodes[i], dir.path()).await);
+            brokers[i] = Some(restart(&server, u, nodes[i], dir.path(), settings[i]).await);
         }
     }
     // Make sure every election has candidates on a live broker.
@@ -290,30 +464,55 @@ async fn chaos_never_elects_two_leaders() {
             cands.push(c);
         }
     }
-    let problems = oracle(&journal);
+    let mut problems = oracle(&journal);
+    problems.extend(slow.iter().flat_map(SlowReader::problems));
     assert!(
         problems.is_empty(),
         "seed {seed}: {problems:#?}\nactions: {actions:?}\n{}",
         timeline(&journal)
     );
 
-    // Converge: one leader per election, every candidate agrees on it and its term.
+    // Converge: one leader per election, every candidate agrees on it and its term; slow
+    // readers, once they catch up, too.
+    for r in &slow {
+        r.hurry.store(true, Ordering::Relaxed);
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut ok = true;
         let mut report = Vec::new();
         for (election, _) in ELECTIONS {
             let mine: Vec<&Candidate> = cands.iter().filter(|c| c.election == election).collect();
-            let leaders: Vec<&&Candidate> = mine.iter().filter(|c| c.campaign.is_leader()).collect();
+            let mut leaders: Vec<&str> = mine
+                .iter()
+                .filter(|c| c.campaign.is_leader())
+                .map(|c| c.who.as_str())
+                .collect();
             let states: Vec<_> = mine.iter().map(|c| c.campaign.state().borrow().clone()).collect();
+            let slow_states: Vec<_> = slow
+                .iter()
+                .filter(|r| r.election == election)
+                .map(|r| (r.who.as_str(), r.state()))
+                .collect();
+            leaders.extend(
+                slow_states
+                    .iter()
+                    .filter(|(_, (holds, _))| *holds)
+                    .map(|(who, _)| *who),
+            );
+            let term = states.first().and_then(|s| s.term);
             let agreed = leaders.len() == 1
-                && states.iter().all(|s| {
-                    s.leader.as_deref() == Some(leaders[0].who.as_str()) && s.term == states[0].term
+                && term.is_some()
+                && states
+                    .iter()
+                    .all(|s| s.leader.as_deref() == Some(leaders[0]) && s.term == term)
+                && slow_states.iter().all(|(_, (_, view))| {
+                    view.as_ref()
+                        .is_some_and(|(leader, t)| leader == leaders[0] && t.as_u64() == term)
                 });
             ok &= agreed;
             report.push(format!(
-                "{election}: leaders {:?}, states {states:?}",
-                leaders.iter().map(|c| &c.who).collect::<Vec<_>>()
+                "{election}: leaders {leaders:?}, states {states:?}, slow readers {slow_states:?}"
             ));
         }
         if ok {
@@ -326,7 +525,8 @@ async fn chaos_never_elects_two_leaders() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let problems = oracle(&journal);
+    let mut problems = oracle(&journal);
+    problems.extend(slow.iter().flat_map(SlowReader::problems));
     assert!(problems.is_empty(), "seed {seed}: {problems:#?}");
     let elected = journal
         .lock()
@@ -334,8 +534,19 @@ async fn chaos_never_elects_two_leaders() {
         .iter()
         .filter(|e| matches!(e.3, CampaignEvent::Elected { .. }))
         .count();
+    let slow_elected: usize = slow
+        .iter()
+        .map(|r| {
+            r.log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e["event"] == "elected")
+                .count()
+        })
+        .sum();
     println!(
-        "chaos: seed {seed}: {} actions, {elected} elections won, no violation",
+        "chaos: seed {seed}: {} actions, {elected} elections won by clients and {slow_elected} by slow readers, no violation",
         actions.len()
     );
 }

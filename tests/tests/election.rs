@@ -4,11 +4,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use elector_broker::elections::Defaults;
 use elector_client::protocol::{LockKind, LostReason, Timing};
 use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client};
 use elector_tests::harness::{TestBroker, fast_timing};
 use elector_tests::kube_api::{InjectedError, TestApiServer};
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use tokio::time::Instant;
 
 /// Every event every candidate received, on one clock.
@@ -196,6 +198,91 @@ async fn crashed_leader_is_waited_out_never_before_the_lease() {
     );
     assert!(took <= Duration::from_millis(2000 + 250 + 1500), "took {took:?}");
     drop(leader);
+}
+
+/// The lease's `renewTime` minus the local wall clock.
+async fn renew_time_offset(server: &TestApiServer) -> chrono::TimeDelta {
+    let client = server.client(server.admin()).await.unwrap();
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client, "demo");
+    let lease = leases.get("shared-job").await.unwrap();
+    let renewed = lease.spec.and_then(|s| s.renew_time).expect("renewTime").0;
+    chrono::TimeDelta::seconds(renewed.as_second() - chrono::Utc::now().timestamp())
+}
+
+/// Waits until `c` leads; returns how long that took from `since`.
+async fn leads_after(c: &Candidate, since: Instant) -> Duration {
+    let mut state = c.campaign.state();
+    tokio::time::timeout(Duration::from_secs(10), state.wait_for(|s| s.is_leader))
+        .await
+        .unwrap_or_else(|_| panic!("{} never took over", c.name))
+        .unwrap();
+    since.elapsed()
+}
+
+/// Brokers whose wall clocks are an hour apart write records that look an hour stale (or an
+/// hour fresh) to each other. Neither matters: expiry is judged on each broker's monotonic
+/// clock from when it saw the record change, so a follower neither steals a lease that is being
+/// renewed nor waits an hour for one that is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_wall_clocks_neither_steal_nor_stall() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::default();
+    let hour = chrono::TimeDelta::hours(1);
+    let skewed = |wall_clock_skew| Defaults {
+        timing: fast_timing(),
+        wall_clock_skew,
+    };
+    let lease = Duration::from_secs(2);
+    let (a, _) = TestBroker::on_server(&server, "node-a", dir.path(), skewed(-hour));
+    let pod_a = candidate(&a, "pod-a", LockKind::Lease, &journal).await;
+    settled_leader(std::slice::from_ref(&pod_a)).await;
+    let (b, _) = TestBroker::on_server(&server, "node-b", dir.path(), skewed(hour));
+    let pod_b = candidate(&b, "pod-b", LockKind::Lease, &journal).await;
+
+    // node-a's renewals look an hour old...
+    let offset = renew_time_offset(&server).await;
+    assert!(
+        offset < -hour + chrono::TimeDelta::minutes(1),
+        "renewTime is {offset} off"
+    );
+    // ...yet node-b, an hour ahead, does not take over while node-a renews.
+    tokio::time::sleep(2 * lease).await;
+    assert!(pod_a.campaign.is_leader() && !pod_b.campaign.is_leader());
+    // Once node-a is gone, node-b takes over after the lease (less at most one retry period
+    // since the last renewal it saw), not at once and not an hour later.
+    let killed = Instant::now();
+    a.kill();
+    let took = leads_after(&pod_b, killed).await;
+    assert!(
+        took >= lease - Duration::from_millis(250) && took <= lease + Duration::from_secs(2),
+        "node-b took over after {took:?}"
+    );
+
+    // Now the records are an hour ahead; node-c, an hour behind, neither steals nor stalls.
+    let offset = renew_time_offset(&server).await;
+    assert!(
+        offset > hour - chrono::TimeDelta::minutes(1),
+        "renewTime is {offset} off"
+    );
+    let (c, _) = TestBroker::on_server(&server, "node-c", dir.path(), skewed(-hour));
+    let pod_c = candidate(&c, "pod-c", LockKind::Lease, &journal).await;
+    tokio::time::sleep(2 * lease).await;
+    assert!(pod_b.campaign.is_leader() && !pod_c.campaign.is_leader());
+    let killed = Instant::now();
+    b.kill();
+    let took = leads_after(&pod_c, killed).await;
+    assert!(
+        took >= lease - Duration::from_millis(250) && took <= lease + Duration::from_secs(2),
+        "node-c took over after {took:?}"
+    );
+    let elected: Vec<_> = journal
+        .all()
+        .into_iter()
+        .filter(|(_, _, e)| matches!(e, CampaignEvent::Elected { .. }))
+        .map(|(_, who, _)| who)
+        .collect();
+    assert_eq!(elected, ["pod-a", "pod-b", "pod-c"]);
 }
 
 /// The shared oracle of the partition scenarios: node-a's `pod-a` leads, node-b's `pod-b`

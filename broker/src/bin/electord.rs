@@ -165,7 +165,10 @@ async fn main() -> anyhow::Result<()> {
             node: node.clone(),
             default_namespace: args.default_namespace.clone(),
         },
-        defaults: Defaults { timing },
+        defaults: Defaults {
+            timing,
+            ..Defaults::default()
+        },
         limits: Limits {
             max_connections: args.max_connections,
             max_connections_per_uid: args.max_connections_per_uid,
