@@ -448,6 +448,16 @@ impl ElectionTask {
     }
 
     fn deliver(&mut self) {
+        // Metrics first: whoever is told `elected` or `lost` must find them up to date.
+        let holds = self.machine.holds();
+        if holds != self.held_counted {
+            self.held_counted = holds;
+            if holds {
+                self.metrics().elections_held.inc();
+            } else {
+                self.metrics().elections_held.dec();
+            }
+        }
         for n in self.machine.take_notifications() {
             match n {
                 Notification::View(v) => {
@@ -491,15 +501,6 @@ impl ElectionTask {
                         );
                     }
                 }
-            }
-        }
-        let holds = self.machine.holds();
-        if holds != self.held_counted {
-            self.held_counted = holds;
-            if holds {
-                self.metrics().elections_held.inc();
-            } else {
-                self.metrics().elections_held.dec();
             }
         }
     }

@@ -100,7 +100,12 @@ async fn endpoints_and_metrics_through_a_failover() {
     tokio::io::AsyncWriteExt::write_all(&mut raw, b"{\"op\":\"nope\"}\n")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The error reply comes after the metric is counted.
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(&mut raw));
+    let hello = lines.next_line().await.unwrap().unwrap();
+    assert!(hello.contains("hello"), "{hello}");
+    let reply = lines.next_line().await.unwrap().unwrap();
+    assert!(reply.contains("unknown_op"), "{reply}");
     let (_, m) = http_get(hb, "/metrics").await.unwrap();
     assert_eq!(
         metric(&m, "elector_rejected_requests_total{code=\"unknown_op\"}"),

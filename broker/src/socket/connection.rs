@@ -57,10 +57,16 @@ async fn writer(
             let _ = out.shutdown().await;
             return WriterEnd::Flushed;
         }
-        let mut buf = Vec::new();
-        for e in &events {
-            buf.extend_from_slice(&e.line());
-        }
+        let buf = match events.len() {
+            1 => events[0].line(),
+            _ => {
+                let mut buf = Vec::new();
+                for e in &events {
+                    buf.extend_from_slice(&e.line());
+                }
+                buf.into()
+            }
+        };
         match tokio::time::timeout(write_timeout, out.write_all(&buf)).await {
             Ok(Ok(())) => {
                 metrics.events_sent.inc_by(events.len() as u64);
