@@ -209,14 +209,26 @@ async fn renew_time_offset(server: &TestApiServer) -> chrono::TimeDelta {
     chrono::TimeDelta::seconds(renewed.as_second() - chrono::Utc::now().timestamp())
 }
 
-/// Waits until `c` leads; returns how long that took from `since`.
-async fn leads_after(c: &Candidate, since: Instant) -> Duration {
-    let mut state = c.campaign.state();
+/// `leader` (on `broker`) keeps the lock from `follower` for two leases; once `broker` is killed,
+/// `follower` takes over after the lease (less at most one retry period since the last renewal
+/// it saw): not at once, and not an hour later. Lease 2 s, as in [`fast_timing`].
+async fn held_then_waited_out(leader: &Candidate, broker: TestBroker, follower: &Candidate) {
+    let lease = Duration::from_secs(2);
+    tokio::time::sleep(2 * lease).await;
+    assert!(leader.campaign.is_leader() && !follower.campaign.is_leader());
+    let killed = Instant::now();
+    broker.kill();
+    let mut state = follower.campaign.state();
     tokio::time::timeout(Duration::from_secs(10), state.wait_for(|s| s.is_leader))
         .await
-        .unwrap_or_else(|_| panic!("{} never took over", c.name))
+        .unwrap_or_else(|_| panic!("{} never took over", follower.name))
         .unwrap();
-    since.elapsed()
+    let took = killed.elapsed();
+    assert!(
+        took >= lease - Duration::from_millis(250) && took <= lease + Duration::from_secs(2),
+        "{} took over after {took:?}",
+        follower.name
+    );
 }
 
 /// Brokers whose wall clocks are an hour apart write records that look an hour stale (or an
@@ -233,7 +245,6 @@ async fn skewed_wall_clocks_neither_steal_nor_stall() {
         timing: fast_timing(),
         wall_clock_skew,
     };
-    let lease = Duration::from_secs(2);
     let (a, _) = TestBroker::on_server(&server, "node-a", dir.path(), skewed(-hour));
     let pod_a = candidate(&a, "pod-a", LockKind::Lease, &journal).await;
     settled_leader(std::slice::from_ref(&pod_a)).await;
@@ -246,18 +257,9 @@ async fn skewed_wall_clocks_neither_steal_nor_stall() {
         offset < -hour + chrono::TimeDelta::minutes(1),
         "renewTime is {offset} off"
     );
-    // ...yet node-b, an hour ahead, does not take over while node-a renews.
-    tokio::time::sleep(2 * lease).await;
-    assert!(pod_a.campaign.is_leader() && !pod_b.campaign.is_leader());
-    // Once node-a is gone, node-b takes over after the lease (less at most one retry period
-    // since the last renewal it saw), not at once and not an hour later.
-    let killed = Instant::now();
-    a.kill();
-    let took = leads_after(&pod_b, killed).await;
-    assert!(
-        took >= lease - Duration::from_millis(250) && took <= lease + Duration::from_secs(2),
-        "node-b took over after {took:?}"
-    );
+    // ...yet node-b, an hour ahead, does not take over while node-a renews, and does once
+    // node-a is gone.
+    held_then_waited_out(&pod_a, a, &pod_b).await;
 
     // Now the records are an hour ahead; node-c, an hour behind, neither steals nor stalls.
     let offset = renew_time_offset(&server).await;
@@ -267,15 +269,7 @@ async fn skewed_wall_clocks_neither_steal_nor_stall() {
     );
     let (c, _) = TestBroker::on_server(&server, "node-c", dir.path(), skewed(-hour));
     let pod_c = candidate(&c, "pod-c", LockKind::Lease, &journal).await;
-    tokio::time::sleep(2 * lease).await;
-    assert!(pod_b.campaign.is_leader() && !pod_c.campaign.is_leader());
-    let killed = Instant::now();
-    b.kill();
-    let took = leads_after(&pod_c, killed).await;
-    assert!(
-        took >= lease - Duration::from_millis(250) && took <= lease + Duration::from_secs(2),
-        "node-c took over after {took:?}"
-    );
+    held_then_waited_out(&pod_b, b, &pod_c).await;
     // Each was elected once, in turn (the journal may trail the state by a moment).
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
