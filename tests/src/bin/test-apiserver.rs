@@ -1,10 +1,11 @@
 //! The test Kubernetes API server as a program: `cargo run -p elector-tests --bin test-apiserver`.
-//! Prints where the admin kubeconfig is, so `kubectl` and `electord` can use it unmodified.
+//! Prints where the admin kubeconfig is, for `electord`, and an anonymous one for `kubectl`
+//! (client-go sends bearer tokens only over HTTPS; this server speaks HTTP).
 
 use std::path::PathBuf;
 
 use clap::Parser;
-use elector_tests::kube_api::{ServerOptions, TestApiServer};
+use elector_tests::kube_api::{Rule, ServerOptions, TestApiServer};
 
 /// A test Kubernetes API server (endpoints, pods, leases) for running elector without a cluster.
 #[derive(Debug, Parser)]
@@ -28,11 +29,17 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let kubeconfig = server.kubeconfig_path(server.admin());
+    // kubectl (client-go) sends no bearer token over plain HTTP: let it in as system:anonymous.
+    let anonymous = server.add_anonymous(vec![Rule::all()]);
     println!("test API server at {}", server.url());
     println!("kubeconfig: {}", kubeconfig.display());
     println!(
         "try: electord --kubeconfig {} --node-name node-a --socket /tmp/elector.sock",
         kubeconfig.display()
+    );
+    println!(
+        "and: KUBECONFIG={} kubectl get leases,endpoints -A",
+        server.kubeconfig_path(&anonymous).display()
     );
     tokio::signal::ctrl_c().await?;
     Ok(())

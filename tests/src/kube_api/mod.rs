@@ -12,7 +12,9 @@
 //! It serves plain HTTP on 127.0.0.1. Why not HTTPS: the part under test is elector's use of the
 //! API (requests, versions, watches, errors), not kube's TLS stack; plain HTTP keeps every test's
 //! set-up free of certificates and lets the request log see every byte. kube's client treats an
-//! `http://` cluster exactly like an `https://` one above the transport.
+//! `http://` cluster exactly like an `https://` one above the transport. client-go (so `kubectl`)
+//! sends bearer tokens only over HTTPS: it comes in as `system:anonymous`, which a test can allow
+//! ([`TestApiServer::add_anonymous`]; `tests/kubectl.rs`; the `test-apiserver` binary does).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -346,35 +348,55 @@ impl TestApiServer {
 
     /// Adds (or replaces) a user with a fresh token, and writes its kubeconfig.
     pub fn add_user(&self, name: &str, rules: Vec<Rule>) -> User {
-        let user = User {
+        self.register(User {
             name: name.to_string(),
             token: format!("{name}-{}", uuid::Uuid::new_v4().simple()),
             rules,
-        };
+        })
+    }
+
+    /// Lets requests without a bearer token in as `system:anonymous`, allowed `rules` (as a real
+    /// cluster's RBAC can grant `system:unauthenticated`), and writes its kubeconfig, one with no
+    /// credentials. This is how `kubectl` gets in: client-go sends bearer tokens only over
+    /// HTTPS, and this server speaks HTTP.
+    pub fn add_anonymous(&self, rules: Vec<Rule>) -> User {
+        self.register(User {
+            name: "system:anonymous".into(),
+            token: String::new(),
+            rules,
+        })
+    }
+
+    fn register(&self, user: User) -> User {
         self.shared
             .users
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(user.token.clone(), user.clone());
         if let Err(e) = std::fs::write(self.kubeconfig_path(&user), self.kubeconfig(&user)) {
-            tracing::warn!("could not write kubeconfig for {name}: {e}");
+            tracing::warn!("could not write kubeconfig for {}: {e}", user.name);
         }
         user
     }
 
-    /// A kubeconfig (YAML) that makes `kube::Client` and `kubectl` talk to this server as `user`.
+    /// A kubeconfig (YAML) that makes `kube::Client` talk to this server as `user` (and
+    /// `kubectl`, for the anonymous user: see [`TestApiServer::add_anonymous`]).
     pub fn kubeconfig(&self, user: &User) -> String {
+        let credentials = match user.token.as_str() {
+            "" => "{}".to_string(),
+            token => format!("\n    token: {token}"),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: elector-test\n  cluster:\n    server: {url}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: elector-test\n  context:\n    cluster: elector-test\n    user: {name}\n    namespace: default\ncurrent-context: elector-test\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: elector-test\n  cluster:\n    server: {url}\nusers:\n- name: {name}\n  user: {credentials}\ncontexts:\n- name: elector-test\n  context:\n    cluster: elector-test\n    user: {name}\n    namespace: default\ncurrent-context: elector-test\n",
             url = self.url(),
             name = user.name,
-            token = user.token,
         )
     }
 
     /// Where the user's kubeconfig file is.
     pub fn kubeconfig_path(&self, user: &User) -> PathBuf {
-        self.dir.join(format!("kubeconfig-{}.yaml", user.name))
+        let name = user.name.strip_prefix("system:").unwrap_or(&user.name);
+        self.dir.join(format!("kubeconfig-{name}.yaml"))
     }
 
     pub fn dir(&self) -> &Path {
