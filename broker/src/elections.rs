@@ -94,6 +94,11 @@ pub enum PartyEvent {
 /// Where a party's events go. `deliver` must not block.
 pub trait PartySink: Send + Sync + std::fmt::Debug {
     fn deliver(&self, election: &ElectionName, event: PartyEvent);
+
+    /// Where events end up (one connection): parties with the same destination are one
+    /// audience, so `is_me` is true for all of them while any of them leads (a connection
+    /// that campaigns in an election and also observes it is told the same thing twice).
+    fn destination(&self) -> usize;
 }
 
 /// Why joining an election failed.
@@ -462,12 +467,13 @@ impl ElectionTask {
             match n {
                 Notification::View(v) => {
                     let notice = Arc::new(LeaderNotice::new(self.name.clone(), v.leader.clone(), v.term));
-                    for (id, p) in &self.parties {
+                    let leader = self.destination_of(v.local_leader);
+                    for p in self.parties.values() {
                         p.sink.deliver(
                             &self.name,
                             PartyEvent::Leader {
                                 notice: notice.clone(),
-                                is_me: v.local_leader == Some(*id),
+                                is_me: leader == Some(p.sink.destination()),
                             },
                         );
                     }
@@ -503,6 +509,19 @@ impl ElectionTask {
                 }
             }
         }
+    }
+
+    /// The destination of a local leader's party.
+    fn destination_of(&self, local_leader: Option<PartyId>) -> Option<usize> {
+        self.parties.get(&local_leader?).map(|p| p.sink.destination())
+    }
+
+    /// Tells a joining party who leads now.
+    fn tell_current_leader(&self, sink: &dyn PartySink) {
+        let v = self.machine.view();
+        let notice = Arc::new(LeaderNotice::new(self.name.clone(), v.leader.clone(), v.term));
+        let is_me = self.destination_of(v.local_leader) == Some(sink.destination());
+        sink.deliver(&self.name, PartyEvent::Leader { notice, is_me });
     }
 
     fn start(&mut self, action: Action<RawObject>) -> (Option<Pending>, Option<Instant>) {
@@ -577,14 +596,7 @@ impl ElectionTask {
                 }
                 self.machine.add_candidate(party, identity.clone(), priority);
                 self.metrics().candidates.inc();
-                let v = self.machine.view();
-                sink.deliver(
-                    &self.name,
-                    PartyEvent::Leader {
-                        notice: Arc::new(LeaderNotice::new(self.name.clone(), v.leader.clone(), v.term)),
-                        is_me: v.local_leader == Some(party),
-                    },
-                );
+                self.tell_current_leader(sink.as_ref());
                 self.parties.insert(
                     party,
                     Party {
@@ -596,14 +608,7 @@ impl ElectionTask {
             }
             Command::Observe { party, sink } => {
                 self.metrics().observers.inc();
-                let v = self.machine.view();
-                sink.deliver(
-                    &self.name,
-                    PartyEvent::Leader {
-                        notice: Arc::new(LeaderNotice::new(self.name.clone(), v.leader.clone(), v.term)),
-                        is_me: false,
-                    },
-                );
+                self.tell_current_leader(sink.as_ref());
                 self.parties.insert(
                     party,
                     Party {

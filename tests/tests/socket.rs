@@ -78,6 +78,51 @@ async fn broker(limits: Limits) -> (Daemon, tempfile::TempDir, std::path::PathBu
     (d, dir, path)
 }
 
+/// `is_me` belongs to the connection: a connection that campaigns in an election and also
+/// observes it is told `is_me: true` on every `leader` event while its candidate leads, whichever
+/// membership the event comes from; another connection never is.
+#[tokio::test]
+async fn is_me_is_per_connection() {
+    let (d, _dir, path) = broker(Limits::default()).await;
+    // `me`'s events stay unread until the end, so every one of them is checked.
+    let mut me = Conn::open(&path).await;
+    me.send(json!({"op":"campaign","election":"x","identity":"me"}))
+        .await;
+    me.send(json!({"op":"observe","election":"x"})).await;
+    let mut other = Conn::open(&path).await;
+    other
+        .send(json!({"op":"campaign","election":"x","identity":"other"}))
+        .await;
+    other.until("ok").await;
+    other.send(json!({"op":"observe","election":"x"})).await;
+    // Hand over to "other", then back.
+    me.send(json!({"op":"resign","election":"x"})).await;
+    other.until("elected").await;
+    me.send(json!({"op":"campaign","election":"x","identity":"me"}))
+        .await;
+    other.send(json!({"op":"resign","election":"x"})).await;
+    while other.until("leader").await["leader"] != "me" {}
+    me.send(json!({"op":"ping","id":"end"})).await;
+    other.send(json!({"op":"ping","id":"end"})).await;
+
+    let mut leaders = Vec::new();
+    for (who, conn) in [("me", &mut me), ("other", &mut other)] {
+        loop {
+            let e = conn.next().await.unwrap();
+            if e["event"] == "pong" {
+                break;
+            }
+            if e["event"] == "leader" && !e["leader"].is_null() {
+                let leads = e["leader"] == who;
+                assert_eq!(e["is_me"], leads, "{who} was told {e}");
+                leaders.push((who, e["leader"].clone()));
+            }
+        }
+    }
+    assert!(leaders.contains(&("me", json!("me"))) && leaders.contains(&("me", json!("other"))));
+    d.shutdown().await;
+}
+
 #[tokio::test]
 async fn every_op_and_event() {
     let (d, _dir, path) = broker(Limits::default()).await;

@@ -194,6 +194,10 @@ impl PartySink for MembershipSink {
         };
         self.outbox.push(event);
     }
+
+    fn destination(&self) -> usize {
+        Arc::as_ptr(&self.outbox) as usize
+    }
 }
 
 #[cfg(test)]
