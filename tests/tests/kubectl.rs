@@ -28,6 +28,23 @@ async fn kubectl(kubeconfig: &PathBuf, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The holder of Lease `demo/job`, as `kubectl` shows it.
+async fn lease_holder(kubeconfig: &PathBuf) -> String {
+    kubectl(
+        kubeconfig,
+        &[
+            "-n",
+            "demo",
+            "get",
+            "lease",
+            "job",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_sees_elector_locks_and_a_deleted_lock_is_retaken() {
     let server = TestApiServer::start().await.unwrap();
@@ -56,20 +73,7 @@ async fn kubectl_sees_elector_locks_and_a_deleted_lock_is_retaken() {
     web.elected().await.unwrap();
 
     // What an operator sees.
-    let holder = kubectl(
-        &kc,
-        &[
-            "-n",
-            "demo",
-            "get",
-            "lease",
-            "job",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ],
-    )
-    .await;
-    assert_eq!(holder, "pod-a");
+    assert_eq!(lease_holder(&kc).await, "pod-a");
     let record = kubectl(
         &kc,
         &[
@@ -114,18 +118,5 @@ async fn kubectl_sees_elector_locks_and_a_deleted_lock_is_retaken() {
     .await
     .expect("pod-a leads again");
     assert!(again > first_term, "term {again} after {first_term}");
-    let holder = kubectl(
-        &kc,
-        &[
-            "-n",
-            "demo",
-            "get",
-            "lease",
-            "job",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ],
-    )
-    .await;
-    assert_eq!(holder, "pod-a");
+    assert_eq!(lease_holder(&kc).await, "pod-a");
 }
