@@ -125,12 +125,11 @@ impl Daemon {
         readiness: Arc<Readiness>,
     ) -> Result<Self, DaemonError> {
         let elections = Elections::new(backends, config.defaults, Some(metrics));
-        let listener = socket::bind(&config.socket)?;
+        let bound = socket::bind(&config.socket)?;
         let socket_shutdown = CancellationToken::new();
         let http_shutdown = CancellationToken::new();
         let server = SocketServer::new(
-            listener,
-            config.socket.path.clone(),
+            bound,
             elections.clone(),
             config.identity.clone(),
             config.limits.clone(),

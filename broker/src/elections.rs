@@ -26,7 +26,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::election::machine::{
-    Action, Contender, ElectionTiming, LockFailure, LockState, Notification, PartyId, WritePurpose,
+    Action, Contender, ElectionTiming, LeaderView, LockFailure, LockState, Notification, PartyId,
+    WritePurpose,
 };
 use crate::lock::hub::WatchHub;
 use crate::lock::{Backends, LockObject, RawObject};
@@ -42,6 +43,8 @@ pub struct LeaderNotice {
     pub name: ElectionName,
     pub leader: Option<String>,
     pub term: Option<u64>,
+    /// `Some(why)`: the broker cannot tell who leads.
+    pub unknown: Option<String>,
     lines: [OnceLock<Bytes>; 2],
 }
 
@@ -51,7 +54,16 @@ impl LeaderNotice {
             name,
             leader,
             term,
+            unknown: None,
             lines: Default::default(),
+        }
+    }
+
+    /// The notice of a leader view.
+    pub fn of_view(name: ElectionName, view: &LeaderView) -> Self {
+        LeaderNotice {
+            unknown: view.unknown.clone(),
+            ..LeaderNotice::new(name, view.leader.clone(), view.term)
         }
     }
 
@@ -62,6 +74,7 @@ impl LeaderNotice {
             leader: self.leader.clone(),
             term: self.term,
             is_me,
+            unknown: self.unknown.clone(),
         }
     }
 
@@ -466,7 +479,10 @@ impl ElectionTask {
         for n in self.machine.take_notifications() {
             match n {
                 Notification::View(v) => {
-                    let notice = Arc::new(LeaderNotice::new(self.name.clone(), v.leader.clone(), v.term));
+                    if let Some(why) = &v.unknown {
+                        tracing::warn!(election = %self.name, api = %self.elections.inner.backends.location, "who leads is unknown: {why}");
+                    }
+                    let notice = Arc::new(LeaderNotice::of_view(self.name.clone(), &v));
                     let leader = self.destination_of(v.local_leader);
                     for p in self.parties.values() {
                         p.sink.deliver(
@@ -516,10 +532,11 @@ impl ElectionTask {
         self.parties.get(&local_leader?).map(|p| p.sink.destination())
     }
 
-    /// Tells a joining party who leads now.
+    /// Tells a joining party who leads now, if the lock has been read (otherwise the party
+    /// hears it with everyone else once it has).
     fn tell_current_leader(&self, sink: &dyn PartySink) {
-        let v = self.machine.view();
-        let notice = Arc::new(LeaderNotice::new(self.name.clone(), v.leader.clone(), v.term));
+        let Some(v) = self.machine.view() else { return };
+        let notice = Arc::new(LeaderNotice::of_view(self.name.clone(), v));
         let is_me = self.destination_of(v.local_leader) == Some(sink.destination());
         sink.deliver(&self.name, PartyEvent::Leader { notice, is_me });
     }
@@ -534,9 +551,9 @@ impl ElectionTask {
             Action::Read => {
                 let fut = backend.get(&ns, &name);
                 let pending = async move {
-                    let r = tokio::time::timeout(limit, fut)
-                        .await
-                        .unwrap_or(Err(LockFailure::Transient { retry_after: None }));
+                    let r = tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+                        Err(LockFailure::transient(format!("no answer within {limit:?}")))
+                    });
                     PendingResult::Read(r)
                 }
                 .boxed();
@@ -552,9 +569,9 @@ impl ElectionTask {
                     None => backend.create(&ns, &name, &w.record),
                 };
                 let pending = async move {
-                    let r = tokio::time::timeout(limit, fut)
-                        .await
-                        .unwrap_or(Err(LockFailure::Transient { retry_after: None }));
+                    let r = tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+                        Err(LockFailure::transient(format!("no answer within {limit:?}")))
+                    });
                     PendingResult::Write(started, r)
                 }
                 .boxed();
@@ -656,7 +673,8 @@ impl ElectionTask {
     }
 
     fn info(&self) -> ElectionInfo {
-        let view = self.machine.view();
+        let unknown = LeaderView::default();
+        let view = self.machine.view().unwrap_or(&unknown);
         let timing = self.machine.timing();
         let mut candidates: Vec<CandidateInfo> = self
             .parties
@@ -727,7 +745,7 @@ impl ElectionTask {
             if pending.is_some() {
                 // While a request is in flight, still wake at the renew deadline: the leader is
                 // told `lost` then, not when the request finally fails.
-                wait_until = self.machine.renew_deadline_at();
+                wait_until = self.machine.wake_while_in_flight();
             }
             if pending.is_none() && self.try_exit() {
                 break;

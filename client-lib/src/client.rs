@@ -85,15 +85,20 @@ pub struct LeadershipState {
     pub leader: Option<String>,
     pub term: Option<u64>,
     pub is_leader: bool,
+    /// `Some(why)`: the broker cannot tell who leads (it cannot read the lock); `leader` is
+    /// then `None`, meaning "unknown", not "nobody".
+    pub unknown: Option<String>,
 }
 
 /// A typed event of one campaign or observation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CampaignEvent {
-    /// Who leads now (`None`: nobody holds a live lease).
+    /// Who leads now (`None`: nobody holds a live lease, unless `unknown` says why the broker
+    /// cannot tell).
     Leader {
         leader: Option<String>,
         term: Option<u64>,
+        unknown: Option<String>,
     },
     /// This process leads, in `term` (a fencing token that only grows).
     Elected { term: u64 },
@@ -574,10 +579,12 @@ fn dispatch(
                     s.connected = true;
                     s.leader = l.leader.clone();
                     s.term = l.term;
+                    s.unknown = l.unknown.clone();
                 });
                 let _ = reg.events.send(CampaignEvent::Leader {
                     leader: l.leader.clone(),
                     term: l.term,
+                    unknown: l.unknown.clone(),
                 });
             }
         }
@@ -588,6 +595,7 @@ fn dispatch(
                     s.is_leader = true;
                     s.leader = Some(e.identity.clone());
                     s.term = Some(e.term);
+                    s.unknown = None;
                 });
                 let _ = reg.events.send(CampaignEvent::Elected { term: e.term });
             }

@@ -314,6 +314,10 @@ pub struct LeaderEvent {
     pub term: Option<u64>,
     /// True only on the connection whose candidate is the leader.
     pub is_me: bool,
+    /// Present when the broker cannot tell who leads (it cannot read the lock): why. `leader`
+    /// is then `null` and means "unknown", not "nobody"; `term` is the highest term seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<String>,
 }
 
 /// `{"event":"elected", ...}`: this connection's candidate now leads, in `term`.
@@ -580,8 +584,13 @@ mod tests {
             leader: Some("pod-a".into()),
             term: Some(3),
             is_me: false,
+            unknown: None,
         });
         let line = ev.to_line();
+        assert!(
+            !std::str::from_utf8(&line).unwrap().contains("unknown"),
+            "absent unless unknown"
+        );
         let text = std::str::from_utf8(&line).unwrap();
         assert!(text.ends_with('\n'));
         assert!(

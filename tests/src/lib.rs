@@ -3,6 +3,31 @@
 
 pub mod harness;
 pub mod kube_api;
+pub mod raw;
+
+pub use raw::RawClient;
+
+/// The path of a binary of this workspace (`electord`, `elector-shim`, an example...), as
+/// `cargo nextest run --workspace` builds them next to the test executables. When a test runs
+/// without them (e.g. `-p elector-tests` alone), the binary is built first.
+pub fn workspace_bin(package: &str, name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test executable in target/<profile>/deps");
+    let bin = dir.join(name);
+    if !bin.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", package, "--bin", name])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building {name}");
+    }
+    bin
+}
 
 /// A minimal HTTP/1.0 GET (tests only; 1.0 so no server answers chunked): returns the status code and body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {

@@ -442,3 +442,68 @@ async fn socket_path_is_replaced_only_if_it_is_a_socket() {
     let _c = Conn::open(&path).await;
     d.shutdown().await;
 }
+
+/// A second broker on a live broker's path refuses to start, with a clear error; the first
+/// keeps serving its clients and its socket file (issue: two leaders of one election).
+#[tokio::test]
+async fn a_second_broker_refuses_a_live_socket() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("elector.sock");
+    let first = Daemon::start_standalone(DaemonConfig::for_socket(&path, "n"))
+        .await
+        .unwrap();
+    let mut leader = Conn::open(&path).await;
+    leader
+        .send(json!({"op":"campaign","id":1,"election":"x","identity":"first"}))
+        .await;
+    leader.until("elected").await;
+    let inode = std::fs::metadata(&path).unwrap().ino();
+
+    // In-process: a typed error.
+    let err = Daemon::start_standalone(DaemonConfig::for_socket(&path, "n"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("another electord"), "{err}");
+
+    // As users run it: the process exits non-zero and says why.
+    let out = tokio::process::Command::new(elector_tests::workspace_bin("elector-broker", "electord"))
+        .args(["--standalone", "--http-addr", "127.0.0.1:0", "--socket"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another electord is serving"), "{stderr}");
+
+    // The first broker still owns the path and serves: nobody else can be elected in x.
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode, "the file stays");
+    let mut second = Conn::open(&path).await;
+    second
+        .send(json!({"op":"campaign","id":2,"election":"x","identity":"second"}))
+        .await;
+    let seen = second.until("leader").await;
+    assert_eq!(seen["leader"], "first");
+    leader.ping_ok().await;
+    first.shutdown().await;
+    assert!(!path.exists(), "removed on a clean exit");
+}
+
+/// A broker removes its socket file on exit only if the file is still its own.
+#[tokio::test]
+async fn a_broker_never_removes_a_successors_socket_file() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("elector.sock");
+    let first = Daemon::start_standalone(DaemonConfig::for_socket(&path, "n"))
+        .await
+        .unwrap();
+    // Something else put its own socket at the path meanwhile.
+    let other = dir.path().join("other.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&other).unwrap();
+    std::fs::rename(&other, &path).unwrap();
+    let theirs = std::fs::metadata(&path).unwrap().ino();
+    first.shutdown().await;
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), theirs, "left in place");
+}

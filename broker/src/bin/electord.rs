@@ -112,7 +112,8 @@ fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
-async fn kube_client(kubeconfig: Option<PathBuf>) -> anyhow::Result<kube::Client> {
+/// A kube client, and the API server's URL (named in logs and in `unknown` leader views).
+async fn kube_client(kubeconfig: Option<PathBuf>) -> anyhow::Result<(kube::Client, String)> {
     let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(&path)
@@ -126,7 +127,8 @@ async fn kube_client(kubeconfig: Option<PathBuf>) -> anyhow::Result<kube::Client
     // Our election logic does its own back-off (and honours Retry-After) within its deadlines;
     // hidden retries would only blur them.
     config.default_retry = false;
-    Ok(kube::Client::try_from(config)?)
+    let url = config.cluster_url.to_string();
+    Ok((kube::Client::try_from(config)?, url))
 }
 
 #[tokio::main]
@@ -199,7 +201,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!("standalone mode: locks live in this process's memory; this is not for clusters");
         (Backends::memory(), Arc::new(Readiness::standalone()))
     } else {
-        let client = kube_client(args.kubeconfig.clone()).await?;
+        let (client, api_url) = kube_client(args.kubeconfig.clone()).await?;
         let readiness = Arc::new(Readiness::kubernetes(Duration::from_secs(30)));
         // /readyz needs to know the API answers even when no election is busy.
         let probe_client = client.clone();
@@ -221,7 +223,10 @@ async fn main() -> anyhow::Result<()> {
                 secs(args.attest_wait, "--attest-wait")?,
             )));
         }
-        (Backends::kubernetes(client, Some(metrics.clone())), readiness)
+        (
+            Backends::kubernetes(client, Some(metrics.clone())).at(api_url),
+            readiness,
+        )
     };
 
     let daemon = Daemon::start(config, backends, metrics, readiness).await?;

@@ -124,12 +124,19 @@ pub enum LockState<Raw> {
 }
 
 /// Who leads, as shown to local parties.
+///
+/// A view is only ever built from what the broker read from the lock: none exists before the
+/// first read or watch sync. When the lock cannot be read, the view says so (`unknown`) instead
+/// of guessing.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LeaderView {
     pub leader: Option<String>,
     pub term: Option<u64>,
     /// The local party that leads, if any.
     pub local_leader: Option<PartyId>,
+    /// `Some(why)`: the broker cannot tell who leads (the lock could not be read); `leader` is
+    /// then `None` and `term` the highest the broker has seen.
+    pub unknown: Option<String>,
 }
 
 /// What local parties are told.
@@ -186,8 +193,26 @@ pub enum LockFailure {
     /// The object is gone (404 on replace).
     NotFound,
     /// Anything else: server errors, throttling (with the server's `Retry-After`), timeouts.
-    Transient { retry_after: Option<Duration> },
+    Transient {
+        retry_after: Option<Duration>,
+        /// What went wrong, for people (logs, and the `unknown` of a leader view).
+        cause: String,
+    },
 }
+
+impl LockFailure {
+    /// A transient failure without a `Retry-After`.
+    pub fn transient(cause: impl Into<String>) -> Self {
+        LockFailure::Transient {
+            retry_after: None,
+            cause: cause.into(),
+        }
+    }
+}
+
+/// Consecutive failed requests after which a known view turns `unknown`: one failure is a
+/// blip, three in a row (at least two retry periods) mean the lock cannot be read.
+const FAILURES_BEFORE_UNKNOWN: u32 = 3;
 
 #[derive(Debug, Clone)]
 struct Candidate {
@@ -226,8 +251,13 @@ pub struct Contender<Raw> {
     in_flight_purpose: Option<(WritePurpose, Option<PartyId>)>,
     not_before: Option<Instant>,
     failures: u32,
+    /// Why the last request failed, while failures go on.
+    last_failure: Option<String>,
+    /// When the request in flight was sent.
+    in_flight_since: Option<Instant>,
     shutting_down: bool,
-    view: LeaderView,
+    /// `None` until the lock was first read (or could not be): nothing is claimed before.
+    view: Option<LeaderView>,
     notifications: Vec<Notification>,
 }
 
@@ -246,8 +276,10 @@ impl<Raw: Clone> Contender<Raw> {
             in_flight_purpose: None,
             not_before: None,
             failures: 0,
+            last_failure: None,
+            in_flight_since: None,
             shutting_down: false,
-            view: LeaderView::default(),
+            view: None,
             notifications: Vec::new(),
         }
     }
@@ -262,9 +294,9 @@ impl<Raw: Clone> Contender<Raw> {
         self.timing = timing;
     }
 
-    /// The current leader view.
-    pub fn view(&self) -> &LeaderView {
-        &self.view
+    /// The current leader view: `None` until the lock was first read (or a first read failed).
+    pub fn view(&self) -> Option<&LeaderView> {
+        self.view.as_ref()
     }
 
     /// Whether the broker holds the lock (for a local party or mid-handover).
@@ -364,6 +396,10 @@ impl<Raw: Clone> Contender<Raw> {
     /// The lock as seen by a watch. A watch's "missing" can be stale (a list taken before our
     /// own create); while holding, it is verified with a read before anything is concluded.
     pub fn observe(&mut self, now: Instant, state: LockState<Raw>) {
+        if !matches!(state, LockState::Unknown) {
+            // The lock can be read (by the watch), whatever requests do.
+            self.last_failure = None;
+        }
         if matches!(state, LockState::Missing) && self.held.is_some() {
             self.need_read = true;
             return;
@@ -415,11 +451,12 @@ impl<Raw: Clone> Contender<Raw> {
     /// The result of the read asked for by [`Action::Read`].
     pub fn read_done(&mut self, now: Instant, result: Result<LockState<Raw>, LockFailure>) {
         self.in_flight = false;
+        self.in_flight_since = None;
         self.in_flight_purpose = None;
         match result {
             Ok(state) => {
                 self.need_read = false;
-                self.failures = 0;
+                self.succeeded();
                 self.apply(now, state);
             }
             Err(f) => self.backoff(now, f),
@@ -429,13 +466,14 @@ impl<Raw: Clone> Contender<Raw> {
     /// The result of the write asked for by [`Action::Write`], sent at `started`.
     pub fn write_done(&mut self, now: Instant, started: Instant, result: Result<Observed<Raw>, LockFailure>) {
         self.in_flight = false;
+        self.in_flight_since = None;
         let (purpose, party) = self
             .in_flight_purpose
             .take()
             .unwrap_or((WritePurpose::Renew, None));
         match result {
             Ok(obs) => {
-                self.failures = 0;
+                self.succeeded();
                 self.not_before = None;
                 let record = obs.record.clone().unwrap_or_else(|| LeaderRecord {
                     holder_identity: String::new(),
@@ -492,8 +530,17 @@ impl<Raw: Clone> Contender<Raw> {
         }
     }
 
+    /// A request reached the API server and got an answer that is not a failure.
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.last_failure = None;
+    }
+
     fn backoff(&mut self, now: Instant, failure: LockFailure) {
         self.failures = self.failures.saturating_add(1);
+        if let LockFailure::Transient { cause, .. } = &failure {
+            self.last_failure = Some(cause.clone());
+        }
         let base = self
             .timing
             .retry_period
@@ -503,6 +550,7 @@ impl<Raw: Clone> Contender<Raw> {
         let wait = match failure {
             LockFailure::Transient {
                 retry_after: Some(after),
+                ..
             } => after.max(base.min(self.timing.retry_period)),
             _ => base.min(self.timing.retry_period),
         };
@@ -554,7 +602,65 @@ impl<Raw: Clone> Contender<Raw> {
         }
     }
 
+    /// Why the broker cannot tell who leads, if it cannot: the lock was never read and the
+    /// first read failed or has gone unanswered for a retry period, or requests have kept
+    /// failing. Never while holding: a holder knows it leads until its renew deadline.
+    fn unknown_because(&self, now: Instant) -> Option<String> {
+        if self.held.is_some() {
+            return None;
+        }
+        let never_read = matches!(self.lock, LockState::Unknown);
+        if let Some(cause) = &self.last_failure
+            && (never_read || self.failures >= FAILURES_BEFORE_UNKNOWN)
+        {
+            return Some(format!("the lock cannot be read: {cause}"));
+        }
+        match self.first_read_patience() {
+            Some(at) if now >= at => Some(format!(
+                "the lock cannot be read: the Kubernetes API has not answered within {:?}",
+                self.timing.retry_period
+            )),
+            _ => None,
+        }
+    }
+
+    /// While the very first read is in flight: when to stop waiting quietly and tell parties
+    /// that who leads is unknown.
+    fn first_read_patience(&self) -> Option<Instant> {
+        match (&self.lock, self.in_flight_since) {
+            (LockState::Unknown, Some(since)) if self.in_flight => Some(since + self.timing.retry_period),
+            _ => None,
+        }
+    }
+
+    /// While a request is in flight, when the driver must wake anyway: at the renew deadline
+    /// (the leader is told `lost` then, not when the request finally fails), and when a first
+    /// read has gone unanswered long enough to say so.
+    pub fn wake_while_in_flight(&self) -> Option<Instant> {
+        match (self.renew_deadline_at(), self.first_read_patience()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     fn update_view(&mut self, now: Instant) {
+        if let Some(why) = self.unknown_because(now) {
+            let view = LeaderView {
+                leader: None,
+                term: self.highest_term,
+                local_leader: None,
+                unknown: Some(why),
+            };
+            if self.view.as_ref() != Some(&view) {
+                self.view = Some(view.clone());
+                self.notifications.push(Notification::View(view));
+            }
+            return;
+        }
+        if matches!(self.lock, LockState::Unknown) {
+            // Nothing read yet: claim nothing.
+            return;
+        }
         let (leader, term) = match &self.held {
             Some(h) => (h.party.map(|_| h.identity.clone()), Some(h.term)),
             None => match &self.lock {
@@ -577,9 +683,10 @@ impl<Raw: Clone> Contender<Raw> {
             leader,
             term,
             local_leader: self.held.as_ref().and_then(|h| h.party),
+            unknown: None,
         };
-        if view != self.view {
-            self.view = view.clone();
+        if self.view.as_ref() != Some(&view) {
+            self.view = Some(view.clone());
             self.notifications.push(Notification::View(view));
         }
     }
@@ -590,6 +697,7 @@ impl<Raw: Clone> Contender<Raw> {
         self.update_view(now);
         if matches!(action, Action::Write(_) | Action::Read) {
             self.in_flight = true;
+            self.in_flight_since = Some(now);
         }
         action
     }
@@ -783,14 +891,25 @@ mod tests {
         );
         let t0 = Instant::now();
         c.write_done(Instant::now(), t0, Ok(written(&w, 1)));
-        assert!(matches!(
-            c.take_notifications()[0],
-            Notification::Elected {
-                party: 1,
-                term: 0,
-                ..
-            }
-        ));
+        let n = c.take_notifications();
+        assert!(
+            matches!(
+                &n[..],
+                [
+                    Notification::View(LeaderView {
+                        leader: None,
+                        unknown: None,
+                        ..
+                    }),
+                    Notification::Elected {
+                        party: 1,
+                        term: 0,
+                        ..
+                    }
+                ]
+            ),
+            "nobody led when the lock was read, then the candidate was elected: {n:?}"
+        );
         assert_eq!(
             c.poll(Instant::now(), wall()),
             Action::Wait(Some(t0 + Duration::from_secs(2)))
@@ -814,7 +933,7 @@ mod tests {
             c.poll(Instant::now(), wall()),
             Action::Wait(Some(seen + Duration::from_secs(15)))
         );
-        assert_eq!(c.view().leader.as_deref(), Some("other"));
+        assert_eq!(c.view().unwrap().leader.as_deref(), Some("other"));
         tokio::time::advance(Duration::from_secs(10)).await;
         // A renewal by the holder pushes expiry out again.
         c.observe(Instant::now(), obs("other", 6, 3));
@@ -942,7 +1061,7 @@ mod tests {
         c.add_candidate(4, "d".into(), 9);
         let _ = c.poll(Instant::now(), wall());
         assert_eq!(
-            c.view().leader.as_deref(),
+            c.view().unwrap().leader.as_deref(),
             Some("c"),
             "a higher priority never preempts a live leader"
         );
@@ -1025,6 +1144,61 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn nothing_is_claimed_before_the_lock_is_read() {
+        let mut c = C::new(timing());
+        c.add_candidate(1, "a".into(), 0);
+        assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
+        assert_eq!(c.view(), None);
+        assert!(c.take_notifications().is_empty(), "no view before the read");
+        c.read_done(Instant::now(), Ok(obs("b", 5, 2)));
+        let _ = c.poll(Instant::now(), wall());
+        assert_eq!(c.view().unwrap().leader.as_deref(), Some("b"));
+        assert!(matches!(
+            &c.take_notifications()[..],
+            [Notification::View(LeaderView { leader: Some(l), term: Some(2), .. })] if l == "b"
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreadable_lock_is_unknown_not_free() {
+        // The first read fails: parties are told why, not that nobody leads.
+        let mut c = C::new(timing());
+        c.add_candidate(1, "a".into(), 0);
+        let _ = c.poll(Instant::now(), wall());
+        c.read_done(Instant::now(), Err(LockFailure::transient("connection refused")));
+        let _ = c.poll(Instant::now(), wall());
+        let v = c.view().unwrap();
+        assert_eq!(v.leader, None);
+        assert!(
+            v.unknown.as_deref().unwrap().contains("connection refused"),
+            "{v:?}"
+        );
+        // Once it can be read, the view is real.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
+        c.read_done(Instant::now(), Ok(obs("b", 5, 2)));
+        let _ = c.poll(Instant::now(), wall());
+        assert_eq!(c.view().unwrap().unknown, None);
+        assert_eq!(c.view().unwrap().leader.as_deref(), Some("b"));
+
+        // A first read that hangs: unknown after a retry period, while it is still in flight.
+        let mut c = C::new(timing());
+        assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
+        let patience = Instant::now() + Duration::from_secs(2);
+        assert_eq!(c.wake_while_in_flight(), Some(patience));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let _ = c.poll(Instant::now(), wall());
+        assert!(
+            c.view()
+                .unwrap()
+                .unknown
+                .as_deref()
+                .unwrap()
+                .contains("not answered")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn backoff_honours_retry_after() {
         let mut c = C::new(timing());
         c.add_candidate(1, "a".into(), 0);
@@ -1033,6 +1207,7 @@ mod tests {
             Instant::now(),
             Err(LockFailure::Transient {
                 retry_after: Some(Duration::from_secs(7)),
+                cause: "429".into(),
             }),
         );
         assert_eq!(

@@ -163,6 +163,7 @@ pub fn classify(err: &kube::Error) -> LockFailure {
             409 => LockFailure::Conflict,
             404 => LockFailure::NotFound,
             _ => LockFailure::Transient {
+                cause: format!("{} {}: {}", status.code, status.reason, status.message),
                 retry_after: status
                     .details
                     .as_ref()
@@ -171,8 +172,24 @@ pub fn classify(err: &kube::Error) -> LockFailure {
                     .map(|s| Duration::from_secs(u64::from(s))),
             },
         },
-        _ => LockFailure::Transient { retry_after: None },
+        other => LockFailure::transient(error_chain(other)),
     }
+}
+
+/// An error with its sources ("client error (Connect): tcp connect error: Connection refused"):
+/// kube's own message alone often hides the cause.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 fn status_label(r: &Result<impl Sized, kube::Error>) -> String {
@@ -315,7 +332,7 @@ impl<K: LockResource> LockBackend for KubeLock<K> {
                     }
                     Ok(watcher::Event::Delete(o)) => Some(WatchEvent::Deleted(o.meta().name.clone().unwrap_or_default())),
                     Err(e) => {
-                        tracing::warn!(namespace = %ns, kind = K::PLURAL, error = %e, "watch failed; re-establishing");
+                        tracing::warn!(namespace = %ns, kind = K::PLURAL, error = %error_chain(&e), "watch failed; re-establishing");
                         if let Some(m) = &metrics {
                             m.watch_restarts.inc();
                         }

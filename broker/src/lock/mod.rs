@@ -81,6 +81,8 @@ pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
 pub struct Backends {
     pub endpoints: Arc<dyn LockBackend>,
     pub lease: Arc<dyn LockBackend>,
+    /// Where the locks live, for people: the API server's URL, or "memory".
+    pub location: Arc<str>,
 }
 
 impl Backends {
@@ -96,6 +98,7 @@ impl Backends {
         Backends {
             endpoints: Arc::new(memory::MemoryLock::new(LockKind::Endpoints)),
             lease: Arc::new(memory::MemoryLock::new(LockKind::Lease)),
+            location: "memory".into(),
         }
     }
 
@@ -109,6 +112,13 @@ impl Backends {
             lease: Arc::new(kube::KubeLock::<k8s_openapi::api::coordination::v1::Lease>::new(
                 client, metrics,
             )),
+            location: "the Kubernetes API".into(),
         }
+    }
+
+    /// Names where the locks live (the API server's URL) in logs and `unknown` views.
+    pub fn at(mut self, location: impl Into<Arc<str>>) -> Self {
+        self.location = location.into();
+        self
     }
 }

@@ -101,6 +101,8 @@ struct Conn {
     /// Campaigns and observations: a few per connection (at most
     /// `max_elections_per_connection`), so a list, grown one at a time, is smallest.
     memberships: Vec<Membership>,
+    /// The sink of a membership just added, opened once its `ok` is queued.
+    gated: Option<Arc<MembershipSink>>,
 }
 
 fn err(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> RequestError {
@@ -249,6 +251,7 @@ impl Conn {
             .await;
         match joined {
             Ok(()) => {
+                self.gated = Some(sink.clone());
                 self.add(Membership {
                     name: name.clone(),
                     party,
@@ -321,6 +324,7 @@ impl Conn {
             let party = self.shared.elections.new_party();
             let sink = Arc::new(MembershipSink::new(self.outbox.clone()));
             self.shared.elections.observe(&name, party, sink.clone());
+            self.gated = Some(sink.clone());
             self.add(Membership {
                 name: name.clone(),
                 party,
@@ -418,6 +422,26 @@ impl Conn {
         self.memberships.push(m);
     }
 
+    /// Ends every campaign of this connection at once (as closing it does), keeping its
+    /// observations.
+    fn resign_campaigns(&mut self) {
+        let elections = &self.shared.elections;
+        self.memberships.retain(|m| {
+            if m.identity.is_some() {
+                elections.leave_nowait(&m.name, m.party, LostReason::Resigned, false);
+            }
+            m.identity.is_none()
+        });
+    }
+
+    /// Waits until every observation has been told who leads (or that it is unknown).
+    fn observations_told(&self) -> impl Future<Output = ()> + use<> {
+        let sinks: Vec<_> = self.memberships.iter().map(|m| m.sink.clone()).collect();
+        async move {
+            futures::future::join_all(sinks.iter().map(|s| s.told_leader())).await;
+        }
+    }
+
     fn leave_all(&mut self) {
         for m in self.memberships.drain(..) {
             self.shared
@@ -489,16 +513,22 @@ pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<Serv
         outbox: outbox.clone(),
         shared: shared.clone(),
         memberships: Vec::new(),
+        gated: None,
     };
     let mut deadline = Instant::now() + limits.first_request_timeout;
     let mut seen_request = false;
     let mut consecutive_errors = 0u32;
     let mut writer_done = None;
+    let mut half_closed = false;
     loop {
         tokio::select! {
             frame = frames.next() => {
                 let result = match frame {
-                    None | Some(Err(_)) => break,
+                    None => {
+                        half_closed = true;
+                        break;
+                    }
+                    Some(Err(_)) => break,
                     Some(Ok(Frame::TooLong)) => Err(err(None, ErrorCode::LineTooLong, format!(
                         "line longer than {MAX_LINE_BYTES} bytes: discarded"
                     ))),
@@ -516,6 +546,9 @@ pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<Serv
                     Ok(reply) => {
                         consecutive_errors = 0;
                         outbox.push(reply);
+                        if let Some(sink) = conn.gated.take() {
+                            sink.open();
+                        }
                     }
                     Err(e) => {
                         metrics.rejected(e.code.as_str());
@@ -551,6 +584,18 @@ pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<Serv
                 break;
             }
             _ = shared.shutdown.cancelled() => break,
+        }
+    }
+    if half_closed && writer_done.is_none() {
+        // The client shut down its sending side (`nc -U` does at the end of its input): it asks
+        // nothing more. Its campaigns end at once, but each observation first gets the answer
+        // it asked for, its first `leader` event, so a one-shot "who leads?" works. Bounded:
+        // parties are told within a retry period, if only that who leads is unknown.
+        conn.resign_campaigns();
+        tokio::select! {
+            _ = tokio::time::timeout(limits.first_request_timeout, conn.observations_told()) => {}
+            end = &mut writer_task => writer_done = Some(end.unwrap_or(WriterEnd::Broken)),
+            _ = shared.shutdown.cancelled() => {}
         }
     }
     // Resign everything at once: that is how a crashed app hands over in milliseconds.

@@ -2,8 +2,13 @@
 //! domain socket (protocol v1, see `PROTOCOL.md` and [`elector_client::protocol`]).
 //!
 //! Guarantees:
+//! - one broker per socket path: a broker owns its path by holding an exclusive `flock` on
+//!   `<path>.lock` for as long as it runs, and refuses to start while another broker holds it
+//!   or answers on the path ([`SocketError::InUse`]). A stale socket file with nothing behind
+//!   it (a crashed broker's) is replaced;
 //! - the socket appears atomically (bound under a temporary name, then renamed); an existing
-//!   path is replaced only if it is a socket; it is removed on clean exit;
+//!   path is replaced only if it is a socket; on clean exit it is removed only if it is still
+//!   the file this broker bound (same inode), never a successor's;
 //! - bad input gets an `error` event with a stable code and never harms the connection (unless
 //!   it keeps coming), other connections, or the broker;
 //! - a connection closing resigns all of its campaigns at once;
@@ -82,6 +87,10 @@ pub struct BrokerIdentity {
 pub enum SocketError {
     #[error("{path}: exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    #[error(
+        "{path}: another electord is serving this socket ({how}); refusing to take it over, which would cut its clients off. Stop that broker first"
+    )]
+    InUse { path: PathBuf, how: &'static str },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -97,9 +106,78 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SocketError + '_ {
     }
 }
 
-/// Binds the socket atomically: a temporary name in the same directory, permissions set, then
-/// renamed over `path` (only if `path` is missing or a socket).
-pub fn bind(opts: &SocketOptions) -> Result<UnixListener, SocketError> {
+/// A bound socket, owned: the listener, and the claim on its path.
+#[derive(Debug)]
+pub struct BoundSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// (device, inode) of the socket file this broker bound.
+    file: (u64, u64),
+    /// Held for the broker's lifetime: the path's ownership.
+    _owner: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl BoundSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the socket file if it is still the one this broker bound.
+    fn remove_if_mine(&self) {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.file => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => {
+                tracing::info!(path = %self.path.display(), "the socket path now belongs to another broker: leaving it")
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The lock file that says who owns a socket path.
+pub fn owner_lock_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// Takes ownership of `path`, or says who has it.
+fn claim(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, SocketError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let lock_path = owner_lock_path(path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    let owner = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(owner) => owner,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            return Err(SocketError::InUse {
+                path: path.to_path_buf(),
+                how: "it holds the path's lock file",
+            });
+        }
+        Err((_, e)) => return Err(io_err(&lock_path)(e.into())),
+    };
+    // A broker that predates lock files, or one whose lock file was removed: it answers.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(SocketError::InUse {
+            path: path.to_path_buf(),
+            how: "it accepts connections",
+        });
+    }
+    Ok(owner)
+}
+
+/// Claims `path` and binds the socket atomically: a temporary name in the same directory,
+/// permissions set, then renamed over `path` (only if `path` is missing or a dead socket).
+pub fn bind(opts: &SocketOptions) -> Result<BoundSocket, SocketError> {
+    use std::os::unix::fs::MetadataExt;
     let path = &opts.path;
     let dir = path
         .parent()
@@ -110,6 +188,7 @@ pub fn bind(opts: &SocketOptions) -> Result<UnixListener, SocketError> {
         Ok(m) if !m.file_type().is_socket() => return Err(SocketError::NotASocket { path: path.clone() }),
         _ => {}
     }
+    let owner = claim(path)?;
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -122,8 +201,14 @@ pub fn bind(opts: &SocketOptions) -> Result<UnixListener, SocketError> {
         nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(gid)))
             .map_err(|e| io_err(&tmp)(std::io::Error::from(e)))?;
     }
+    let bound = std::fs::symlink_metadata(&tmp).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(listener)
+    Ok(BoundSocket {
+        listener,
+        path: path.clone(),
+        file: (bound.dev(), bound.ino()),
+        _owner: owner,
+    })
 }
 
 /// Shared state of the server's connections.
@@ -142,16 +227,14 @@ pub(crate) struct ServerShared {
 /// The socket server.
 #[derive(Debug)]
 pub struct SocketServer {
-    listener: UnixListener,
-    path: PathBuf,
+    socket: BoundSocket,
     shared: Arc<ServerShared>,
     tracker: TaskTracker,
 }
 
 impl SocketServer {
     pub fn new(
-        listener: UnixListener,
-        path: PathBuf,
+        socket: BoundSocket,
         elections: Elections,
         identity: BrokerIdentity,
         limits: Limits,
@@ -159,8 +242,7 @@ impl SocketServer {
         attestor: Option<Arc<Attestor>>,
     ) -> Self {
         SocketServer {
-            listener,
-            path,
+            socket,
             shared: Arc::new(ServerShared {
                 elections,
                 limits,
@@ -180,7 +262,7 @@ impl SocketServer {
         loop {
             tokio::select! {
                 _ = self.shared.shutdown.cancelled() => break,
-                accepted = self.listener.accept() => match accepted {
+                accepted = self.socket.listener.accept() => match accepted {
                     Ok((stream, _)) => self.accept(stream),
                     Err(e) => {
                         tracing::warn!("accept failed: {e}");
@@ -190,10 +272,13 @@ impl SocketServer {
                 },
             }
         }
-        drop(self.listener);
-        let _ = std::fs::remove_file(&self.path);
+        self.socket.remove_if_mine();
+        let socket = self.socket;
+        drop(socket.listener);
         self.tracker.close();
         self.tracker.wait().await;
+        // The claim on the path goes last, with the connections.
+        drop(socket._owner);
     }
 
     fn accept(&self, stream: UnixStream) {

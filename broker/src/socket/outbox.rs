@@ -89,7 +89,7 @@ impl Outbox {
         self.enqueue(Outgoing::Leader { notice, is_me });
     }
 
-    fn enqueue(&self, item: Outgoing) {
+    pub(crate) fn enqueue(&self, item: Outgoing) {
         let mut s = self.lock();
         if s.closed || s.overflowed {
             self.metrics.events_dropped.inc();
@@ -150,49 +150,100 @@ impl Outbox {
 /// The [`PartySink`] of one campaign or observation of a connection: turns its election events
 /// into protocol events on the connection's outbox, and keeps the latest leader view it was
 /// told (for `status`).
+///
+/// A sink starts *gated*: events the election delivers before the connection has queued its
+/// reply to the request (`ok`) are held, so a client always reads `ok` before the events of
+/// what it asked for. [`MembershipSink::open`] releases them.
 #[derive(Debug)]
 pub struct MembershipSink {
     outbox: Arc<Outbox>,
-    view: Mutex<Option<(Arc<LeaderNotice>, bool)>>,
+    state: Mutex<SinkState>,
+    /// Woken when a leader view arrives.
+    told: Notify,
+}
+
+#[derive(Debug)]
+struct SinkState {
+    view: Option<(Arc<LeaderNotice>, bool)>,
+    /// `Some` while gated: what arrived before the reply.
+    held: Option<Vec<Outgoing>>,
 }
 
 impl MembershipSink {
     pub fn new(outbox: Arc<Outbox>) -> Self {
         MembershipSink {
             outbox,
-            view: Mutex::new(None),
+            state: Mutex::new(SinkState {
+                view: None,
+                held: Some(Vec::new()),
+            }),
+            told: Notify::new(),
         }
+    }
+
+    /// Waits until this party has been told who leads (or that it is unknown).
+    pub async fn told_leader(&self) {
+        loop {
+            let told = self.told.notified();
+            if self.lock().view.is_some() {
+                return;
+            }
+            told.await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The latest leader view this party was told.
     pub fn view(&self) -> Option<LeaderEvent> {
-        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        view.as_ref().map(|(notice, is_me)| notice.event(*is_me))
+        let s = self.lock();
+        s.view.as_ref().map(|(notice, is_me)| notice.event(*is_me))
+    }
+
+    /// Ends the gate: call once the reply to the request has been queued. Events held until
+    /// now follow it, in order.
+    pub fn open(&self) {
+        let mut s = self.lock();
+        for item in s.held.take().unwrap_or_default() {
+            self.outbox.enqueue(item);
+        }
     }
 }
 
 impl PartySink for MembershipSink {
     fn deliver(&self, election: &ElectionName, event: PartyEvent) {
         let name = election.clone();
-        let event = match event {
+        let mut s = self.lock();
+        let item = match event {
             PartyEvent::Leader { notice, is_me } => {
-                *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some((notice.clone(), is_me));
-                self.outbox.push_leader(notice, is_me);
-                return;
+                s.view = Some((notice.clone(), is_me));
+                Outgoing::Leader { notice, is_me }
             }
-            PartyEvent::Elected { identity, term } => Event::Elected(ElectedEvent { name, identity, term }),
+            PartyEvent::Elected { identity, term } => {
+                Outgoing::Event(Event::Elected(ElectedEvent { name, identity, term }))
+            }
             PartyEvent::Lost {
                 identity,
                 term,
                 reason,
-            } => Event::Lost(LostEvent {
+            } => Outgoing::Event(Event::Lost(LostEvent {
                 name,
                 identity,
                 term,
                 reason,
-            }),
+            })),
         };
-        self.outbox.push(event);
+        let is_view = matches!(item, Outgoing::Leader { .. });
+        match &mut s.held {
+            Some(held) => held.push(item),
+            None => self.outbox.enqueue(item),
+        }
+        drop(s);
+        if is_view {
+            self.told.notify_waiters();
+        }
     }
 
     fn destination(&self) -> usize {
@@ -253,6 +304,7 @@ mod tests {
     fn a_membership_remembers_its_latest_view() {
         let o = Arc::new(Outbox::new(4, Arc::new(Metrics::new())));
         let sink = MembershipSink::new(o.clone());
+        sink.open();
         assert_eq!(sink.view(), None);
         let n = notice("a", "p1");
         sink.deliver(
@@ -264,5 +316,34 @@ mod tests {
         );
         assert_eq!(sink.view(), Some(n.event(true)));
         assert_eq!(lines(o.drain().unwrap()), [Event::Leader(n.event(true))]);
+    }
+
+    #[test]
+    fn a_gated_membership_holds_its_events_until_the_reply_is_queued() {
+        let o = Arc::new(Outbox::new(8, Arc::new(Metrics::new())));
+        let sink = MembershipSink::new(o.clone());
+        let n = notice("a", "p1");
+        sink.deliver(
+            &n.name.clone(),
+            PartyEvent::Elected {
+                identity: "p1".into(),
+                term: 1,
+            },
+        );
+        sink.deliver(
+            &n.name.clone(),
+            PartyEvent::Leader {
+                notice: n.clone(),
+                is_me: true,
+            },
+        );
+        assert!(o.drain().unwrap().is_empty(), "held while gated");
+        o.push(Event::Pong(Pong::default()));
+        sink.open();
+        let events = lines(o.drain().unwrap());
+        assert!(matches!(
+            &events[..],
+            [Event::Pong(_), Event::Elected(_), Event::Leader(_)]
+        ));
     }
 }

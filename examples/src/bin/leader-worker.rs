@@ -31,7 +31,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(async move {
         while let Some(e) = events.next().await {
             match e {
-                CampaignEvent::Leader { leader, term } => {
+                CampaignEvent::Leader {
+                    unknown: Some(why), ..
+                } => println!("leader unknown ({why})"),
+                CampaignEvent::Leader { leader, term, .. } => {
                     println!(
                         "leader {} term {}",
                         leader.as_deref().unwrap_or("-"),
