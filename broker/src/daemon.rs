@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::elections::{Defaults, Elections};
 use crate::lock::Backends;
 use crate::metrics::Metrics;
+use crate::registry::{Defaults, Elections, ShutdownMode};
 use crate::socket::{self, BrokerIdentity, Limits, SocketOptions, SocketServer};
 
 /// What `/readyz` checks.
@@ -65,6 +65,8 @@ pub struct DaemonConfig {
     pub http_addr: Option<SocketAddr>,
     /// How long shutdown may take to release held locks.
     pub shutdown_grace: Duration,
+    /// Release held locks on shutdown, or hand them off to a successor broker.
+    pub on_shutdown: ShutdownMode,
     /// `Some`: attest every caller (`--attest=kubernetes`).
     pub attestor: Option<Arc<crate::attest::Attestor>>,
 }
@@ -86,6 +88,7 @@ impl DaemonConfig {
             limits: Limits::default(),
             http_addr: None,
             shutdown_grace: Duration::from_secs(5),
+            on_shutdown: ShutdownMode::Release,
             attestor: None,
         }
     }
@@ -114,6 +117,7 @@ pub struct Daemon {
     http_task: Option<tokio::task::JoinHandle<()>>,
     http_addr: Option<SocketAddr>,
     grace: Duration,
+    on_shutdown: ShutdownMode,
 }
 
 impl Daemon {
@@ -167,6 +171,7 @@ impl Daemon {
             http_task,
             http_addr,
             grace: config.shutdown_grace,
+            on_shutdown: config.on_shutdown,
         })
     }
 
@@ -191,11 +196,13 @@ impl Daemon {
         self.http_addr
     }
 
-    /// Clean shutdown: every local leader is told `lost` (`broker_shutdown`) and every held
-    /// lock is released, so other nodes take over at once; then connections are flushed and
-    /// closed and the socket file is removed.
+    /// Clean shutdown, as `on_shutdown` says. `release`: every local leader is told `lost`
+    /// (`broker_shutdown`) and every held lock is released, so other nodes take over at once.
+    /// `handoff`: every local leader is told `jeopardy` with its guarantee and nothing is
+    /// written, so a successor broker resumes the leaderships. Then connections are flushed and
+    /// closed and the socket file is removed (if still this broker's).
     pub async fn shutdown(self) {
-        self.elections.shutdown(self.grace).await;
+        self.elections.shutdown(self.grace, self.on_shutdown).await;
         self.socket_shutdown.cancel();
         let _ = tokio::time::timeout(self.grace, self.socket_task).await;
         self.http_shutdown.cancel();

@@ -12,7 +12,7 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::Readiness;
-use crate::elections::Elections;
+use crate::registry::Elections;
 
 #[derive(Debug, Clone)]
 struct AppState {

@@ -3,7 +3,7 @@
 //! Layout:
 //! - [`election`]: the lock record format and the I/O-free election state machine;
 //! - [`lock`]: lock backends (Endpoints, Lease, memory) and the per-namespace watch hub;
-//! - [`elections`]: one task per election, joining the two;
+//! - [`registry`]: one task per election, joining the two;
 //! - [`socket`]: the Unix-socket protocol server applications talk to;
 //! - [`http`]: health, readiness, metrics and `/elections`;
 //! - [`shim`]: `elector-shim`, the drop-in for the 2016 leader-elector sidecar.
@@ -11,10 +11,10 @@
 pub mod attest;
 pub mod daemon;
 pub mod election;
-pub mod elections;
 pub mod http;
 pub mod lock;
 pub mod metrics;
+pub mod registry;
 pub mod shim;
 pub mod socket;
 

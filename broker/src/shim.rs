@@ -192,7 +192,7 @@ mod tests {
             leader: Some("me".into()),
             term: Some(1),
             is_leader: false,
-            unknown: None,
+            ..LeadershipState::default()
         };
         assert_eq!(view_of("me", &s).name, "");
         assert_eq!(view_of("other", &s).name, "me");

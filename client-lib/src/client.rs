@@ -21,8 +21,12 @@ use crate::protocol::{
 /// What can go wrong talking to the broker.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    #[error("cannot reach the broker at {path}: {message}")]
-    Connect { path: PathBuf, message: String },
+    #[error("cannot reach the broker at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
     #[error("the broker refused: {code}: {message}")]
     Broker { code: ErrorCode, message: String },
     #[error("the connection to the broker was lost")]
@@ -88,6 +92,14 @@ pub struct LeadershipState {
     /// `Some(why)`: the broker cannot tell who leads (it cannot read the lock); `leader` is
     /// then `None`, meaning "unknown", not "nobody".
     pub unknown: Option<String>,
+    /// Leading without a broker (protocol 1.1): the broker went away, and `is_leader` stays
+    /// true until `valid_until` at most, while the client reconnects and asks the (new) broker
+    /// to confirm the leadership (`Safe`), or is told `Lost` (`broker_unavailable`) at
+    /// `valid_until`.
+    pub jeopardy: bool,
+    /// Until when this leader may act without hearing more from the broker (protocol 1.1,
+    /// when this process shares the broker's monotonic clock).
+    pub valid_until: Option<tokio::time::Instant>,
 }
 
 /// A typed event of one campaign or observation.
@@ -104,6 +116,14 @@ pub enum CampaignEvent {
     Elected { term: u64 },
     /// This process no longer leads.
     Lost { term: u64, reason: LostReason },
+    /// The broker went away while this process led: it goes on leading until `valid_until` at
+    /// most, unless a broker confirms it first ([`CampaignEvent::Safe`]).
+    Jeopardy {
+        term: u64,
+        valid_until: tokio::time::Instant,
+    },
+    /// A broker confirmed the leadership after a jeopardy: same term, new guarantee.
+    Safe { term: u64 },
 }
 
 /// (namespace, election, role): one connection may both campaign in and observe an election.
@@ -119,6 +139,83 @@ struct Registration {
     request: Request,
     state: watch::Sender<LeadershipState>,
     events: mpsc::UnboundedSender<CampaignEvent>,
+}
+
+impl Registration {
+    /// Takes a leader into jeopardy (its broker went away) if it has a guarantee left on a
+    /// shared clock, else it has lost.
+    fn broker_gone(&self, now: tokio::time::Instant, lost: LostReason) {
+        let was = self.state.borrow().clone();
+        if !was.is_leader {
+            self.state.send_modify(|s| {
+                *s = LeadershipState::default();
+            });
+            return;
+        }
+        let term = was.term.unwrap_or(0);
+        match was.valid_until.filter(|v| *v > now) {
+            Some(valid_until) => {
+                self.state.send_modify(|s| {
+                    s.connected = false;
+                    s.jeopardy = true;
+                });
+                if !was.jeopardy {
+                    let _ = self.events.send(CampaignEvent::Jeopardy { term, valid_until });
+                }
+            }
+            None => {
+                self.state.send_replace(LeadershipState::default());
+                let _ = self.events.send(CampaignEvent::Lost { term, reason: lost });
+            }
+        }
+    }
+
+    /// Ends a jeopardy whose guarantee ran out.
+    fn expire(&self, now: tokio::time::Instant) {
+        let s = self.state.borrow().clone();
+        if s.jeopardy && s.valid_until.is_none_or(|v| v <= now) {
+            let connected = s.connected;
+            self.state.send_replace(LeadershipState {
+                connected,
+                ..LeadershipState::default()
+            });
+            let _ = self.events.send(CampaignEvent::Lost {
+                term: s.term.unwrap_or(0),
+                reason: LostReason::BrokerUnavailable,
+            });
+        }
+    }
+
+    /// What to send to a (new) broker: a leader in jeopardy resumes, everyone else registers
+    /// again.
+    fn request_for_new_broker(&self) -> Request {
+        let s = self.state.borrow();
+        match (&self.request, s.jeopardy, s.term, s.valid_until) {
+            (Request::Campaign(c), true, Some(term), Some(valid_until)) => Request::Resume(CampaignRequest {
+                term: Some(term),
+                valid_until: Some(crate::clock::to_monotonic_ns(valid_until)),
+                ..c.clone()
+            }),
+            (r, ..) => r.clone(),
+        }
+    }
+}
+
+/// The earliest end of a jeopardy.
+fn next_expiry(regs: &HashMap<Key, Registration>) -> Option<tokio::time::Instant> {
+    regs.values()
+        .filter_map(|r| {
+            let s = r.state.borrow();
+            s.jeopardy.then_some(s.valid_until).flatten()
+        })
+        .min()
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => futures::future::pending().await,
+    }
 }
 
 enum Cmd {
@@ -158,19 +255,22 @@ type Lines = FramedRead<tokio::net::unix::OwnedReadHalf, LineCodec>;
 type Writer = FramedWrite<tokio::net::unix::OwnedWriteHalf, LinesCodec>;
 
 async fn dial(path: &Path) -> Result<(Lines, Writer, Hello), Error> {
-    let connect_err = |m: String| Error::Connect {
+    let connect_err = |source: std::io::Error| Error::Connect {
         path: path.to_path_buf(),
-        message: m,
+        source: Arc::new(source),
     };
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|e| connect_err(e.to_string()))?;
+    let stream = UnixStream::connect(path).await.map_err(connect_err)?;
     let (r, w) = stream.into_split();
     let mut lines = FramedRead::new(r, LineCodec::new(MAX_LINE_BYTES));
     let writer = FramedWrite::new(w, LinesCodec::new());
     let first = tokio::time::timeout(Duration::from_secs(10), lines.next())
         .await
-        .map_err(|_| connect_err("no greeting within 10s".into()))?;
+        .map_err(|_| {
+            connect_err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no greeting within 10s",
+            ))
+        })?;
     match first {
         Some(Ok(Frame::Line(l))) => match protocol::parse_event(&l) {
             Ok(Event::Hello(h)) => Ok((lines, writer, h)),
@@ -180,8 +280,17 @@ async fn dial(path: &Path) -> Result<(Lines, Writer, Hello), Error> {
             }),
             other => Err(Error::Protocol(format!("expected a greeting, got {other:?}"))),
         },
-        _ => Err(connect_err("closed before the greeting".into())),
+        _ => Err(connect_err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before the greeting",
+        ))),
     }
+}
+
+/// Whether the broker's guarantees can be held to on this process's clock: it stated its
+/// `CLOCK_MONOTONIC` in the greeting (protocol 1.1) and that reads like ours.
+fn shares_clock(hello: &Hello) -> bool {
+    hello.monotonic_now.is_some_and(crate::clock::is_shared)
 }
 
 impl Client {
@@ -250,6 +359,8 @@ impl Client {
             lock: Some(options.lock),
             timing: options.timing,
             priority: Some(options.priority),
+            term: None,
+            valid_until: None,
         });
         let reg = self
             .register((namespace, options.election.clone(), Role::Campaign), request)
@@ -444,7 +555,7 @@ fn with_id(request: &Request, id: u64) -> Request {
     let mut r = request.clone();
     let id = Some(Value::from(id));
     match &mut r {
-        Request::Campaign(c) => c.id = id,
+        Request::Campaign(c) | Request::Resume(c) => c.id = id,
         Request::Resign(e) | Request::Observe(e) | Request::Unobserve(e) => e.id = id,
         Request::Status(b) | Request::Ping(b) => b.id = id,
     }
@@ -463,10 +574,13 @@ async fn manage(
     let mut regs: HashMap<Key, Registration> = HashMap::new();
     let mut next_id: u64 = 1;
     let mut backoff = Duration::from_millis(50);
+    let mut shared_clock = hello.borrow().as_ref().is_some_and(shares_clock);
+    // Resumes sent to a new broker, by request id: one it refuses is sent as a campaign.
+    let mut resumes: HashMap<u64, Key> = HashMap::new();
     loop {
         // Serve one connection until it breaks.
         let mut pending: HashMap<u64, oneshot::Sender<Result<(), Error>>> = HashMap::new();
-        let broken = loop {
+        loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 cmd = commands.recv() => {
@@ -489,62 +603,82 @@ async fn manage(
                         pending.insert(id, reply);
                     }
                     if writer.send(line).await.is_err() {
-                        break true;
+                        break;
                     }
                 }
                 frame = lines.next() => {
                     let line = match frame {
                         Some(Ok(Frame::Line(l))) => l,
                         Some(Ok(Frame::TooLong)) => continue,
-                        _ => break true,
+                        _ => break,
                     };
                     let Ok(event) = protocol::parse_event(&line) else { continue };
-                    dispatch(event, &mut regs, &mut pending);
+                    if let Event::Error(e) = &event
+                        && let Some(key) = e.id.as_ref().and_then(Value::as_u64).and_then(|id| resumes.remove(&id))
+                        && let Some(reg) = regs.get(&key)
+                    {
+                        // A broker that cannot resume (protocol 1.0: `unknown_op`): campaign.
+                        tracing::info!(code = %e.code, "the broker did not resume a leadership: campaigning");
+                        let line = serde_json::to_string(&with_id(&reg.request, next_id)).unwrap_or_default();
+                        next_id += 1;
+                        if writer.send(line).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    dispatch(event, &mut regs, &mut pending, shared_clock);
+                }
+                _ = sleep_until_opt(next_expiry(&regs)) => {
+                    let now = tokio::time::Instant::now();
+                    regs.values().for_each(|r| r.expire(now));
                 }
             }
-        };
-        debug_assert!(broken);
-        // Disconnected: nobody here leads any more.
+        }
+        // Disconnected: leaders with a guarantee left go on in jeopardy; nobody else leads.
         hello.send_replace(None);
+        resumes.clear();
         for (_, reply) in pending.drain() {
             let _ = reply.send(Err(Error::Disconnected));
         }
+        let now = tokio::time::Instant::now();
         for reg in regs.values() {
-            let was = reg.state.borrow().clone();
-            if was.is_leader {
-                let _ = reg.events.send(CampaignEvent::Lost {
-                    term: was.term.unwrap_or(0),
-                    reason: LostReason::Disconnected,
-                });
-            }
-            reg.state.send_replace(LeadershipState::default());
+            reg.broker_gone(now, LostReason::Disconnected);
         }
-        // Reconnect with back-off, then campaign and observe again.
+        // Reconnect with back-off (ending jeopardies that run out meanwhile), then resume,
+        // campaign and observe again.
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
+                _ = sleep_until_opt(next_expiry(&regs)) => {
+                    let now = tokio::time::Instant::now();
+                    regs.values().for_each(|r| r.expire(now));
+                    continue;
+                }
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
             if let Ok((l, w, h)) = dial(&path).await {
                 lines = l;
                 writer = w;
+                shared_clock = shares_clock(&h);
                 hello.send_replace(Some(h));
                 backoff = Duration::from_millis(50);
                 break;
             }
         }
-        let mut ok = true;
-        for reg in regs.values() {
+        for (key, reg) in regs.iter() {
             reg.state.send_modify(|s| s.connected = true);
-            let line = serde_json::to_string(&with_id(&reg.request, next_id)).unwrap_or_default();
+            let request = reg.request_for_new_broker();
+            if matches!(request, Request::Resume(_)) {
+                resumes.insert(next_id, key.clone());
+            }
+            let line = serde_json::to_string(&with_id(&request, next_id)).unwrap_or_default();
             next_id += 1;
             if writer.send(line).await.is_err() {
-                ok = false;
+                // Broken again: the serving loop notices at its first read.
                 break;
             }
         }
-        let _ = ok;
     }
 }
 
@@ -552,7 +686,13 @@ fn dispatch(
     event: Event,
     regs: &mut HashMap<Key, Registration>,
     pending: &mut HashMap<u64, oneshot::Sender<Result<(), Error>>>,
+    shared_clock: bool,
 ) {
+    let guarantee = |ns: Option<u64>| ns.filter(|_| shared_clock).map(crate::clock::from_monotonic_ns);
+    let campaign = |regs: &HashMap<Key, Registration>, name: &protocol::ElectionName| {
+        regs.get(&(name.namespace.clone(), name.election.clone(), Role::Campaign))
+            .map(|r| (r.state.clone(), r.events.clone()))
+    };
     let reply_id = |id: &Option<Value>| id.as_ref().and_then(Value::as_u64);
     match event {
         Event::Ok(ok) => {
@@ -593,21 +733,64 @@ fn dispatch(
             {
                 reg.state.send_modify(|s| {
                     s.is_leader = true;
+                    s.jeopardy = false;
                     s.leader = Some(e.identity.clone());
                     s.term = Some(e.term);
                     s.unknown = None;
+                    s.valid_until = guarantee(e.valid_until);
                 });
                 let _ = reg.events.send(CampaignEvent::Elected { term: e.term });
+            }
+        }
+        Event::Renewed(g) => {
+            if let Some((state, _)) = campaign(regs, &g.name) {
+                state.send_modify(|s| {
+                    if s.is_leader && s.term == Some(g.term) {
+                        s.valid_until = guarantee(Some(g.valid_until));
+                    }
+                });
+            }
+        }
+        Event::Safe(g) => {
+            if let Some((state, events)) = campaign(regs, &g.name) {
+                let was = state.borrow().clone();
+                if was.jeopardy && was.term == Some(g.term) {
+                    state.send_modify(|s| {
+                        s.jeopardy = false;
+                        s.connected = true;
+                        s.valid_until = guarantee(Some(g.valid_until));
+                    });
+                    let _ = events.send(CampaignEvent::Safe { term: g.term });
+                }
+            }
+        }
+        Event::Jeopardy(g) => {
+            // The broker hands off without releasing: hold on to the guarantee it states.
+            if let Some(reg) = regs.get(&(g.name.namespace.clone(), g.name.election.clone(), Role::Campaign))
+            {
+                reg.state.send_modify(|s| {
+                    if s.is_leader && s.term == Some(g.term) {
+                        s.valid_until = guarantee(Some(g.valid_until));
+                    }
+                });
+                reg.broker_gone(tokio::time::Instant::now(), LostReason::BrokerShutdown);
             }
         }
         Event::Lost(l) => {
             if let Some(reg) = regs.get(&(l.name.namespace.clone(), l.name.election.clone(), Role::Campaign))
             {
-                reg.state.send_modify(|s| s.is_leader = false);
-                let _ = reg.events.send(CampaignEvent::Lost {
-                    term: l.term,
-                    reason: l.reason,
+                let was = reg.state.borrow().clone();
+                reg.state.send_modify(|s| {
+                    s.is_leader = false;
+                    s.jeopardy = false;
+                    s.valid_until = None;
                 });
+                if was.is_leader {
+                    let _ = reg.events.send(CampaignEvent::Lost {
+                        term: l.term,
+                        reason: l.reason,
+                    });
+                }
             }
         }
         Event::Hello(_) | Event::Status(_) | Event::Pong(_) => {}

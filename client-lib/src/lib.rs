@@ -27,6 +27,7 @@
 //! languages in `PROTOCOL.md`.
 
 mod client;
+pub mod clock;
 pub mod codec;
 pub mod protocol;
 

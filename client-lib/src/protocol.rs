@@ -23,6 +23,11 @@ use std::fmt;
 /// The protocol version the broker announces in its greeting.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The protocol's minor version (greeting field `protocol_minor`): 1 adds leaders' guarantees
+/// (`valid_until`, `renewed`), `jeopardy`, `resume` and `safe`. Every addition is a new field
+/// or event that a 1.0 client ignores.
+pub const PROTOCOL_MINOR: u32 = 1;
+
 /// The longest line (request or event) either side accepts, in bytes, without the newline.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
@@ -113,6 +118,13 @@ pub struct CampaignRequest {
     /// next handover (ties: first come). Never preempts a live leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
+    /// `resume` only: the term this candidate led in through a broker that went away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
+    /// `resume` only: the candidate's guarantee (`CLOCK_MONOTONIC` ns) it acts on until
+    /// confirmed; a confirmation that would come later is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until: Option<u64>,
 }
 
 /// `{"op":"status"}` and `{"op":"ping"}` take only an id.
@@ -128,6 +140,8 @@ pub struct BareRequest {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Campaign(CampaignRequest),
+    /// A campaign that first claims to go on leading in `term` (protocol 1.1).
+    Resume(CampaignRequest),
     Resign(ElectionRef),
     Observe(ElectionRef),
     Unobserve(ElectionRef),
@@ -140,6 +154,7 @@ impl Request {
     pub fn op(&self) -> &'static str {
         match self {
             Request::Campaign(_) => "campaign",
+            Request::Resume(_) => "resume",
             Request::Resign(_) => "resign",
             Request::Observe(_) => "observe",
             Request::Unobserve(_) => "unobserve",
@@ -151,7 +166,7 @@ impl Request {
     /// The request's id, if the client gave one.
     pub fn id(&self) -> Option<&RequestId> {
         match self {
-            Request::Campaign(r) => r.id.as_ref(),
+            Request::Campaign(r) | Request::Resume(r) => r.id.as_ref(),
             Request::Resign(r) | Request::Observe(r) | Request::Unobserve(r) => r.id.as_ref(),
             Request::Status(r) | Request::Ping(r) => r.id.as_ref(),
         }
@@ -159,7 +174,15 @@ impl Request {
 }
 
 /// Every `op` the broker knows.
-pub const KNOWN_OPS: &[&str] = &["campaign", "resign", "observe", "unobserve", "status", "ping"];
+pub const KNOWN_OPS: &[&str] = &[
+    "campaign",
+    "resume",
+    "resign",
+    "observe",
+    "unobserve",
+    "status",
+    "ping",
+];
 
 /// Why a candidate stopped leading (or never will).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -173,6 +196,9 @@ pub enum LostReason {
     Preempted,
     /// The broker is shutting down and released the lock.
     BrokerShutdown,
+    /// Client side only: the broker went away while this candidate led, and no broker confirmed
+    /// the leadership before its guarantee (`valid_until`) ran out.
+    BrokerUnavailable,
     /// Client side only: the connection to the broker broke.
     Disconnected,
 }
@@ -184,6 +210,7 @@ impl LostReason {
             LostReason::RenewFailed => "renew_failed",
             LostReason::Preempted => "preempted",
             LostReason::BrokerShutdown => "broker_shutdown",
+            LostReason::BrokerUnavailable => "broker_unavailable",
             LostReason::Disconnected => "disconnected",
         }
     }
@@ -286,6 +313,13 @@ pub struct Hello {
     pub default_namespace: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller: Option<Caller>,
+    /// Protocol 1.1: the minor version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_minor: Option<u32>,
+    /// Protocol 1.1: the broker's `CLOCK_MONOTONIC` when it greeted, in nanoseconds, so a client
+    /// can check it shares the clock that `valid_until` is stated on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monotonic_now: Option<u64>,
 }
 
 /// Identifies the election an event is about.
@@ -327,6 +361,22 @@ pub struct ElectedEvent {
     pub name: ElectionName,
     pub identity: String,
     pub term: u64,
+    /// Protocol 1.1: until when (`CLOCK_MONOTONIC` ns) the leader may act without hearing more;
+    /// always before any other node can take over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until: Option<u64>,
+}
+
+/// `renewed`, `safe` and `jeopardy` (protocol 1.1): the leader's guarantee, `valid_until`
+/// (`CLOCK_MONOTONIC` ns), after a renewal, after a resumed leadership was confirmed, and when
+/// the broker goes away without releasing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuaranteeEvent {
+    #[serde(flatten)]
+    pub name: ElectionName,
+    pub identity: String,
+    pub term: u64,
+    pub valid_until: u64,
 }
 
 /// `{"event":"lost", ...}`: this connection's candidate no longer leads (sent before anyone else
@@ -398,6 +448,9 @@ pub enum Event {
     Hello(Hello),
     Leader(LeaderEvent),
     Elected(ElectedEvent),
+    Renewed(GuaranteeEvent),
+    Safe(GuaranteeEvent),
+    Jeopardy(GuaranteeEvent),
     Lost(LostEvent),
     Ok(OkReply),
     Error(ErrorEvent),

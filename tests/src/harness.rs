@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
-use elector_broker::election::machine::ElectionTiming;
-use elector_broker::elections::Defaults;
+use elector_broker::election::ElectionTiming;
 use elector_broker::lock::Backends;
 use elector_broker::metrics::Metrics;
+use elector_broker::registry::Defaults;
 
 use crate::kube_api::{TestApiServer, User};
 

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use elector_broker::elections::Defaults;
+use elector_broker::registry::Defaults;
 use elector_client::protocol::{LockKind, Timing};
 use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client};
 use elector_tests::harness::{TestBroker, fast_timing};
@@ -290,7 +290,8 @@ fn oracle(journal: &Journal) -> Vec<String> {
                 h.push(who);
             }
             CampaignEvent::Lost { .. } => h.retain(|x| x != &who),
-            CampaignEvent::Leader { .. } => {}
+            // In jeopardy a leader goes on leading until its guarantee ends (then `Lost`).
+            CampaignEvent::Leader { .. } | CampaignEvent::Jeopardy { .. } | CampaignEvent::Safe { .. } => {}
         }
     }
     problems

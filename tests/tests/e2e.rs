@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use elector_broker::election::machine::ElectionTiming;
+use elector_broker::election::ElectionTiming;
 use elector_client::protocol::{LockKind, Timing};
 use elector_client::{CampaignOptions, Client};
 use elector_tests::harness::{Backend, TestBroker};

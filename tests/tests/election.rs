@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use elector_broker::elections::Defaults;
+use elector_broker::registry::Defaults;
 use elector_client::protocol::{LockKind, LostReason, Timing};
 use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client};
 use elector_tests::harness::{TestBroker, fast_timing};

@@ -9,10 +9,11 @@ use anyhow::Context;
 use clap::Parser;
 use elector_broker::attest::{Attestor, PodCache};
 use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
-use elector_broker::election::machine::ElectionTiming;
-use elector_broker::elections::Defaults;
+use elector_broker::election::ElectionTiming;
 use elector_broker::lock::Backends;
 use elector_broker::metrics::Metrics;
+use elector_broker::registry::Defaults;
+use elector_broker::registry::ShutdownMode;
 use elector_broker::socket::{BrokerIdentity, Limits, SocketOptions};
 
 /// Leader election for every pod of a Kubernetes node, done once per node.
@@ -66,6 +67,12 @@ struct Args {
     /// How long shutdown may take to release held locks.
     #[arg(long, env = "ELECTOR_SHUTDOWN_GRACE", default_value_t = 5.0)]
     shutdown_grace: f64,
+
+    /// On SIGTERM: `release` tells local leaders `lost` and releases their locks (a node going
+    /// away for good); `handoff` tells them `jeopardy` and releases nothing, so the next broker
+    /// on this node resumes their leaderships (restarts, upgrades: the DaemonSet's choice).
+    #[arg(long, env = "ELECTOR_ON_SHUTDOWN", value_enum, default_value_t = ShutdownMode::Release)]
+    on_shutdown: ShutdownMode,
 
     /// Maximum client connections.
     #[arg(long, env = "ELECTOR_MAX_CONNECTIONS", default_value_t = 4096)]
@@ -178,6 +185,7 @@ async fn main() -> anyhow::Result<()> {
         },
         http_addr,
         shutdown_grace: secs(args.shutdown_grace, "--shutdown-grace")?,
+        on_shutdown: args.on_shutdown,
         attestor: None,
     };
     let attest = args.attest.unwrap_or(if args.standalone {

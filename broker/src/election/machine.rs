@@ -1,126 +1,37 @@
-//! The election state machine of one election on one broker: pure logic, no I/O, driven by
-//! explicit instants so it runs under a virtual clock.
+//! The election state machine of one election on one broker: [`Contender`]. Pure logic, no
+//! I/O, driven by explicit instants so it runs under a virtual clock (the safety argument is in
+//! the [module docs of `election`](super)).
 //!
-//! The driver feeds it what it learns (lock observations, write results, candidates joining and
-//! leaving) and asks [`Contender::poll`] what to do next: write the lock, read it, or wait until
-//! an instant. Notifications for local parties (`elected`, `lost`, leader changes) queue up in
-//! the machine and are drained with [`Contender::take_notifications`].
+//! The driver feeds it what it learns (lock observations, read and write results, parties
+//! joining and leaving) and asks [`Contender::poll`] what to do next: write the lock, read it,
+//! or wait until an instant. What local parties must be told queues up as [`Notification`]s,
+//! drained with [`Contender::take_notifications`].
 //!
-//! # Why there are never two leaders
-//! - A foreign holder is live until `seen_at + leaseDurationSeconds`, where `seen_at` is when
-//!   this broker last saw the record (or its version) change, on the local monotonic clock.
-//! - The local leader is told `lost` as soon as `last_renew_start + renew_deadline` passes
-//!   without a successful renewal, where `last_renew_start` is when the last successful write
-//!   was *sent*. Any other broker saw that write change the record no earlier than it was sent,
-//!   so it cannot take over before `last_renew_start + lease_duration`, which is later than
-//!   our deadline because `lease_duration > renew_deadline` is enforced.
-//! - Every acquisition is a compare-and-swap on the version last seen: of two contenders only
-//!   one write can succeed.
-//! - Seeing the record change to another holder, or the object deleted, ends local leadership
-//!   at once.
+//! The machine is always in one [`Phase`]: ready to decide, needing a read first, or waiting
+//! for the one request it has in flight. Each input moves it from one phase to the next.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::lock_state::{LockFailure, LockState, Observed};
 use super::record::LeaderRecord;
-use elector_client::protocol::LostReason;
-
-/// Election timing. Invariant (checked by [`ElectionTiming::new`]):
-/// `lease_duration > renew_deadline > 1.2 × retry_period`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ElectionTiming {
-    pub lease_duration: Duration,
-    pub renew_deadline: Duration,
-    pub retry_period: Duration,
-}
-
-/// Why a timing was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TimingError {
-    #[error("lease_duration must be a whole number of seconds from 1 to 86400, got {0:?}")]
-    LeaseDuration(Duration),
-    #[error("renew_deadline ({renew_deadline:?}) must be shorter than lease_duration ({lease_duration:?})")]
-    RenewDeadlineTooLong {
-        renew_deadline: Duration,
-        lease_duration: Duration,
-    },
-    #[error("renew_deadline ({renew_deadline:?}) must be longer than 1.2 × retry_period ({retry_period:?})")]
-    RetryPeriodTooLong {
-        renew_deadline: Duration,
-        retry_period: Duration,
-    },
-    #[error("retry_period must be at least 10ms, got {0:?}")]
-    RetryPeriodTooShort(Duration),
-}
-
-impl ElectionTiming {
-    pub fn new(
-        lease_duration: Duration,
-        renew_deadline: Duration,
-        retry_period: Duration,
-    ) -> Result<Self, TimingError> {
-        if lease_duration.subsec_nanos() != 0
-            || lease_duration.as_secs() == 0
-            || lease_duration.as_secs() > 86_400
-        {
-            return Err(TimingError::LeaseDuration(lease_duration));
-        }
-        if renew_deadline >= lease_duration {
-            return Err(TimingError::RenewDeadlineTooLong {
-                renew_deadline,
-                lease_duration,
-            });
-        }
-        if retry_period < Duration::from_millis(10) {
-            return Err(TimingError::RetryPeriodTooShort(retry_period));
-        }
-        if renew_deadline.as_secs_f64() <= 1.2 * retry_period.as_secs_f64() {
-            return Err(TimingError::RetryPeriodTooLong {
-                renew_deadline,
-                retry_period,
-            });
-        }
-        Ok(ElectionTiming {
-            lease_duration,
-            renew_deadline,
-            retry_period,
-        })
-    }
-}
-
-impl Default for ElectionTiming {
-    /// client-go's customary 15 s / 10 s / 2 s.
-    fn default() -> Self {
-        ElectionTiming {
-            lease_duration: Duration::from_secs(15),
-            renew_deadline: Duration::from_secs(10),
-            retry_period: Duration::from_secs(2),
-        }
-    }
-}
+use super::timing::ElectionTiming;
 
 /// A local party's handle, unique within the broker.
 pub type PartyId = u64;
 
-/// A lock object as last read: its record (if it has a parseable one) and version.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Observed<Raw> {
-    pub record: Option<LeaderRecord>,
-    /// The object's `resourceVersion`: the compare-and-swap token.
-    pub version: String,
-    /// The whole object, so a replace keeps everything else it carries.
-    pub raw: Raw,
-}
-
-/// What the lock looks like to the broker.
-#[derive(Debug, Clone, PartialEq)]
-pub enum LockState<Raw> {
-    /// Not read yet.
-    Unknown,
-    /// The object does not exist.
-    Missing,
-    Present(Observed<Raw>),
+/// Why a local leader stopped leading (the machine's reasons; the wire has a few more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StepDown {
+    /// The party resigned (or its connection closed).
+    Resigned,
+    /// No renewal succeeded within the renew deadline.
+    RenewFailed,
+    /// Someone else wrote the lock, or deleted it; or a resumed claim no longer matched it.
+    Preempted,
+    /// The broker is shutting down and releases the lock.
+    BrokerShutdown,
 }
 
 /// Who leads, as shown to local parties.
@@ -142,16 +53,39 @@ pub struct LeaderView {
 /// What local parties are told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notification {
+    /// The party leads from now until `valid_until` unless told more (a renewal extends it).
     Elected {
         party: PartyId,
         identity: String,
         term: u64,
+        valid_until: Instant,
+    },
+    /// A resumed claim was confirmed: the party goes on leading in the same term.
+    Resumed {
+        party: PartyId,
+        identity: String,
+        term: u64,
+        valid_until: Instant,
+    },
+    /// A renewal succeeded: the leader may act until `valid_until`.
+    Renewed {
+        party: PartyId,
+        term: u64,
+        valid_until: Instant,
     },
     Lost {
         party: PartyId,
         identity: String,
         term: u64,
-        reason: LostReason,
+        reason: StepDown,
+    },
+    /// The broker stops without releasing (a hand-off to its successor): the leader may go on
+    /// acting until `valid_until`, by which time a successor must have confirmed it.
+    Jeopardy {
+        party: PartyId,
+        identity: String,
+        term: u64,
+        valid_until: Instant,
     },
     /// The leader view changed (sent to every party).
     View(LeaderView),
@@ -162,6 +96,8 @@ pub enum Notification {
 pub enum WritePurpose {
     Acquire,
     Renew,
+    /// Renew a record a previous broker wrote, for the party that claims it (same term).
+    Adopt,
     Handover,
     Release,
 }
@@ -185,29 +121,48 @@ pub enum Action<Raw> {
     Wait(Option<Instant>),
 }
 
-/// How a write or read failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LockFailure {
-    /// Someone else wrote first (409 Conflict / AlreadyExists).
-    Conflict,
-    /// The object is gone (404 on replace).
-    NotFound,
-    /// Anything else: server errors, throttling (with the server's `Retry-After`), timeouts.
-    Transient {
-        retry_after: Option<Duration>,
-        /// What went wrong, for people (logs, and the `unknown` of a leader view).
-        cause: String,
+/// Why a party could not join.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("identity {0:?} is already a candidate in this election on this node")]
+    IdentityInUse(String),
+    #[error(
+        "this election already runs with timing {existing:?} on this node; a candidate asked for {requested:?}"
+    )]
+    TimingMismatch {
+        existing: ElectionTiming,
+        requested: ElectionTiming,
     },
 }
 
-impl LockFailure {
-    /// A transient failure without a `Retry-After`.
-    pub fn transient(cause: impl Into<String>) -> Self {
-        LockFailure::Transient {
-            retry_after: None,
-            cause: cause.into(),
-        }
-    }
+/// A party's claim to go on leading in `term` (after its broker restarted), which the machine
+/// confirms against a fresh read of the lock before anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub term: u64,
+    /// Until when the party goes on acting without confirmation (its last guarantee); a
+    /// confirmation that would land later is worthless.
+    pub valid_until: Instant,
+}
+
+/// The machine's phase: what it waits for before it can decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Nothing in flight; what is known of the lock is current enough to decide on.
+    Ready,
+    /// Nothing in flight, but the lock must be read before deciding (never read, a conflict,
+    /// a watch saying our lock vanished, a claim to confirm).
+    MustRead,
+    Reading {
+        since: Instant,
+    },
+    Writing {
+        since: Instant,
+        purpose: WritePurpose,
+        party: Option<PartyId>,
+        /// Read once it completes (something made the lock as known doubtful meanwhile).
+        then_read: bool,
+    },
 }
 
 /// Consecutive failed requests after which a known view turns `unknown`: one failure is a
@@ -220,6 +175,7 @@ struct Candidate {
     identity: String,
     priority: i32,
     seq: u64,
+    claim: Option<Claim>,
 }
 
 /// The broker's hold on the lock.
@@ -238,6 +194,7 @@ struct Held {
 #[derive(Debug)]
 pub struct Contender<Raw> {
     timing: ElectionTiming,
+    phase: Phase,
     candidates: Vec<Candidate>,
     next_seq: u64,
     lock: LockState<Raw>,
@@ -245,17 +202,10 @@ pub struct Contender<Raw> {
     seen_at: Option<Instant>,
     held: Option<Held>,
     highest_term: Option<u64>,
-    need_read: bool,
-    /// A write or read is in flight; decide nothing new until its result arrives.
-    in_flight: bool,
-    in_flight_purpose: Option<(WritePurpose, Option<PartyId>)>,
     not_before: Option<Instant>,
     failures: u32,
     /// Why the last request failed, while failures go on.
     last_failure: Option<String>,
-    /// When the request in flight was sent.
-    in_flight_since: Option<Instant>,
-    shutting_down: bool,
     /// `None` until the lock was first read (or could not be): nothing is claimed before.
     view: Option<LeaderView>,
     notifications: Vec<Notification>,
@@ -265,20 +215,16 @@ impl<Raw: Clone> Contender<Raw> {
     pub fn new(timing: ElectionTiming) -> Self {
         Contender {
             timing,
+            phase: Phase::MustRead,
             candidates: Vec::new(),
             next_seq: 0,
             lock: LockState::Unknown,
             seen_at: None,
             held: None,
             highest_term: None,
-            need_read: false,
-            in_flight: false,
-            in_flight_purpose: None,
             not_before: None,
             failures: 0,
             last_failure: None,
-            in_flight_since: None,
-            shutting_down: false,
             view: None,
             notifications: Vec::new(),
         }
@@ -286,12 +232,6 @@ impl<Raw: Clone> Contender<Raw> {
 
     pub fn timing(&self) -> ElectionTiming {
         self.timing
-    }
-
-    /// Changes the timing; only takes effect for later decisions (used when the first candidate
-    /// of an observed election brings its own timing).
-    pub fn set_timing(&mut self, timing: ElectionTiming) {
-        self.timing = timing;
     }
 
     /// The current leader view: `None` until the lock was first read (or a first read failed).
@@ -304,12 +244,13 @@ impl<Raw: Clone> Contender<Raw> {
         self.held.is_some()
     }
 
-    /// When the local leader must be told `lost` unless a renewal succeeds first: the driver
-    /// must wake by then even while a write is in flight.
+    /// When the local leader must be told `lost` unless a renewal succeeds first.
     pub fn renew_deadline_at(&self) -> Option<Instant> {
-        self.held
-            .as_ref()
-            .map(|h| h.last_renew_start + self.timing.renew_deadline)
+        self.held.as_ref().map(|h| self.deadline_of(h))
+    }
+
+    fn deadline_of(&self, held: &Held) -> Instant {
+        held.last_renew_start + self.timing.renew_deadline
     }
 
     pub fn candidate_count(&self) -> usize {
@@ -318,7 +259,11 @@ impl<Raw: Clone> Contender<Raw> {
 
     /// Whether the machine has nothing left to do: no candidates, nothing held, nothing in flight.
     pub fn is_idle(&self) -> bool {
-        self.candidates.is_empty() && self.held.is_none() && !self.in_flight
+        self.candidates.is_empty() && self.held.is_none() && !self.in_flight()
+    }
+
+    fn in_flight(&self) -> bool {
+        matches!(self.phase, Phase::Reading { .. } | Phase::Writing { .. })
     }
 
     pub fn lock_state(&self) -> &LockState<Raw> {
@@ -329,8 +274,35 @@ impl<Raw: Clone> Contender<Raw> {
         std::mem::take(&mut self.notifications)
     }
 
-    /// Adds a local candidate. Ordered by priority (higher first), then arrival.
-    pub fn add_candidate(&mut self, party: PartyId, identity: String, priority: i32) {
+    /// Adds a local candidate, ordered by priority (higher first), then arrival. Refused if the
+    /// identity is taken here, or if the candidate asks for other timing than the election
+    /// runs with (the first candidate of an election not held sets it). With a `claim`, the
+    /// candidate says it led in `claim.term` through a broker that went away: the lock is read
+    /// afresh, and the claim is confirmed by a renewal (`Resumed`) only if the record still
+    /// names this identity in that term, else refused (`Lost`, reason `Preempted`); either way
+    /// the candidate then campaigns as usual.
+    pub fn join(
+        &mut self,
+        party: PartyId,
+        identity: String,
+        priority: i32,
+        timing: Option<ElectionTiming>,
+        claim: Option<Claim>,
+    ) -> Result<(), JoinError> {
+        if self.has_identity(&identity) {
+            return Err(JoinError::IdentityInUse(identity));
+        }
+        if let Some(t) = timing
+            && t != self.timing
+        {
+            if !self.candidates.is_empty() || self.held.is_some() {
+                return Err(JoinError::TimingMismatch {
+                    existing: self.timing,
+                    requested: t,
+                });
+            }
+            self.timing = t;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.candidates.push(Candidate {
@@ -338,9 +310,14 @@ impl<Raw: Clone> Contender<Raw> {
             identity,
             priority,
             seq,
+            claim,
         });
         self.candidates
             .sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)));
+        if claim.is_some() {
+            self.read_before_deciding();
+        }
+        Ok(())
     }
 
     /// Whether a local candidate already uses this identity.
@@ -348,9 +325,18 @@ impl<Raw: Clone> Contender<Raw> {
         self.candidates.iter().any(|c| c.identity == identity)
     }
 
+    /// Makes the next decision wait for a fresh read.
+    fn read_before_deciding(&mut self) {
+        match &mut self.phase {
+            Phase::Ready => self.phase = Phase::MustRead,
+            Phase::Writing { then_read, .. } => *then_read = true,
+            Phase::MustRead | Phase::Reading { .. } => {}
+        }
+    }
+
     /// Removes a local candidate. If it led, it is told `lost` with `reason` (when `notify`),
     /// and the broker hands over to the next local candidate or releases the lock.
-    pub fn remove_candidate(&mut self, party: PartyId, reason: LostReason, notify: bool) {
+    pub fn remove_candidate(&mut self, party: PartyId, reason: StepDown, notify: bool) {
         self.candidates.retain(|c| c.party != party);
         if let Some(h) = &mut self.held
             && h.party == Some(party)
@@ -367,16 +353,34 @@ impl<Raw: Clone> Contender<Raw> {
         }
     }
 
-    /// Stop: tell the local leader `broker_shutdown` and release the lock (see [`Self::poll`]).
+    /// Stop and release: the local leader is told `broker_shutdown`, then (see
+    /// [`Self::poll`]) the lock is released, as client-go does on shutdown.
     pub fn shut_down(&mut self) {
-        self.shutting_down = true;
         let parties: Vec<PartyId> = self.candidates.iter().map(|c| c.party).collect();
         for p in parties {
-            self.remove_candidate(p, LostReason::BrokerShutdown, true);
+            self.remove_candidate(p, StepDown::BrokerShutdown, true);
         }
     }
 
-    fn step_down(&mut self, reason: LostReason) {
+    /// Stop without releasing, for a successor broker to resume: the local leader is told
+    /// `Jeopardy` with its guarantee, and the machine forgets everything (it must not be
+    /// polled again). Nothing is written: the record keeps naming the leader until it expires
+    /// or the successor renews it.
+    pub fn abandon(&mut self) {
+        if let Some(h) = self.held.take()
+            && let Some(party) = h.party
+        {
+            self.notifications.push(Notification::Jeopardy {
+                party,
+                identity: h.identity.clone(),
+                term: h.term,
+                valid_until: h.last_renew_start + self.timing.renew_deadline,
+            });
+        }
+        self.candidates.clear();
+    }
+
+    fn step_down(&mut self, reason: StepDown) {
         if let Some(h) = self.held.take()
             && let Some(party) = h.party
         {
@@ -401,7 +405,7 @@ impl<Raw: Clone> Contender<Raw> {
             self.last_failure = None;
         }
         if matches!(state, LockState::Missing) && self.held.is_some() {
-            self.need_read = true;
+            self.read_before_deciding();
             return;
         }
         self.apply(now, state);
@@ -416,7 +420,7 @@ impl<Raw: Clone> Contender<Raw> {
                 }
                 self.lock = LockState::Missing;
                 // Someone deleted the lock under us: others may create it now.
-                self.step_down(LostReason::Preempted);
+                self.step_down(StepDown::Preempted);
             }
             LockState::Present(obs) => {
                 if let LockState::Present(cur) = &self.lock {
@@ -440,7 +444,7 @@ impl<Raw: Clone> Contender<Raw> {
                     .map(|r| r.holder_identity.as_str())
                     .unwrap_or("");
                 if self.held.as_ref().is_some_and(|h| h.identity != holder) {
-                    self.step_down(LostReason::Preempted);
+                    self.step_down(StepDown::Preempted);
                 }
                 self.seen_at = Some(now);
                 self.lock = LockState::Present(obs);
@@ -450,83 +454,137 @@ impl<Raw: Clone> Contender<Raw> {
 
     /// The result of the read asked for by [`Action::Read`].
     pub fn read_done(&mut self, now: Instant, result: Result<LockState<Raw>, LockFailure>) {
-        self.in_flight = false;
-        self.in_flight_since = None;
-        self.in_flight_purpose = None;
         match result {
             Ok(state) => {
-                self.need_read = false;
+                self.phase = Phase::Ready;
                 self.succeeded();
                 self.apply(now, state);
             }
-            Err(f) => self.backoff(now, f),
+            Err(f) => {
+                self.phase = Phase::MustRead;
+                self.backoff(now, f);
+            }
         }
     }
 
     /// The result of the write asked for by [`Action::Write`], sent at `started`.
     pub fn write_done(&mut self, now: Instant, started: Instant, result: Result<Observed<Raw>, LockFailure>) {
-        self.in_flight = false;
-        self.in_flight_since = None;
-        let (purpose, party) = self
-            .in_flight_purpose
-            .take()
-            .unwrap_or((WritePurpose::Renew, None));
+        let Phase::Writing {
+            purpose,
+            party,
+            then_read,
+            ..
+        } = self.phase
+        else {
+            // Not ours (the driver never sends a result without a write): nothing to apply.
+            return;
+        };
+        self.phase = if then_read { Phase::MustRead } else { Phase::Ready };
         match result {
-            Ok(obs) => {
-                self.succeeded();
-                self.not_before = None;
-                let record = obs.record.clone().unwrap_or_else(|| LeaderRecord {
-                    holder_identity: String::new(),
-                    lease_duration_seconds: 0,
-                    acquire_time: None,
-                    renew_time: None,
-                    leader_transitions: 0,
-                });
-                self.note_term(record.leader_transitions);
-                self.seen_at = Some(now);
-                self.lock = LockState::Present(obs);
-                if purpose == WritePurpose::Release {
-                    self.held = None;
-                    return;
-                }
-                if matches!(purpose, WritePurpose::Renew | WritePurpose::Handover) && self.held.is_none() {
-                    // The leader was told `lost` (deadline) while this write was in flight: its
-                    // late success does not resurrect that leadership. The record names a local
-                    // candidate, so the next poll re-acquires, with a new term.
-                    return;
-                }
-                if now >= started + self.timing.renew_deadline {
-                    // Succeeded too late to count: the deadline passed (and `lost` was sent).
-                    // The record names us, so the next poll re-acquires with a new term.
-                    self.step_down(LostReason::RenewFailed);
-                    return;
-                }
-                // The write names this party; it leads only if it is still a candidate and the
-                // deadline did not pass meanwhile.
-                let still_candidate = party.is_some_and(|p| self.candidates.iter().any(|c| c.party == p));
-                let previous = self.held.take();
-                let was_told = previous.as_ref().and_then(|h| h.party);
-                self.held = Some(Held {
+            Ok(obs) => self.written(now, started, purpose, party, obs),
+            Err(LockFailure::Conflict) => self.phase = Phase::MustRead,
+            Err(LockFailure::NotFound) => self.apply(now, LockState::Missing),
+            Err(f @ LockFailure::Transient { .. }) => self.backoff(now, f),
+        }
+    }
+
+    fn written(
+        &mut self,
+        now: Instant,
+        started: Instant,
+        purpose: WritePurpose,
+        party: Option<PartyId>,
+        obs: Observed<Raw>,
+    ) {
+        self.succeeded();
+        self.not_before = None;
+        let record = obs.record.clone().unwrap_or_else(|| LeaderRecord {
+            holder_identity: String::new(),
+            lease_duration_seconds: 0,
+            acquire_time: None,
+            renew_time: None,
+            leader_transitions: 0,
+        });
+        self.note_term(record.leader_transitions);
+        self.seen_at = Some(now);
+        self.lock = LockState::Present(obs);
+        if purpose == WritePurpose::Release {
+            self.held = None;
+            return;
+        }
+        if matches!(purpose, WritePurpose::Renew | WritePurpose::Handover) && self.held.is_none() {
+            // The leader was told `lost` (deadline) while this write was in flight: its late
+            // success does not resurrect that leadership. The record names a local candidate,
+            // so the next poll re-acquires, with a new term.
+            return;
+        }
+        let valid_until = started + self.timing.renew_deadline;
+        let claim = party.and_then(|p| self.candidate(p)).and_then(|c| c.claim);
+        if purpose == WritePurpose::Adopt {
+            self.clear_claim(party);
+        }
+        if now >= valid_until
+            || (purpose == WritePurpose::Adopt && claim.is_some_and(|c| now >= c.valid_until))
+        {
+            // Succeeded too late to count: the deadline passed (and `lost` was sent), or the
+            // resuming party gave up waiting. The record names us, so the next poll
+            // re-acquires with a new term.
+            self.step_down(StepDown::RenewFailed);
+            if purpose == WritePurpose::Adopt
+                && let Some(p) = party
+            {
+                self.notifications.push(Notification::Lost {
+                    party: p,
                     identity: record.holder_identity.clone(),
                     term: record.leader_transitions,
-                    last_renew_start: started,
-                    party: if still_candidate { party } else { None },
+                    reason: StepDown::RenewFailed,
                 });
-                if still_candidate && was_told != party {
-                    self.notifications.push(Notification::Elected {
-                        party: party.expect("still_candidate implies Some"),
-                        identity: record.holder_identity,
-                        term: record.leader_transitions,
-                    });
-                }
             }
-            Err(LockFailure::Conflict) => {
-                self.need_read = true;
+            return;
+        }
+        // The write names this party; it leads only if it is still a candidate.
+        let still_candidate = party.is_some_and(|p| self.candidate(p).is_some());
+        let was_told = self.held.take().and_then(|h| h.party);
+        self.held = Some(Held {
+            identity: record.holder_identity.clone(),
+            term: record.leader_transitions,
+            last_renew_start: started,
+            party: if still_candidate { party } else { None },
+        });
+        let Some(p) = party.filter(|_| still_candidate) else {
+            return;
+        };
+        let (identity, term) = (record.holder_identity, record.leader_transitions);
+        self.notifications.push(if purpose == WritePurpose::Adopt {
+            Notification::Resumed {
+                party: p,
+                identity,
+                term,
+                valid_until,
             }
-            Err(LockFailure::NotFound) => {
-                self.apply(now, LockState::Missing);
+        } else if was_told != Some(p) {
+            Notification::Elected {
+                party: p,
+                identity,
+                term,
+                valid_until,
             }
-            Err(f @ LockFailure::Transient { .. }) => self.backoff(now, f),
+        } else {
+            Notification::Renewed {
+                party: p,
+                term,
+                valid_until,
+            }
+        });
+    }
+
+    fn candidate(&self, party: PartyId) -> Option<&Candidate> {
+        self.candidates.iter().find(|c| c.party == party)
+    }
+
+    fn clear_claim(&mut self, party: Option<PartyId>) {
+        if let Some(c) = self.candidates.iter_mut().find(|c| Some(c.party) == party) {
+            c.claim = None;
         }
     }
 
@@ -586,7 +644,7 @@ impl<Raw: Clone> Contender<Raw> {
         }
     }
 
-    /// Whether the observed record leaves the election free to take at `now`.
+    /// When the observed record leaves the election free to take.
     fn free_at(&self) -> Option<Instant> {
         match &self.lock {
             LockState::Unknown => None,
@@ -627,8 +685,8 @@ impl<Raw: Clone> Contender<Raw> {
     /// While the very first read is in flight: when to stop waiting quietly and tell parties
     /// that who leads is unknown.
     fn first_read_patience(&self) -> Option<Instant> {
-        match (&self.lock, self.in_flight_since) {
-            (LockState::Unknown, Some(since)) if self.in_flight => Some(since + self.timing.retry_period),
+        match (&self.lock, self.phase) {
+            (LockState::Unknown, Phase::Reading { since }) => Some(since + self.timing.retry_period),
             _ => None,
         }
     }
@@ -637,53 +695,45 @@ impl<Raw: Clone> Contender<Raw> {
     /// (the leader is told `lost` then, not when the request finally fails), and when a first
     /// read has gone unanswered long enough to say so.
     pub fn wake_while_in_flight(&self) -> Option<Instant> {
-        match (self.renew_deadline_at(), self.first_read_patience()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(self.renew_deadline_at(), self.first_read_patience())
     }
 
     fn update_view(&mut self, now: Instant) {
-        if let Some(why) = self.unknown_because(now) {
-            let view = LeaderView {
+        let view = if let Some(why) = self.unknown_because(now) {
+            LeaderView {
                 leader: None,
                 term: self.highest_term,
                 local_leader: None,
                 unknown: Some(why),
-            };
-            if self.view.as_ref() != Some(&view) {
-                self.view = Some(view.clone());
-                self.notifications.push(Notification::View(view));
             }
-            return;
-        }
-        if matches!(self.lock, LockState::Unknown) {
+        } else if matches!(self.lock, LockState::Unknown) {
             // Nothing read yet: claim nothing.
             return;
-        }
-        let (leader, term) = match &self.held {
-            Some(h) => (h.party.map(|_| h.identity.clone()), Some(h.term)),
-            None => match &self.lock {
-                LockState::Present(o) => match &o.record {
-                    Some(r) => {
-                        let live = !r.is_released()
-                            && !self.has_identity(&r.holder_identity)
-                            && self.free_at().is_some_and(|f| now < f);
-                        (
-                            live.then(|| r.holder_identity.clone()),
-                            Some(r.leader_transitions),
-                        )
-                    }
-                    None => (None, None),
+        } else {
+            let (leader, term) = match &self.held {
+                Some(h) => (h.party.map(|_| h.identity.clone()), Some(h.term)),
+                None => match &self.lock {
+                    LockState::Present(o) => match &o.record {
+                        Some(r) => {
+                            let live = !r.is_released()
+                                && !self.has_identity(&r.holder_identity)
+                                && self.free_at().is_some_and(|f| now < f);
+                            (
+                                live.then(|| r.holder_identity.clone()),
+                                Some(r.leader_transitions),
+                            )
+                        }
+                        None => (None, None),
+                    },
+                    _ => (None, self.highest_term),
                 },
-                _ => (None, self.highest_term),
-            },
-        };
-        let view = LeaderView {
-            leader,
-            term,
-            local_leader: self.held.as_ref().and_then(|h| h.party),
-            unknown: None,
+            };
+            LeaderView {
+                leader,
+                term,
+                local_leader: self.held.as_ref().and_then(|h| h.party),
+                unknown: None,
+            }
         };
         if self.view.as_ref() != Some(&view) {
             self.view = Some(view.clone());
@@ -693,78 +743,133 @@ impl<Raw: Clone> Contender<Raw> {
 
     /// Decides the next step at `now` (monotonic) with `now_wall` for the record's timestamps.
     pub fn poll(&mut self, now: Instant, now_wall: chrono::DateTime<chrono::Utc>) -> Action<Raw> {
-        let action = self.decide(now, now_wall);
+        let action = self.step(now, now_wall);
         self.update_view(now);
-        if matches!(action, Action::Write(_) | Action::Read) {
-            self.in_flight = true;
-            self.in_flight_since = Some(now);
+        match &action {
+            Action::Read => self.phase = Phase::Reading { since: now },
+            Action::Write(w) => {
+                self.phase = Phase::Writing {
+                    since: now,
+                    purpose: w.purpose,
+                    party: self.writing_for(w),
+                    then_read: false,
+                }
+            }
+            Action::Wait(_) => {}
         }
         action
     }
 
-    fn decide(&mut self, now: Instant, now_wall: chrono::DateTime<chrono::Utc>) -> Action<Raw> {
-        // The renew deadline is checked first, even while a write is in flight.
+    /// The local party a write names.
+    fn writing_for(&self, w: &Write<Raw>) -> Option<PartyId> {
+        match w.purpose {
+            WritePurpose::Release => None,
+            _ => self
+                .candidates
+                .iter()
+                .find(|c| c.identity == w.record.holder_identity)
+                .map(|c| c.party),
+        }
+    }
+
+    /// One step: what the phase allows, then what the lock and the candidates call for.
+    fn step(&mut self, now: Instant, now_wall: chrono::DateTime<chrono::Utc>) -> Action<Raw> {
+        // The renew deadline is checked first, even while a request is in flight.
         if let Some(h) = &self.held
-            && now >= h.last_renew_start + self.timing.renew_deadline
+            && now >= self.deadline_of(h)
         {
-            self.step_down(LostReason::RenewFailed);
+            self.step_down(StepDown::RenewFailed);
         }
-        let deadline = self
-            .held
-            .as_ref()
-            .map(|h| h.last_renew_start + self.timing.renew_deadline);
-        if self.in_flight {
-            return Action::Wait(deadline);
+        let deadline = self.renew_deadline_at();
+        if self.in_flight() {
+            return Action::Wait(earliest(deadline, self.first_read_patience()));
         }
-        let earliest = |t: Option<Instant>| match (t, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         if let Some(nb) = self.not_before
             && now < nb
         {
-            return Action::Wait(earliest(Some(nb)));
+            return Action::Wait(earliest(Some(nb), deadline));
         }
-        if self.need_read || matches!(self.lock, LockState::Unknown) {
-            self.in_flight_purpose = None;
+        if self.phase == Phase::MustRead || matches!(self.lock, LockState::Unknown) {
             return Action::Read;
         }
-        let base = match &self.lock {
+        match self.held.clone() {
+            None => self.contend(now, now_wall),
+            Some(held) => self.lead(now, now_wall, held),
+        }
+    }
+
+    fn base(&self) -> Option<Observed<Raw>> {
+        match &self.lock {
             LockState::Present(o) => Some(o.clone()),
             _ => None,
-        };
+        }
+    }
 
-        let Some(held) = self.held.clone() else {
-            // Not holding: acquire if free and someone local wants it.
-            if self.shutting_down {
-                return Action::Wait(None);
+    /// Not holding: settle claims, then acquire if the lock is free and someone local wants it.
+    fn contend(&mut self, now: Instant, now_wall: chrono::DateTime<chrono::Utc>) -> Action<Raw> {
+        if let Some(action) = self.settle_claims(now_wall) {
+            return action;
+        }
+        let Some(first) = self.candidates.first() else {
+            return Action::Wait(self.free_at().filter(|f| *f > now));
+        };
+        match self.free_at() {
+            Some(free) if now >= free => Action::Write(Write {
+                purpose: WritePurpose::Acquire,
+                record: self.make_record(&first.identity, now_wall, true),
+                base: self.base(),
+            }),
+            other => Action::Wait(other),
+        }
+    }
+
+    /// Claims are judged on a fresh read (the phase saw to it): the one that still matches the
+    /// record is adopted by a renewal in its term; the others are refused.
+    fn settle_claims(&mut self, now_wall: chrono::DateTime<chrono::Utc>) -> Option<Action<Raw>> {
+        let record = match &self.lock {
+            LockState::Present(o) => o.record.clone(),
+            _ => None,
+        };
+        let mut adopt = None;
+        let mut refused = Vec::new();
+        for c in self.candidates.iter_mut() {
+            let Some(claim) = c.claim else { continue };
+            let matches = record
+                .as_ref()
+                .is_some_and(|r| r.holder_identity == c.identity && r.leader_transitions == claim.term);
+            if matches && adopt.is_none() {
+                adopt = Some(c.identity.clone());
+            } else {
+                c.claim = None;
+                refused.push((c.party, c.identity.clone(), claim.term));
             }
-            let Some(first) = self.candidates.first().cloned() else {
-                return Action::Wait(self.free_at().filter(|f| *f > now));
-            };
-            return match self.free_at() {
-                Some(free) if now >= free => {
-                    self.in_flight_purpose = Some((WritePurpose::Acquire, Some(first.party)));
-                    Action::Write(Write {
-                        purpose: WritePurpose::Acquire,
-                        record: self.make_record(&first.identity, now_wall, true),
-                        base,
-                    })
-                }
-                other => Action::Wait(other),
-            };
-        };
+        }
+        for (party, identity, term) in refused {
+            self.notifications.push(Notification::Lost {
+                party,
+                identity,
+                term,
+                reason: StepDown::Preempted,
+            });
+        }
+        let identity = adopt?;
+        Some(Action::Write(Write {
+            purpose: WritePurpose::Adopt,
+            record: self.make_record(&identity, now_wall, false),
+            base: self.base(),
+        }))
+    }
 
+    /// Holding: renew for the leader, hand over to the next local candidate, or release.
+    fn lead(&mut self, now: Instant, now_wall: chrono::DateTime<chrono::Utc>, held: Held) -> Action<Raw> {
+        let base = self.base();
         let desired = match held.party {
-            Some(p) if self.candidates.iter().any(|c| c.party == p) => {
-                self.candidates.iter().find(|c| c.party == p).cloned()
-            }
+            Some(p) if self.candidate(p).is_some() => self.candidate(p).cloned(),
             _ => self.candidates.first().cloned(),
         };
         match desired {
             None => {
                 // Nobody local wants it any more: release as client-go does.
-                self.in_flight_purpose = Some((WritePurpose::Release, None));
                 let mut record = self.make_record("", now_wall, false);
                 record.lease_duration_seconds = 1;
                 Action::Write(Write {
@@ -773,35 +878,39 @@ impl<Raw: Clone> Contender<Raw> {
                     base,
                 })
             }
-            Some(c) if held.party != Some(c.party) => {
+            Some(c) if held.party != Some(c.party) => Action::Write(Write {
                 // Hand over to the next local candidate in one write.
-                self.in_flight_purpose = Some((WritePurpose::Handover, Some(c.party)));
-                Action::Write(Write {
-                    purpose: WritePurpose::Handover,
-                    record: self.make_record(&c.identity, now_wall, true),
-                    base,
-                })
-            }
+                purpose: WritePurpose::Handover,
+                record: self.make_record(&c.identity, now_wall, true),
+                base,
+            }),
             Some(c) => {
                 let renew_at = held.last_renew_start + self.timing.retry_period;
                 if now >= renew_at || base.is_none() {
-                    self.in_flight_purpose = Some((WritePurpose::Renew, Some(c.party)));
                     Action::Write(Write {
                         purpose: WritePurpose::Renew,
                         record: self.make_record(&c.identity, now_wall, base.is_none()),
                         base,
                     })
                 } else {
-                    Action::Wait(earliest(Some(renew_at)))
+                    Action::Wait(earliest(Some(renew_at), self.renew_deadline_at()))
                 }
             }
         }
     }
 }
 
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::election::timing::ElectionTiming;
 
     type C = Contender<()>;
 
@@ -840,46 +949,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn timing_invariants() {
-        assert!(
-            ElectionTiming::new(
-                Duration::from_secs(10),
-                Duration::from_secs(10),
-                Duration::from_secs(2)
-            )
-            .is_err()
-        );
-        assert!(
-            ElectionTiming::new(
-                Duration::from_secs(15),
-                Duration::from_secs(10),
-                Duration::from_secs(9)
-            )
-            .is_err()
-        );
-        assert!(
-            ElectionTiming::new(
-                Duration::from_millis(1500),
-                Duration::from_secs(1),
-                Duration::from_millis(100)
-            )
-            .is_err()
-        );
-        assert!(
-            ElectionTiming::new(
-                Duration::from_secs(1),
-                Duration::from_millis(600),
-                Duration::from_millis(200)
-            )
-            .is_ok()
-        );
-    }
-
     #[tokio::test(start_paused = true)]
     async fn creates_when_missing_and_renews_each_retry_period() {
         let mut c = C::new(timing());
-        c.add_candidate(1, "a".into(), 0);
+        c.join(1, "a".into(), 0, None, None).unwrap();
         assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
         c.read_done(Instant::now(), Ok(LockState::Missing));
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
@@ -925,7 +998,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn foreign_holder_is_waited_out_from_when_seen() {
         let mut c = C::new(timing());
-        c.add_candidate(1, "a".into(), 0);
+        c.join(1, "a".into(), 0, None, None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(obs("other", 5, 3)));
         let seen = Instant::now();
@@ -952,7 +1025,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn released_record_is_taken_at_once_and_conflict_rereads() {
         let mut c = C::new(timing());
-        c.add_candidate(1, "a".into(), 0);
+        c.join(1, "a".into(), 0, None, None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(obs("", 5, 3)));
         let Action::Write(_) = c.poll(Instant::now(), wall()) else {
@@ -972,7 +1045,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn leader_is_told_lost_at_the_renew_deadline_even_with_a_write_in_flight() {
         let mut c = C::new(timing());
-        c.add_candidate(1, "a".into(), 0);
+        c.join(1, "a".into(), 0, None, None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(LockState::Missing));
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
@@ -997,7 +1070,7 @@ mod tests {
             n.iter().any(|n| matches!(
                 n,
                 Notification::Lost {
-                    reason: LostReason::RenewFailed,
+                    reason: StepDown::RenewFailed,
                     ..
                 }
             )),
@@ -1011,7 +1084,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_renewal_that_lands_after_lost_does_not_resurrect_the_same_term() {
         let mut c = C::new(timing());
-        c.add_candidate(1, "a".into(), 0);
+        c.join(1, "a".into(), 0, None, None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(LockState::Missing));
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
@@ -1048,9 +1121,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn handover_in_one_write_then_release() {
         let mut c = C::new(timing());
-        c.add_candidate(1, "a".into(), 0);
-        c.add_candidate(2, "b".into(), 0);
-        c.add_candidate(3, "c".into(), 5);
+        c.join(1, "a".into(), 0, None, None).unwrap();
+        c.join(2, "b".into(), 0, None, None).unwrap();
+        c.join(3, "c".into(), 5, None, None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(LockState::Missing));
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
@@ -1058,7 +1131,7 @@ mod tests {
         };
         assert_eq!(w.record.holder_identity, "c", "highest priority first");
         c.write_done(Instant::now(), Instant::now(), Ok(written(&w, 1)));
-        c.add_candidate(4, "d".into(), 9);
+        c.join(4, "d".into(), 9, None, None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         assert_eq!(
             c.view().unwrap().leader.as_deref(),
@@ -1066,13 +1139,13 @@ mod tests {
             "a higher priority never preempts a live leader"
         );
         c.take_notifications();
-        c.remove_candidate(3, LostReason::Resigned, true);
+        c.remove_candidate(3, StepDown::Resigned, true);
         let n = c.take_notifications();
         assert!(matches!(
             &n[0],
             Notification::Lost {
                 party: 3,
-                reason: LostReason::Resigned,
+                reason: StepDown::Resigned,
                 ..
             }
         ));
@@ -1097,7 +1170,7 @@ mod tests {
             }
         )));
         for p in [1, 2, 4] {
-            c.remove_candidate(p, LostReason::Resigned, false);
+            c.remove_candidate(p, StepDown::Resigned, false);
         }
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
             panic!()
@@ -1121,7 +1194,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn foreign_write_preempts_at_once() {
         let mut c = C::new(timing());
-        c.add_candidate(1, "a".into(), 0);
+        c.join(1, "a".into(), 0, None, None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(LockState::Missing));
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
@@ -1134,7 +1207,7 @@ mod tests {
         assert!(matches!(
             n[0],
             Notification::Lost {
-                reason: LostReason::Preempted,
+                reason: StepDown::Preempted,
                 ..
             }
         ));
@@ -1146,7 +1219,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn nothing_is_claimed_before_the_lock_is_read() {
         let mut c = C::new(timing());
-        c.add_candidate(1, "a".into(), 0);
+        c.join(1, "a".into(), 0, None, None).unwrap();
         assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
         assert_eq!(c.view(), None);
         assert!(c.take_notifications().is_empty(), "no view before the read");
@@ -1163,7 +1236,7 @@ mod tests {
     async fn an_unreadable_lock_is_unknown_not_free() {
         // The first read fails: parties are told why, not that nobody leads.
         let mut c = C::new(timing());
-        c.add_candidate(1, "a".into(), 0);
+        c.join(1, "a".into(), 0, None, None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Err(LockFailure::transient("connection refused")));
         let _ = c.poll(Instant::now(), wall());
@@ -1201,7 +1274,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn backoff_honours_retry_after() {
         let mut c = C::new(timing());
-        c.add_candidate(1, "a".into(), 0);
+        c.join(1, "a".into(), 0, None, None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(
             Instant::now(),

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::{Backends, RawObject, WatchEvent};
-use crate::election::machine::LockState;
+use crate::election::LockState;
 use elector_client::protocol::LockKind;
 
 type Key = (LockKind, String);

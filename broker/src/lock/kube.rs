@@ -23,8 +23,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{LockBackend, LockObject, RawObject, WatchEvent};
-use crate::election::machine::{LockFailure, LockState, Observed};
 use crate::election::record::{LEADER_ANNOTATION, LeaderRecord};
+use crate::election::{LockFailure, LockState, Observed};
 use crate::metrics::Metrics;
 use elector_client::protocol::LockKind;
 

@@ -11,8 +11,8 @@ use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 
 use super::{LockBackend, LockObject, RawObject, WatchEvent};
-use crate::election::machine::{LockFailure, LockState, Observed};
 use crate::election::record::LeaderRecord;
+use crate::election::{LockFailure, LockState, Observed};
 use elector_client::protocol::LockKind;
 
 #[derive(Debug, Default)]

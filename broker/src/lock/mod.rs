@@ -17,8 +17,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
-use crate::election::machine::{LockFailure, LockState, Observed};
 use crate::election::record::LeaderRecord;
+use crate::election::{LockFailure, LockState, Observed};
 use elector_client::protocol::LockKind;
 
 /// The whole lock object as a backend last read it, kept so a replace preserves every other

@@ -13,13 +13,14 @@ use tokio_util::codec::FramedRead;
 use super::ServerShared;
 use super::outbox::{MembershipSink, Outbox};
 use crate::attest::Caller;
-use crate::election::machine::{ElectionTiming, PartyId};
-use crate::elections::JoinError;
+use crate::election::{Claim, JoinError as RefusedJoin, StepDown};
+use crate::election::{ElectionTiming, PartyId};
+use crate::registry::{Farewell, JoinError};
+use elector_client::clock::{from_monotonic_ns, monotonic_now_ns};
 use elector_client::codec::{Frame, LineCodec};
 use elector_client::protocol::{
     self, BareRequest, Caller as WireCaller, CampaignRequest, ElectionName, ElectionRef, ElectionStatus,
-    ErrorCode, Event, Hello, LostReason, MAX_LINE_BYTES, OkReply, Pong, Request, RequestError, RequestId,
-    StatusReply,
+    ErrorCode, Event, Hello, MAX_LINE_BYTES, OkReply, Pong, Request, RequestError, RequestId, StatusReply,
 };
 
 /// Why the writer stopped.
@@ -185,9 +186,31 @@ impl Conn {
         Ok(())
     }
 
-    async fn campaign(&mut self, req: CampaignRequest) -> Result<Event, RequestError> {
+    /// `campaign`, or with `resume` a campaign that first claims a leadership (protocol 1.1).
+    async fn campaign(&mut self, req: CampaignRequest, resume: bool) -> Result<Event, RequestError> {
         let id = req.id.clone();
         self.election(&id, &req.election)?;
+        let claim = match (resume, req.term, req.valid_until) {
+            (true, Some(term), Some(valid_until)) => Some(Claim {
+                term,
+                valid_until: from_monotonic_ns(valid_until),
+            }),
+            (true, _, _) => {
+                return Err(err(
+                    id,
+                    ErrorCode::InvalidRequest,
+                    "`resume` needs `term` (the term led in) and `valid_until` (the guarantee the leader acts on, CLOCK_MONOTONIC ns)",
+                ));
+            }
+            (false, None, None) => None,
+            (false, _, _) => {
+                return Err(err(
+                    id,
+                    ErrorCode::InvalidRequest,
+                    "`term` and `valid_until` belong to `resume`, not `campaign`",
+                ));
+            }
+        };
         let namespace = self.namespace(&id, &req.namespace)?;
         let requested = match &self.caller {
             Some(caller) => Some(
@@ -246,6 +269,7 @@ impl Conn {
                 identity.clone(),
                 req.priority.unwrap_or(0),
                 timing,
+                claim,
                 sink.clone(),
             )
             .await;
@@ -260,15 +284,15 @@ impl Conn {
                 });
                 Ok(Event::Ok(OkReply {
                     id,
-                    op: "campaign".into(),
+                    op: if resume { "resume" } else { "campaign" }.into(),
                     name: Some(name),
                     identity: Some(identity),
                 }))
             }
             Err(e) => {
                 let code = match e {
-                    JoinError::IdentityInUse(_) => ErrorCode::IdentityInUse,
-                    JoinError::TimingMismatch { .. } => ErrorCode::InvalidTiming,
+                    JoinError::Refused(RefusedJoin::IdentityInUse(_)) => ErrorCode::IdentityInUse,
+                    JoinError::Refused(RefusedJoin::TimingMismatch { .. }) => ErrorCode::InvalidTiming,
                     JoinError::ShuttingDown => ErrorCode::ShuttingDown,
                 };
                 Err(err(id, code, e.to_string()))
@@ -290,7 +314,7 @@ impl Conn {
         };
         self.shared
             .elections
-            .leave(&m.name, m.party, LostReason::Resigned, true)
+            .leave(&m.name, m.party, StepDown::Resigned, Farewell::Tell)
             .await;
         Ok(Event::Ok(OkReply {
             id: req.id,
@@ -354,7 +378,7 @@ impl Conn {
         };
         self.shared
             .elections
-            .leave(&m.name, m.party, LostReason::Resigned, false)
+            .leave(&m.name, m.party, StepDown::Resigned, Farewell::Silent)
             .await;
         Ok(Event::Ok(OkReply {
             id: req.id,
@@ -390,7 +414,8 @@ impl Conn {
 
     async fn handle(&mut self, request: Request) -> Result<Event, RequestError> {
         match request {
-            Request::Campaign(r) => self.campaign(r).await,
+            Request::Campaign(r) => self.campaign(r, false).await,
+            Request::Resume(r) => self.campaign(r, true).await,
             Request::Resign(r) => self.resign(r).await,
             Request::Observe(r) => self.observe(r),
             Request::Unobserve(r) => self.unobserve(r).await,
@@ -428,7 +453,7 @@ impl Conn {
         let elections = &self.shared.elections;
         self.memberships.retain(|m| {
             if m.identity.is_some() {
-                elections.leave_nowait(&m.name, m.party, LostReason::Resigned, false);
+                elections.leave_nowait(&m.name, m.party);
             }
             m.identity.is_none()
         });
@@ -444,9 +469,7 @@ impl Conn {
 
     fn leave_all(&mut self) {
         for m in self.memberships.drain(..) {
-            self.shared
-                .elections
-                .leave_nowait(&m.name, m.party, LostReason::Resigned, false);
+            self.shared.elections.leave_nowait(&m.name, m.party);
         }
     }
 }
@@ -494,6 +517,8 @@ pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<Serv
         broker_version: env!("CARGO_PKG_VERSION").to_string(),
         node: shared.identity.node.clone(),
         default_namespace,
+        protocol_minor: Some(protocol::PROTOCOL_MINOR),
+        monotonic_now: Some(monotonic_now_ns()),
         caller: caller.as_ref().map(|c| WireCaller {
             namespace: Some(c.pod.namespace.clone()),
             pod: Some(c.pod.name.clone()),

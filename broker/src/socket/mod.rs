@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::attest::Attestor;
-use crate::elections::Elections;
+use crate::registry::Elections;
 use elector_client::protocol::{ErrorCode, Event, RequestError};
 
 /// Limits and deadlines of the socket server.

@@ -15,9 +15,24 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::elections::{LeaderNotice, PartyEvent, PartySink};
 use crate::metrics::Metrics;
-use elector_client::protocol::{ElectedEvent, ElectionName, Event, LeaderEvent, LostEvent};
+use crate::registry::{LeaderNotice, PartyEvent, PartySink};
+use elector_client::clock::to_monotonic_ns;
+use elector_client::protocol::{ElectedEvent, ElectionName, Event, GuaranteeEvent, LeaderEvent, LostEvent};
+
+fn guarantee(
+    name: ElectionName,
+    identity: String,
+    term: u64,
+    valid_until: tokio::time::Instant,
+) -> GuaranteeEvent {
+    GuaranteeEvent {
+        name,
+        identity,
+        term,
+        valid_until: to_monotonic_ns(valid_until),
+    }
+}
 
 /// One queued event.
 #[derive(Debug)]
@@ -221,9 +236,31 @@ impl PartySink for MembershipSink {
                 s.view = Some((notice.clone(), is_me));
                 Outgoing::Leader { notice, is_me }
             }
-            PartyEvent::Elected { identity, term } => {
-                Outgoing::Event(Event::Elected(ElectedEvent { name, identity, term }))
-            }
+            PartyEvent::Elected {
+                identity,
+                term,
+                valid_until,
+            } => Outgoing::Event(Event::Elected(ElectedEvent {
+                name,
+                identity,
+                term,
+                valid_until: Some(to_monotonic_ns(valid_until)),
+            })),
+            PartyEvent::Renewed {
+                identity,
+                term,
+                valid_until,
+            } => Outgoing::Event(Event::Renewed(guarantee(name, identity, term, valid_until))),
+            PartyEvent::Resumed {
+                identity,
+                term,
+                valid_until,
+            } => Outgoing::Event(Event::Safe(guarantee(name, identity, term, valid_until))),
+            PartyEvent::Jeopardy {
+                identity,
+                term,
+                valid_until,
+            } => Outgoing::Event(Event::Jeopardy(guarantee(name, identity, term, valid_until))),
             PartyEvent::Lost {
                 identity,
                 term,
@@ -328,6 +365,7 @@ mod tests {
             PartyEvent::Elected {
                 identity: "p1".into(),
                 term: 1,
+                valid_until: tokio::time::Instant::now(),
             },
         );
         sink.deliver(

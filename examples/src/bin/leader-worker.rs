@@ -43,6 +43,8 @@ async fn main() -> anyhow::Result<()> {
                 }
                 CampaignEvent::Elected { term } => println!("elected term {term}"),
                 CampaignEvent::Lost { term, reason } => println!("lost term {term} ({reason})"),
+                CampaignEvent::Jeopardy { term, .. } => println!("jeopardy term {term} (broker away)"),
+                CampaignEvent::Safe { term } => println!("safe term {term}"),
             }
         }
     });

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use elector_broker::daemon::{Daemon, DaemonConfig};
-use elector_broker::election::machine::ElectionTiming;
+use elector_broker::election::ElectionTiming;
 use elector_client::protocol::{LockKind, Timing};
 use elector_client::{CampaignOptions, Client};
 use elector_tests::harness::TestBroker;
