@@ -94,6 +94,19 @@ impl TestBroker {
         http: bool,
         proc_root: Option<PathBuf>,
     ) -> TestBroker {
+        Self::start_configured(node, dir, backend, settings, http, proc_root, |_| {})
+    }
+
+    /// Like [`TestBroker::start_attested`], with a last say on the configuration.
+    pub fn start_configured(
+        node: &str,
+        dir: &Path,
+        backend: Backend,
+        settings: impl Into<Defaults>,
+        http: bool,
+        proc_root: Option<PathBuf>,
+        configure: impl FnOnce(&mut DaemonConfig),
+    ) -> TestBroker {
         let socket = dir.join(format!("{node}.sock"));
         let mut config = DaemonConfig::for_socket(&socket, node);
         config.defaults = settings.into();
@@ -101,6 +114,7 @@ impl TestBroker {
         if http {
             config.http_addr = Some("127.0.0.1:0".parse().expect("addr"));
         }
+        configure(&mut config);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
         let thread = std::thread::Builder::new()

@@ -1,0 +1,366 @@
+//! Leadership survives the broker (protocol 1.1): a broker crash or restart within the renew
+//! deadline costs no app its leadership; a restart too late ends it exactly at the guarantee;
+//! a resume that does not match the lock is refused and writes nothing; a broker that hands
+//! off on SIGTERM releases nothing. Real kube client, test API server, real socket,
+//! `elector-client` as the apps.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use elector_broker::registry::ShutdownMode;
+use elector_client::protocol::{LostReason, Timing};
+use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client};
+use elector_tests::RawClient;
+use elector_tests::harness::{Backend, TestBroker, fast_timing};
+use elector_tests::kube_api::{TestApiServer, User};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use serde_json::json;
+use tokio::time::Instant;
+
+/// Renew deadline 4 s: room for a restart on a loaded CI machine.
+const TIMING: Timing = Timing {
+    lease_duration: Some(6),
+    renew_deadline: Some(4.0),
+    retry_period: Some(0.5),
+};
+
+type Journal = Arc<Mutex<Vec<(Instant, String, CampaignEvent)>>>;
+
+async fn leader(client: &Client, election: &str, identity: &str, journal: &Journal) -> Campaign {
+    let mut campaign = client
+        .campaign(CampaignOptions::new(election, identity).timing(TIMING))
+        .await
+        .expect("campaign");
+    let mut events = campaign.events();
+    let (journal, who) = (journal.clone(), identity.to_string());
+    tokio::spawn(async move {
+        while let Some(e) = events.next().await {
+            journal.lock().unwrap().push((Instant::now(), who.clone(), e));
+        }
+    });
+    campaign
+}
+
+async fn all_lead(campaigns: &[Campaign]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !campaigns.iter().all(|c| c.is_leader()) {
+        assert!(Instant::now() < deadline, "not every candidate was elected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn restart(server: &TestApiServer, user: &User, node: &str, dir: &std::path::Path) -> TestBroker {
+    TestBroker::start(
+        node,
+        dir,
+        Backend::Kube(server.kubeconfig_path(user)),
+        fast_timing(),
+        false,
+    )
+}
+
+/// Events of one kind per identity.
+fn count(journal: &Journal, pred: impl Fn(&CampaignEvent) -> bool) -> usize {
+    journal.lock().unwrap().iter().filter(|(_, _, e)| pred(e)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_and_restarted_within_the_deadline_costs_no_leadership() {
+    const N: usize = 100;
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, user) = TestBroker::on_server(&server, "n1", dir.path(), fast_timing());
+    let (n2, _) = TestBroker::on_server(&server, "n2", dir.path(), fast_timing());
+    let journal: Journal = Default::default();
+    let client = Client::connect(&n1.socket).await.unwrap();
+    let mut campaigns = Vec::new();
+    for i in 0..N {
+        campaigns.push(leader(&client, &format!("job-{i}"), &format!("app-{i}"), &journal).await);
+    }
+    all_lead(&campaigns).await;
+    // A standby on another node for every election.
+    let standby_journal: Journal = Default::default();
+    let standby_client = Client::connect(&n2.socket).await.unwrap();
+    let mut standbys = Vec::new();
+    for i in 0..N {
+        standbys.push(
+            leader(
+                &standby_client,
+                &format!("job-{i}"),
+                &format!("standby-{i}"),
+                &standby_journal,
+            )
+            .await,
+        );
+    }
+    let terms: Vec<_> = campaigns.iter().map(|c| c.state().borrow().term).collect();
+    assert!(
+        campaigns.iter().all(|c| c.state().borrow().valid_until.is_some()),
+        "leaders know their guarantee"
+    );
+
+    // kill -9, restart at once on the same socket.
+    server.clear_requests();
+    n1.kill();
+    let restarted = Instant::now();
+    let n1 = restart(&server, &user, "n1", dir.path());
+
+    // Every app goes through jeopardy back to safe, in the same term, never told lost.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&journal, |e| matches!(e, CampaignEvent::Safe { .. })) < N {
+        assert!(
+            Instant::now() < deadline,
+            "safe: {} of {N}; lost: {}",
+            count(&journal, |e| matches!(e, CampaignEvent::Safe { .. })),
+            count(&journal, |e| matches!(e, CampaignEvent::Lost { .. }))
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = restarted.elapsed();
+    assert_eq!(count(&journal, |e| matches!(e, CampaignEvent::Lost { .. })), 0);
+    assert_eq!(
+        count(&journal, |e| matches!(e, CampaignEvent::Jeopardy { .. })),
+        N
+    );
+    let after: Vec<_> = campaigns.iter().map(|c| c.state().borrow().term).collect();
+    assert_eq!(terms, after, "every term unchanged");
+    assert!(
+        campaigns
+            .iter()
+            .all(|c| c.is_leader() && !c.state().borrow().jeopardy)
+    );
+    // Nobody else took anything: no standby elected, and n2 wrote no lock.
+    assert_eq!(
+        count(&standby_journal, |e| matches!(e, CampaignEvent::Elected { .. })),
+        0
+    );
+    let n2_writes = server
+        .requests()
+        .iter()
+        .filter(|r| r.user == "n2" && r.is_write())
+        .count();
+    assert_eq!(n2_writes, 0, "the other node wrote nothing");
+    // Generous: resumed well within the renew deadline.
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    drop((standbys, campaigns, n1, n2));
+}
+
+#[tokio::test]
+async fn a_broker_gone_too_long_ends_leadership_at_the_guarantee() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, _) = TestBroker::on_server(&server, "n1", dir.path(), fast_timing());
+    let (n2, _) = TestBroker::on_server(&server, "n2", dir.path(), fast_timing());
+    let journal: Journal = Default::default();
+    let client = Client::connect(&n1.socket).await.unwrap();
+    let campaign = leader(&client, "late", "app-a", &journal).await;
+    all_lead(std::slice::from_ref(&campaign)).await;
+    let standby_journal: Journal = Default::default();
+    let standby_client = Client::connect(&n2.socket).await.unwrap();
+    let _standby = leader(&standby_client, "late", "app-b", &standby_journal).await;
+
+    n1.kill();
+    // Jeopardy: still leading, with the guarantee it had.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !campaign.state().borrow().jeopardy {
+        assert!(Instant::now() < deadline, "no jeopardy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let valid_until = campaign.state().borrow().valid_until.expect("a guarantee");
+    assert!(campaign.is_leader());
+    // No broker comes back: lost at the guarantee, never later.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let lost_at = loop {
+        if let Some((at, _, e)) = journal
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, _, e)| matches!(e, CampaignEvent::Lost { .. }))
+        {
+            assert!(matches!(
+                e,
+                CampaignEvent::Lost {
+                    reason: LostReason::BrokerUnavailable,
+                    ..
+                }
+            ));
+            break *at;
+        }
+        assert!(Instant::now() < deadline, "never told lost");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(lost_at >= valid_until, "not before the guarantee ends");
+    assert!(
+        lost_at < valid_until + Duration::from_millis(500),
+        "and not (much) later: {:?}",
+        lost_at - valid_until
+    );
+    // The other node takes over only after the lease expired, after the app stopped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let elected_at = loop {
+        if let Some((at, _, _)) = standby_journal
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, _, e)| matches!(e, CampaignEvent::Elected { .. }))
+        {
+            break *at;
+        }
+        assert!(Instant::now() < deadline, "the standby never took over");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        elected_at > lost_at,
+        "the old leader stopped before the new one started"
+    );
+}
+
+/// Resumes that do not match the lock are refused with `lost`, and the broker writes nothing.
+#[tokio::test]
+async fn a_resume_that_does_not_match_is_refused_and_writes_nothing() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, user) = TestBroker::on_server(&server, "n1", dir.path(), fast_timing());
+    let timing = json!({"lease_duration":6,"renew_deadline":4,"retry_period":0.5});
+    let mut app = RawClient::open(&n1.socket).await;
+    app.send(json!({"op":"campaign","election":"claimed","identity":"app-a","timing":timing}))
+        .await;
+    let elected = app.until("elected").await;
+    let term = elected["term"].as_u64().unwrap();
+    let valid_until = elected["valid_until"].as_u64().expect("protocol 1.1 guarantee");
+    n1.kill();
+
+    // Someone else (a human, client-go) writes the Lease during the gap.
+    let admin = server.client(server.admin()).await.unwrap();
+    let leases: kube::Api<Lease> = kube::Api::namespaced(admin, "default");
+    let mut lease = leases.get("claimed").await.unwrap();
+    lease.spec.as_mut().unwrap().holder_identity = Some("intruder".into());
+    leases
+        .replace("claimed", &Default::default(), &lease)
+        .await
+        .unwrap();
+
+    let n1 = TestBroker::start(
+        "n1",
+        dir.path(),
+        Backend::Kube(server.kubeconfig_path(&user)),
+        fast_timing(),
+        false,
+    );
+    server.clear_requests();
+    let mut app = RawClient::open(&n1.socket).await;
+    assert_eq!(app.hello["protocol_minor"], 1);
+    assert!(app.hello["monotonic_now"].as_u64().is_some());
+    // The record names someone else.
+    app.send(
+        json!({"op":"resume","id":1,"election":"claimed","identity":"app-a","timing":timing,
+        "term":term,"valid_until":valid_until}),
+    )
+    .await;
+    let lost = app.until("lost").await;
+    assert_eq!(
+        (lost["reason"].as_str(), lost["term"].as_u64()),
+        (Some("preempted"), Some(term))
+    );
+    // The wrong term, on a record that does name this identity.
+    let mut other = RawClient::open(&n1.socket).await;
+    other
+        .send(json!({"op":"campaign","election":"fresh","identity":"app-c","timing":timing}))
+        .await;
+    let e = other.until("elected").await;
+    let fresh_term = e["term"].as_u64().unwrap();
+    drop(other); // released; the record still says who held it, in which term
+    let mut again = RawClient::open(&n1.socket).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    again
+        .send(
+            json!({"op":"resume","id":2,"election":"fresh","identity":"app-c","timing":timing,
+            "term":fresh_term + 7,"valid_until":valid_until}),
+        )
+        .await;
+    assert_eq!(again.until("lost").await["reason"], "preempted");
+    // The intruder's record was never touched by the broker.
+    let claimed_writes = server
+        .requests()
+        .iter()
+        .filter(|r| r.user == "n1" && r.is_write() && r.name.as_deref() == Some("claimed"))
+        .count();
+    assert_eq!(claimed_writes, 0);
+    assert_eq!(
+        leases
+            .get("claimed")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+            .as_deref(),
+        Some("intruder")
+    );
+    // `resume` needs its claim.
+    again
+        .send(json!({"op":"resume","id":3,"election":"x","identity":"y"}))
+        .await;
+    assert_eq!(again.error_code().await, "invalid_request");
+    drop(n1);
+}
+
+/// `--on-shutdown=handoff`: SIGTERM tells leaders `jeopardy` and releases nothing; the next
+/// broker resumes them, same term.
+#[tokio::test]
+async fn a_handoff_shutdown_releases_nothing_and_the_successor_resumes() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let user = server.add_user("n1", vec![elector_tests::kube_api::Rule::all()]);
+    let start = || {
+        TestBroker::start_configured(
+            "n1",
+            dir.path(),
+            Backend::Kube(server.kubeconfig_path(&user)),
+            fast_timing(),
+            false,
+            None,
+            |c| c.on_shutdown = ShutdownMode::Handoff,
+        )
+    };
+    let n1 = start();
+    let journal: Journal = Default::default();
+    let client = Client::connect(&n1.socket).await.unwrap();
+    let campaign = leader(&client, "handed", "app-a", &journal).await;
+    all_lead(std::slice::from_ref(&campaign)).await;
+    let term = campaign.state().borrow().term;
+    server.clear_requests();
+    n1.shutdown();
+    let writes: Vec<_> = server.requests().into_iter().filter(|r| r.is_write()).collect();
+    assert!(writes.is_empty(), "a hand-off writes nothing: {writes:?}");
+    assert!(campaign.is_leader(), "still leading, in jeopardy");
+    let _n1 = start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&journal, |e| matches!(e, CampaignEvent::Safe { .. })) == 0 {
+        assert!(Instant::now() < deadline, "never safe");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(count(&journal, |e| matches!(e, CampaignEvent::Lost { .. })), 0);
+    assert_eq!(campaign.state().borrow().term, term);
+    let kinds: HashMap<&str, usize> =
+        journal
+            .lock()
+            .unwrap()
+            .iter()
+            .fold(HashMap::new(), |mut m, (_, _, e)| {
+                *m.entry(match e {
+                    CampaignEvent::Jeopardy { .. } => "jeopardy",
+                    CampaignEvent::Safe { .. } => "safe",
+                    CampaignEvent::Elected { .. } => "elected",
+                    _ => "other",
+                })
+                .or_default() += 1;
+                m
+            });
+    assert_eq!(
+        (kinds.get("elected"), kinds.get("jeopardy")),
+        (Some(&1), Some(&1))
+    );
+}
