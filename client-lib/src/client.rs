@@ -796,3 +796,116 @@ fn dispatch(
         Event::Hello(_) | Event::Status(_) | Event::Pong(_) => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ElectedEvent, ElectionName};
+
+    fn registration() -> (
+        Registration,
+        watch::Receiver<LeadershipState>,
+        mpsc::UnboundedReceiver<CampaignEvent>,
+    ) {
+        let (state, state_rx) = watch::channel(LeadershipState::default());
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let request = Request::Campaign(CampaignRequest {
+            id: None,
+            election: "e".into(),
+            namespace: Some("ns".into()),
+            identity: Some("me".into()),
+            lock: None,
+            timing: None,
+            priority: None,
+            term: None,
+            valid_until: None,
+        });
+        (
+            Registration {
+                request,
+                state,
+                events,
+            },
+            state_rx,
+            events_rx,
+        )
+    }
+
+    fn elected(valid_in: Duration) -> Event {
+        Event::Elected(ElectedEvent {
+            name: ElectionName {
+                election: "e".into(),
+                namespace: "ns".into(),
+                lock: LockKind::Lease,
+            },
+            identity: "me".into(),
+            term: 4,
+            valid_until: Some(crate::clock::to_monotonic_ns(tokio::time::Instant::now() + valid_in)),
+        })
+    }
+
+    fn key() -> Key {
+        ("ns".into(), "e".into(), Role::Campaign)
+    }
+
+    #[tokio::test]
+    async fn a_leader_on_a_shared_clock_rides_out_a_disconnect_until_its_guarantee() {
+        let (reg, state, mut events) = registration();
+        let mut regs = HashMap::from([(key(), reg)]);
+        dispatch(elected(Duration::from_secs(60)), &mut regs, &mut HashMap::new(), true);
+        assert!(matches!(events.recv().await, Some(CampaignEvent::Elected { term: 4 })));
+        regs[&key()].broker_gone(tokio::time::Instant::now(), LostReason::Disconnected);
+        let s = state.borrow().clone();
+        assert!(s.is_leader && s.jeopardy && !s.connected);
+        assert!(matches!(events.recv().await, Some(CampaignEvent::Jeopardy { term: 4, .. })));
+        // At the next broker it resumes with its claim.
+        assert!(matches!(
+            regs[&key()].request_for_new_broker(),
+            Request::Resume(CampaignRequest { term: Some(4), valid_until: Some(_), .. })
+        ));
+        // At the guarantee (here: a time past it), it has lost.
+        regs[&key()].expire(tokio::time::Instant::now() + Duration::from_secs(61));
+        assert!(!state.borrow().is_leader);
+        assert!(matches!(
+            events.recv().await,
+            Some(CampaignEvent::Lost {
+                reason: LostReason::BrokerUnavailable,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn without_a_shared_clock_a_disconnect_is_a_loss() {
+        let (reg, state, mut events) = registration();
+        let mut regs = HashMap::from([(key(), reg)]);
+        // The broker's clock is not ours (another time namespace): its guarantee means nothing.
+        dispatch(elected(Duration::from_secs(60)), &mut regs, &mut HashMap::new(), false);
+        assert_eq!(state.borrow().valid_until, None);
+        let _ = events.recv().await;
+        regs[&key()].broker_gone(tokio::time::Instant::now(), LostReason::Disconnected);
+        assert!(!state.borrow().is_leader);
+        assert!(matches!(
+            events.recv().await,
+            Some(CampaignEvent::Lost {
+                reason: LostReason::Disconnected,
+                ..
+            })
+        ));
+        // And a greeting from another clock is recognised as such.
+        let hello = |now: u64| Hello {
+            protocol: 1,
+            broker_version: "t".into(),
+            node: "n".into(),
+            default_namespace: "d".into(),
+            caller: None,
+            protocol_minor: Some(1),
+            monotonic_now: Some(now),
+        };
+        assert!(shares_clock(&hello(crate::clock::monotonic_now_ns())));
+        assert!(!shares_clock(&hello(crate::clock::monotonic_now_ns() + 3_600_000_000_000)));
+        let mut old = hello(0);
+        old.monotonic_now = None;
+        assert!(!shares_clock(&old), "a 1.0 broker states no clock");
+    }
+}

@@ -364,3 +364,43 @@ async fn a_handoff_shutdown_releases_nothing_and_the_successor_resumes() {
         (Some(&1), Some(&1))
     );
 }
+
+/// The 2016 sidecar's drop-in rides out a broker restart: it keeps answering with its own name
+/// (it still leads) and never names anyone else.
+#[tokio::test]
+async fn the_shim_keeps_its_name_through_a_broker_restart() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, user) = TestBroker::on_server(&server, "n1", dir.path(), fast_timing());
+    let shim = elector_tests::harness::TestShim::start(
+        &n1.socket,
+        "sidecar",
+        "pod-s",
+        Duration::from_secs(6),
+        "127.0.0.1:0",
+    );
+    let name = || async {
+        match elector_tests::http_get(shim.http_addr, "/").await {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).unwrap()["name"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while name().await != "pod-s" {
+        assert!(Instant::now() < deadline, "the shim never leads");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    n1.kill();
+    let n1 = restart(&server, &user, "n1", dir.path());
+    // Through the gap and after: always its own name.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(name().await, "pod-s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shim.kill();
+    drop(n1);
+}
