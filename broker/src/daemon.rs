@@ -79,6 +79,7 @@ impl DaemonConfig {
                 path: path.into(),
                 mode: 0o660,
                 group: None,
+                takeover: false,
             },
             identity: BrokerIdentity {
                 node: node.to_string(),
@@ -118,6 +119,7 @@ pub struct Daemon {
     http_addr: Option<SocketAddr>,
     grace: Duration,
     on_shutdown: ShutdownMode,
+    superseded: CancellationToken,
 }
 
 impl Daemon {
@@ -140,6 +142,7 @@ impl Daemon {
             socket_shutdown.clone(),
             config.attestor.clone(),
         );
+        let superseded = server.superseded();
         let socket_task = tokio::spawn(server.run());
         let (http_task, http_addr) = match config.http_addr {
             Some(addr) => {
@@ -172,6 +175,7 @@ impl Daemon {
             http_addr,
             grace: config.shutdown_grace,
             on_shutdown: config.on_shutdown,
+            superseded,
         })
     }
 
@@ -202,7 +206,20 @@ impl Daemon {
     /// written, so a successor broker resumes the leaderships. Then connections are flushed and
     /// closed and the socket file is removed (if still this broker's).
     pub async fn shutdown(self) {
-        self.elections.shutdown(self.grace, self.on_shutdown).await;
+        let mode = self.on_shutdown;
+        self.shutdown_as(mode).await;
+    }
+
+    /// Resolves when a successor broker has taken the socket path over (a rolling upgrade with
+    /// `--takeover`): then [`Daemon::shutdown_as`] with [`ShutdownMode::Handoff`], so the
+    /// leaders of this broker resume at the successor.
+    pub async fn superseded(&self) {
+        self.superseded.cancelled().await;
+    }
+
+    /// Shutdown in a given mode (see [`Daemon::shutdown`]).
+    pub async fn shutdown_as(self, mode: ShutdownMode) {
+        self.elections.shutdown(self.grace, mode).await;
         self.socket_shutdown.cancel();
         let _ = tokio::time::timeout(self.grace, self.socket_task).await;
         self.http_shutdown.cancel();

@@ -644,18 +644,21 @@ async fn manage(
         for reg in regs.values() {
             reg.broker_gone(now, LostReason::Disconnected);
         }
-        // Reconnect with back-off (ending jeopardies that run out meanwhile), then resume,
-        // campaign and observe again.
+        // Reconnect at once (a broker hand-off leaves a successor on the socket already),
+        // then with back-off, ending jeopardies that run out meanwhile; then resume, campaign
+        // and observe again.
+        let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = sleep_until_opt(next_expiry(&regs)) => {
                     let now = tokio::time::Instant::now();
                     regs.values().for_each(|r| r.expire(now));
                     continue;
                 }
             }
+            wait = backoff;
             backoff = (backoff * 2).min(Duration::from_secs(5));
             if let Ok((l, w, h)) = dial(&path).await {
                 lines = l;
@@ -840,7 +843,9 @@ mod tests {
             },
             identity: "me".into(),
             term: 4,
-            valid_until: Some(crate::clock::to_monotonic_ns(tokio::time::Instant::now() + valid_in)),
+            valid_until: Some(crate::clock::to_monotonic_ns(
+                tokio::time::Instant::now() + valid_in,
+            )),
         })
     }
 
@@ -852,16 +857,31 @@ mod tests {
     async fn a_leader_on_a_shared_clock_rides_out_a_disconnect_until_its_guarantee() {
         let (reg, state, mut events) = registration();
         let mut regs = HashMap::from([(key(), reg)]);
-        dispatch(elected(Duration::from_secs(60)), &mut regs, &mut HashMap::new(), true);
-        assert!(matches!(events.recv().await, Some(CampaignEvent::Elected { term: 4 })));
+        dispatch(
+            elected(Duration::from_secs(60)),
+            &mut regs,
+            &mut HashMap::new(),
+            true,
+        );
+        assert!(matches!(
+            events.recv().await,
+            Some(CampaignEvent::Elected { term: 4 })
+        ));
         regs[&key()].broker_gone(tokio::time::Instant::now(), LostReason::Disconnected);
         let s = state.borrow().clone();
         assert!(s.is_leader && s.jeopardy && !s.connected);
-        assert!(matches!(events.recv().await, Some(CampaignEvent::Jeopardy { term: 4, .. })));
+        assert!(matches!(
+            events.recv().await,
+            Some(CampaignEvent::Jeopardy { term: 4, .. })
+        ));
         // At the next broker it resumes with its claim.
         assert!(matches!(
             regs[&key()].request_for_new_broker(),
-            Request::Resume(CampaignRequest { term: Some(4), valid_until: Some(_), .. })
+            Request::Resume(CampaignRequest {
+                term: Some(4),
+                valid_until: Some(_),
+                ..
+            })
         ));
         // At the guarantee (here: a time past it), it has lost.
         regs[&key()].expire(tokio::time::Instant::now() + Duration::from_secs(61));
@@ -880,7 +900,12 @@ mod tests {
         let (reg, state, mut events) = registration();
         let mut regs = HashMap::from([(key(), reg)]);
         // The broker's clock is not ours (another time namespace): its guarantee means nothing.
-        dispatch(elected(Duration::from_secs(60)), &mut regs, &mut HashMap::new(), false);
+        dispatch(
+            elected(Duration::from_secs(60)),
+            &mut regs,
+            &mut HashMap::new(),
+            false,
+        );
         assert_eq!(state.borrow().valid_until, None);
         let _ = events.recv().await;
         regs[&key()].broker_gone(tokio::time::Instant::now(), LostReason::Disconnected);
@@ -903,7 +928,9 @@ mod tests {
             monotonic_now: Some(now),
         };
         assert!(shares_clock(&hello(crate::clock::monotonic_now_ns())));
-        assert!(!shares_clock(&hello(crate::clock::monotonic_now_ns() + 3_600_000_000_000)));
+        assert!(!shares_clock(&hello(
+            crate::clock::monotonic_now_ns() + 3_600_000_000_000
+        )));
         let mut old = hello(0);
         old.monotonic_now = None;
         assert!(!shares_clock(&old), "a 1.0 broker states no clock");

@@ -10,7 +10,7 @@ use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
 use elector_broker::election::ElectionTiming;
 use elector_broker::lock::Backends;
 use elector_broker::metrics::Metrics;
-use elector_broker::registry::Defaults;
+use elector_broker::registry::{Defaults, ShutdownMode};
 
 use crate::kube_api::{TestApiServer, User};
 
@@ -158,9 +158,17 @@ impl TestBroker {
                         .expect("daemon starts")
                 });
                 let _ = ready_tx.send(daemon.http_addr());
-                match rt.block_on(stop_rx) {
-                    Ok(Stop::Shutdown) => rt.block_on(daemon.shutdown()),
-                    Ok(Stop::Kill) | Err(_) => {
+                // As electord does: a successor taking the socket over means hand off and exit.
+                let stop = rt.block_on(async {
+                    tokio::select! {
+                        stop = stop_rx => stop.ok(),
+                        _ = daemon.superseded() => None,
+                    }
+                });
+                match stop {
+                    Some(Stop::Shutdown) => rt.block_on(daemon.shutdown()),
+                    None => rt.block_on(daemon.shutdown_as(ShutdownMode::Handoff)),
+                    Some(Stop::Kill) => {
                         drop(daemon);
                         rt.shutdown_background();
                     }

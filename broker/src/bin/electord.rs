@@ -68,6 +68,12 @@ struct Args {
     #[arg(long, env = "ELECTOR_SHUTDOWN_GRACE", default_value_t = 5.0)]
     shutdown_grace: f64,
 
+    /// Take the socket over from a broker still running on it (a rolling upgrade with surge):
+    /// the old broker notices, hands its leaders off (`jeopardy`, nothing released), and exits;
+    /// they resume here. Without it a live broker on the socket is an error.
+    #[arg(long, env = "ELECTOR_TAKEOVER")]
+    takeover: bool,
+
     /// On SIGTERM: `release` tells local leaders `lost` and releases their locks (a node going
     /// away for good); `handoff` tells them `jeopardy` and releases nothing, so the next broker
     /// on this node resumes their leaderships (restarts, upgrades: the DaemonSet's choice).
@@ -169,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
             path: args.socket.clone(),
             mode: args.socket_mode,
             group: args.socket_group,
+            takeover: args.takeover,
         },
         identity: BrokerIdentity {
             node: node.clone(),
@@ -246,10 +253,17 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: releasing leases and exiting"),
-        _ = term.recv() => tracing::info!("SIGTERM: releasing leases and exiting"),
+    let mode = tokio::select! {
+        _ = tokio::signal::ctrl_c() => args.on_shutdown,
+        _ = term.recv() => args.on_shutdown,
+        _ = daemon.superseded() => ShutdownMode::Handoff,
+    };
+    match mode {
+        ShutdownMode::Release => tracing::info!("stopping: telling leaders lost and releasing their leases"),
+        ShutdownMode::Handoff => {
+            tracing::info!("stopping: handing leaders off to the next broker, releasing nothing")
+        }
     }
-    daemon.shutdown().await;
+    daemon.shutdown_as(mode).await;
     Ok(())
 }

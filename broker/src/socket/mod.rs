@@ -31,6 +31,9 @@ use crate::attest::Attestor;
 use crate::registry::Elections;
 use elector_client::protocol::{ErrorCode, Event, RequestError};
 
+/// How often a broker checks that its socket path is still its own.
+const SUPERSEDED_CHECK: Duration = Duration::from_millis(50);
+
 /// Limits and deadlines of the socket server.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -73,6 +76,10 @@ pub struct SocketOptions {
     pub mode: u32,
     /// Group that owns the socket file.
     pub group: Option<u32>,
+    /// Take the path over from a running broker (a rolling upgrade): bind a fresh socket,
+    /// rename it over the path, and own the path once the old broker, which notices, has
+    /// handed its leaders off and exited. Without it, a live broker on the path is an error.
+    pub takeover: bool,
 }
 
 /// What the broker tells every connection about itself.
@@ -113,13 +120,21 @@ pub struct BoundSocket {
     path: PathBuf,
     /// (device, inode) of the socket file this broker bound.
     file: (u64, u64),
-    /// Held for the broker's lifetime: the path's ownership.
-    _owner: nix::fcntl::Flock<std::fs::File>,
+    /// Held for the broker's lifetime: the path's ownership (after a takeover, once the
+    /// predecessor let go of it).
+    _owner: Arc<Mutex<Option<nix::fcntl::Flock<std::fs::File>>>>,
 }
 
 impl BoundSocket {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the file at the path is still the socket this broker bound (a successor that
+    /// takes over renames its own over it).
+    pub fn still_mine(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file)
     }
 
     /// Removes the socket file if it is still the one this broker bound.
@@ -144,8 +159,9 @@ pub fn owner_lock_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Takes ownership of `path`, or says who has it.
-fn claim(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, SocketError> {
+/// Takes ownership of `path`, or says who has it: `Ok(None)` when a live broker has it and
+/// `takeover` allows taking it over (ownership follows when that broker exits).
+fn claim(path: &Path, takeover: bool) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, SocketError> {
     use nix::fcntl::{Flock, FlockArg};
     let lock_path = owner_lock_path(path);
     let file = std::fs::OpenOptions::new()
@@ -156,6 +172,7 @@ fn claim(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, SocketError> {
         .map_err(io_err(&lock_path))?;
     let owner = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(owner) => owner,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) if takeover => return Ok(None),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
             return Err(SocketError::InUse {
                 path: path.to_path_buf(),
@@ -165,13 +182,30 @@ fn claim(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, SocketError> {
         Err((_, e)) => return Err(io_err(&lock_path)(e.into())),
     };
     // A broker that predates lock files, or one whose lock file was removed: it answers.
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() && !takeover {
         return Err(SocketError::InUse {
             path: path.to_path_buf(),
             how: "it accepts connections",
         });
     }
-    Ok(owner)
+    Ok(Some(owner))
+}
+
+/// After a takeover: waits (on a blocking thread) for the predecessor to let go of the path's
+/// lock, and keeps it.
+fn own_when_free(path: &Path, slot: Arc<Mutex<Option<nix::fcntl::Flock<std::fs::File>>>>) {
+    use nix::fcntl::{Flock, FlockArg};
+    let lock_path = owner_lock_path(path);
+    let Ok(file) = std::fs::OpenOptions::new().write(true).open(&lock_path) else {
+        return;
+    };
+    tokio::task::spawn_blocking(move || match Flock::lock(file, FlockArg::LockExclusive) {
+        Ok(owner) => {
+            tracing::info!(lock = %lock_path.display(), "the previous broker let go of the socket path");
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(owner);
+        }
+        Err((_, e)) => tracing::warn!(lock = %lock_path.display(), "cannot lock: {e}"),
+    });
 }
 
 /// Claims `path` and binds the socket atomically: a temporary name in the same directory,
@@ -188,7 +222,10 @@ pub fn bind(opts: &SocketOptions) -> Result<BoundSocket, SocketError> {
         Ok(m) if !m.file_type().is_socket() => return Err(SocketError::NotASocket { path: path.clone() }),
         _ => {}
     }
-    let owner = claim(path)?;
+    let owner = claim(path, opts.takeover)?;
+    if owner.is_none() {
+        tracing::info!(path = %path.display(), "taking the socket over from the running broker (rolling upgrade)");
+    }
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -203,11 +240,16 @@ pub fn bind(opts: &SocketOptions) -> Result<BoundSocket, SocketError> {
     }
     let bound = std::fs::symlink_metadata(&tmp).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    let taken_over = owner.is_none();
+    let slot = Arc::new(Mutex::new(owner));
+    if taken_over {
+        own_when_free(path, slot.clone());
+    }
     Ok(BoundSocket {
         listener,
         path: path.clone(),
         file: (bound.dev(), bound.ino()),
-        _owner: owner,
+        _owner: slot,
     })
 }
 
@@ -228,6 +270,8 @@ pub(crate) struct ServerShared {
 #[derive(Debug)]
 pub struct SocketServer {
     socket: BoundSocket,
+    /// Cancelled when a successor broker took the socket path over.
+    superseded: CancellationToken,
     shared: Arc<ServerShared>,
     tracker: TaskTracker,
 }
@@ -243,6 +287,7 @@ impl SocketServer {
     ) -> Self {
         SocketServer {
             socket,
+            superseded: CancellationToken::new(),
             shared: Arc::new(ServerShared {
                 elections,
                 limits,
@@ -256,12 +301,26 @@ impl SocketServer {
         }
     }
 
+    /// Fires when a successor broker took the socket path over (a rolling upgrade): the
+    /// owner then hands its leaders off and stops.
+    pub fn superseded(&self) -> CancellationToken {
+        self.superseded.clone()
+    }
+
     /// Accepts connections until the shutdown token fires, then waits for the connections to
     /// finish (they flush `lost`/`broker_shutdown` events first) and removes the socket file.
     pub async fn run(self) {
+        let mut check = tokio::time::interval(SUPERSEDED_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.shared.shutdown.cancelled() => break,
+                _ = check.tick(), if !self.superseded.is_cancelled() => {
+                    if !self.socket.still_mine() {
+                        tracing::info!(path = %self.socket.path.display(), "a successor broker took the socket over: handing off");
+                        self.superseded.cancel();
+                    }
+                }
                 accepted = self.socket.listener.accept() => match accepted {
                     Ok((stream, _)) => self.accept(stream),
                     Err(e) => {
