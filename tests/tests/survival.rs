@@ -460,7 +460,7 @@ async fn a_rolling_upgrade_with_surge_changes_no_leader() {
         // Everyone of this node that led has resumed before the next node rolls.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let j = journal.lock().unwrap();
+            let j = journal.lock().unwrap().clone();
             let of_node = |who: &str| who.ends_with(&format!("-{ni}"));
             let jeopardies = j[before..]
                 .iter()
@@ -474,7 +474,6 @@ async fn a_rolling_upgrade_with_surge_changes_no_leader() {
             if jeopardies == led && safes == led {
                 break;
             }
-            drop(j);
             assert!(
                 Instant::now() < deadline,
                 "node {n}: {jeopardies} jeopardies, {safes} safe of {led}"
