@@ -17,21 +17,9 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The workspace's `electord` binary, built here if this package is tested alone.
+/// The workspace's `electord` binary.
 fn electord() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        // --workspace: the same features as the workspace test command, so nothing rebuilds.
-        .args(["build", "-q", "--workspace", "--bin", "electord"])
-        .current_dir(repo())
-        .status()
-        .expect("cargo build");
-    assert!(status.success(), "building electord failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    let bin = target.join("debug/electord");
-    assert!(bin.is_file(), "no electord at {}", bin.display());
-    bin
+    elector_tests::workspace_bin("elector-broker", "electord")
 }
 
 fn run(what: &str, cmd: &mut Command) -> Output {
@@ -200,16 +188,9 @@ impl App {
 
 /// `GET /` on the app's port: its body.
 async fn master(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return String::new();
-    };
-    let _ = s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").await;
-    let mut response = String::new();
-    let _ = s.read_to_string(&mut response).await;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
+    elector_tests::http_get(([127, 0, 0, 1], port).into(), "/")
+        .await
+        .map(|(_, body)| body)
         .unwrap_or_default()
 }
 

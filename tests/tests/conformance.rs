@@ -56,7 +56,17 @@ struct Player {
 
 fn normalize(event: CampaignEvent) -> Value {
     match event {
-        CampaignEvent::Leader { leader, term } => json!({"type": "leader", "leader": leader, "term": term}),
+        CampaignEvent::Leader {
+            leader,
+            term,
+            unknown,
+        } => {
+            let mut v = json!({"type": "leader", "leader": leader, "term": term});
+            if let Some(why) = unknown {
+                v["unknown"] = json!(why);
+            }
+            v
+        }
         CampaignEvent::Elected { term } => json!({"type": "elected", "term": term}),
         CampaignEvent::Lost { term, reason } => {
             json!({"type": "lost", "term": term, "reason": reason.as_str()})

@@ -14,7 +14,11 @@ const SCRIPTS = process.env.ELECTOR_CONFORMANCE_DIR || path.join(__dirname, '..'
 const STEP_TIMEOUT_MS = 5000;
 
 function normalize(e) {
-  if (e.type === 'leader') return { type: 'leader', leader: e.leader, term: e.term };
+  if (e.type === 'leader') {
+    const out = { type: 'leader', leader: e.leader, term: e.term };
+    if (e.unknown !== undefined) out.unknown = e.unknown;
+    return out;
+  }
   if (e.type === 'elected') return { type: 'elected', term: e.term };
   if (e.type === 'lost') return { type: 'lost', term: e.term, reason: e.reason };
   throw new Error(`not an event: ${JSON.stringify(e)}`);

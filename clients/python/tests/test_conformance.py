@@ -21,7 +21,10 @@ STEP_TIMEOUT = 5.0
 
 def normalize(event: Any) -> Dict[str, Any]:
     if isinstance(event, Leader):
-        return {"type": "leader", "leader": event.leader, "term": event.term}
+        out: Dict[str, Any] = {"type": "leader", "leader": event.leader, "term": event.term}
+        if event.unknown is not None:
+            out["unknown"] = event.unknown
+        return out
     if isinstance(event, Elected):
         return {"type": "elected", "term": event.term}
     if isinstance(event, Lost):
