@@ -71,6 +71,9 @@ fn normalize(event: CampaignEvent) -> Value {
         CampaignEvent::Lost { term, reason } => {
             json!({"type": "lost", "term": term, "reason": reason.as_str()})
         }
+        // Protocol 1.1 (broker survival), which no script asks of the clients yet.
+        CampaignEvent::Jeopardy { term, .. } => json!({"type": "jeopardy", "term": term}),
+        CampaignEvent::Safe { term } => json!({"type": "safe", "term": term}),
     }
 }
 
