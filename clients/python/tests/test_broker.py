@@ -197,7 +197,8 @@ class LeaderOnly(BrokerTest):
         @leader_only(campaign)
         def work(signal: LeadershipSignal, label: str) -> str:
             signals.append(signal)
-            while not signal.wait(0.005):
+            deadline = time.monotonic() + WAIT
+            while not signal.wait(0.005) and time.monotonic() < deadline:
                 pass
             stopped_at.append(time.monotonic())
             return label
