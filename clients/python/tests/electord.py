@@ -1,0 +1,68 @@
+"""Runs a real `electord --standalone` for the tests. The binary comes from $ELECTORD (the Rust
+test tests/tests/clients.rs builds it and sets it); tests that need it fail without it."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from typing import List, Optional
+
+
+def electord_binary() -> str:
+    path = os.environ.get("ELECTORD")
+    if not path or not os.path.isfile(path):
+        raise RuntimeError(
+            "set ELECTORD to the electord binary (cargo build -p elector-broker --bin electord); "
+            "tests/tests/clients.rs does this"
+        )
+    return path
+
+
+class Electord:
+    """One standalone broker process on a socket of its own (fast timing: lease 2 s)."""
+
+    def __init__(self, socket_path: Optional[str] = None) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="elector-py-")
+        self.socket_path = socket_path or os.path.join(self._dir.name, "elector.sock")
+        self.process: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self) -> "Electord":
+        args: List[str] = [
+            electord_binary(), "--standalone", "--socket", self.socket_path, "--http-addr", "",
+            "--lease-duration", "2", "--renew-deadline", "1.5", "--retry-period", "0.25",
+            "--shutdown-grace", "1", "--log", "error",
+        ]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"electord exited with {self.process.returncode}")
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(self.socket_path)
+                    s.settimeout(5)
+                    if s.recv(4096).startswith(b'{"event":"hello"'):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("electord did not start listening within 20 s")
+
+    def kill(self) -> None:
+        """Like a crash: no clean shutdown, connections just close."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def stop(self) -> None:
+        self.kill()
+        self._dir.cleanup()
+
+    def __enter__(self) -> "Electord":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
