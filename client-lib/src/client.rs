@@ -201,6 +201,14 @@ impl Registration {
     }
 }
 
+/// A request that waits for the broker's answer.
+struct Waiting {
+    reply: Option<oneshot::Sender<Result<(), Error>>>,
+    key: Key,
+    /// `resign` / `unobserve`: the registration ends with the answer.
+    leaving: bool,
+}
+
 /// The earliest end of a jeopardy.
 fn next_expiry(regs: &HashMap<Key, Registration>) -> Option<tokio::time::Instant> {
     regs.values()
@@ -579,29 +587,25 @@ async fn manage(
     let mut resumes: HashMap<u64, Key> = HashMap::new();
     loop {
         // Serve one connection until it breaks.
-        let mut pending: HashMap<u64, oneshot::Sender<Result<(), Error>>> = HashMap::new();
+        let mut pending: HashMap<u64, Waiting> = HashMap::new();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd else { return };
-                    let (request, reply) = match cmd {
+                    let (request, waiting) = match cmd {
                         Cmd::Register { key, request, state, events, reply } => {
-                            regs.insert(key, Registration { request: request.clone(), state, events });
-                            (request, Some(reply))
+                            regs.insert(key.clone(), Registration { request: request.clone(), state, events });
+                            (request, Waiting { reply: Some(reply), key, leaving: false })
                         }
-                        Cmd::Unregister { key, request, reply } => {
-                            regs.remove(&key);
-                            let unobserve_or_resign = request;
-                            (unobserve_or_resign, reply)
-                        }
+                        // The registration stays until the broker answers: a `lost` (resigned)
+                        // comes before the `ok`, and it must reach the campaign's events.
+                        Cmd::Unregister { key, request, reply } => (request, Waiting { reply, key, leaving: true }),
                     };
                     let id = next_id;
                     next_id += 1;
                     let line = serde_json::to_string(&with_id(&request, id)).unwrap_or_default();
-                    if let Some(reply) = reply {
-                        pending.insert(id, reply);
-                    }
+                    pending.insert(id, waiting);
                     if writer.send(line).await.is_err() {
                         break;
                     }
@@ -637,8 +641,13 @@ async fn manage(
         // Disconnected: leaders with a guarantee left go on in jeopardy; nobody else leads.
         hello.send_replace(None);
         resumes.clear();
-        for (_, reply) in pending.drain() {
-            let _ = reply.send(Err(Error::Disconnected));
+        for (_, waiting) in pending.drain() {
+            if waiting.leaving {
+                regs.remove(&waiting.key);
+            }
+            if let Some(reply) = waiting.reply {
+                let _ = reply.send(Err(Error::Disconnected));
+            }
         }
         let now = tokio::time::Instant::now();
         for reg in regs.values() {
@@ -688,7 +697,7 @@ async fn manage(
 fn dispatch(
     event: Event,
     regs: &mut HashMap<Key, Registration>,
-    pending: &mut HashMap<u64, oneshot::Sender<Result<(), Error>>>,
+    pending: &mut HashMap<u64, Waiting>,
     shared_clock: bool,
 ) {
     let guarantee = |ns: Option<u64>| ns.filter(|_| shared_clock).map(crate::clock::from_monotonic_ns);
@@ -699,16 +708,26 @@ fn dispatch(
     let reply_id = |id: &Option<Value>| id.as_ref().and_then(Value::as_u64);
     match event {
         Event::Ok(ok) => {
-            if let Some(reply) = reply_id(&ok.id).and_then(|id| pending.remove(&id)) {
-                let _ = reply.send(Ok(()));
+            if let Some(waiting) = reply_id(&ok.id).and_then(|id| pending.remove(&id)) {
+                if waiting.leaving {
+                    regs.remove(&waiting.key);
+                }
+                if let Some(reply) = waiting.reply {
+                    let _ = reply.send(Ok(()));
+                }
             }
         }
         Event::Error(e) => {
-            if let Some(reply) = reply_id(&e.id).and_then(|id| pending.remove(&id)) {
-                let _ = reply.send(Err(Error::Broker {
-                    code: e.code,
-                    message: e.message,
-                }));
+            if let Some(waiting) = reply_id(&e.id).and_then(|id| pending.remove(&id)) {
+                // Refused: a registration the broker did not take is not kept (nor re-sent
+                // after a reconnect); one that was leaving is gone either way.
+                regs.remove(&waiting.key);
+                if let Some(reply) = waiting.reply {
+                    let _ = reply.send(Err(Error::Broker {
+                        code: e.code,
+                        message: e.message,
+                    }));
+                }
             } else {
                 tracing::warn!(code = %e.code, "broker error: {}", e.message);
             }

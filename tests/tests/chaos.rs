@@ -276,9 +276,7 @@ fn oracle(journal: &Journal) -> Vec<String> {
             continue;
         };
         let (election, who) = (events[i].1.clone(), events[i].2.clone());
-        if let Some(next) = events[i + 1..]
-            .iter_mut()
-            .find(|e| e.1 == election && e.2 == who)
+        if let Some(next) = events[i + 1..].iter_mut().find(|e| e.1 == election && e.2 == who)
             && matches!(next.3, CampaignEvent::Lost { .. })
             && next.0 > valid_until
         {
