@@ -611,3 +611,68 @@ fn deploy_examples_render_with_every_configmap_they_mount() {
         "the shim sidecar"
     );
 }
+
+// --- docs/operations.md against an API server ------------------------------------------------
+
+/// The "Who leads?" commands of docs/operations.md, as written there (placeholders filled),
+/// with kubectl against the test API server while a broker holds a Lease and an Endpoints
+/// lock: each prints the holder's name alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_md_who_leads_commands_print_the_name() {
+    use elector_client::protocol::LockKind;
+    use elector_client::{CampaignOptions, Client};
+    use elector_tests::harness::{TestBroker, fast_timing};
+    use elector_tests::kube_api::{Rule, TestApiServer};
+
+    let doc = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
+    let command = |prefix: &str, election: &str| {
+        doc.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("docs/operations.md has no `{prefix} ...` line"))
+            .replace("<election>", election)
+            .replace("<ns>", "demo")
+    };
+    let lease_cmd = command("kubectl get lease <election>", "job");
+    let endpoints_cmd = command("kubectl get endpoints <election>", "web");
+
+    let server = TestApiServer::start().await.unwrap();
+    let anonymous = server.add_anonymous(vec![Rule::all()]);
+    let kubeconfig = server.kubeconfig_path(&anonymous);
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _) = TestBroker::on_server(&server, "node-a", dir.path(), fast_timing());
+    let client = Client::connect(&broker.socket).await.unwrap();
+    let mut campaigns = Vec::new();
+    for (election, lock) in [("job", LockKind::Lease), ("web", LockKind::Endpoints)] {
+        let c = client
+            .campaign(
+                CampaignOptions::new(election, "web-0")
+                    .namespace("demo")
+                    .lock(lock),
+            )
+            .await
+            .unwrap();
+        let mut state = c.state();
+        tokio::time::timeout(Duration::from_secs(20), state.wait_for(|s| s.is_leader))
+            .await
+            .expect("web-0 leads")
+            .unwrap();
+        campaigns.push(c);
+    }
+    for cmd in [lease_cmd, endpoints_cmd] {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "web-0\n", "{cmd}");
+    }
+    drop(campaigns);
+}
