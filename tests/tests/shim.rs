@@ -188,46 +188,12 @@ fn which(cmd: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-/// The `elector-shim` binary, built as `cargo build -p elector-broker` builds it.
-fn shim_binary() -> std::path::PathBuf {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut build = std::process::Command::new(env!("CARGO"));
-    // Some build scripts watch the variables cargo sets for a test: without them the build
-    // matches a shell's (and tests/tests/docs.rs's) instead of rebuilding.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if [
-            "CARGO_MANIFEST_",
-            "CARGO_PKG_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-            "CARGO_PRIMARY_",
-        ]
-        .iter()
-        .any(|p| key.starts_with(p))
-            || key == "CARGO_TARGET_TMPDIR"
-        {
-            build.env_remove(&*key);
-        }
-    }
-    let status = build
-        .args(["build", "-q", "-p", "elector-broker", "--bins"])
-        .current_dir(&repo)
-        .status()
-        .expect("cargo build");
-    assert!(status.success());
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| repo.join("target"))
-        .join("debug/elector-shim")
-}
-
 /// `--election Bad_Name` can never succeed: the shim says why and exits non-zero at once
 /// (it used to retry forever), in text and in JSON logs; with a valid name and no broker yet
 /// it keeps retrying (a transient error).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_ends_the_shim_with_a_clear_message() {
-    let shim = shim_binary();
+    let shim = elector_tests::workspace_bin("elector-broker", "elector-shim");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("node.sock");
 
