@@ -6,6 +6,7 @@
 //! - [`registry`]: one task per election, joining the two;
 //! - [`socket`]: the Unix-socket protocol server applications talk to;
 //! - [`http`]: health, readiness, metrics and `/elections`;
+//! - [`logging`]: the binaries' log format (text, coloured only on a terminal, or JSON);
 //! - [`shim`]: `elector-shim`, the drop-in for the 2016 leader-elector sidecar.
 
 pub mod attest;
@@ -13,6 +14,7 @@ pub mod daemon;
 pub mod election;
 pub mod http;
 pub mod lock;
+pub mod logging;
 pub mod metrics;
 pub mod registry;
 pub mod shim;

@@ -10,6 +10,14 @@
 //! - a leader whose renewals fail stops reporting itself at once (`lost` clears it);
 //! - broker unreachable: the name is unknown (`""`) and `/healthz` answers 503 while the
 //!   client reconnects with back-off.
+//!
+//! Errors: transient ones (no broker yet, a broker restart, `unattested` while the pod is not
+//! yet in the broker's pod watch, limits, `shutting_down`) are retried with back-off, forever.
+//! Permanent ones, which no retry can fix (a request the broker rejects as invalid, e.g.
+//! `invalid_election` for `--election Bad_Name`, or `forbidden_namespace`), end [`run`] with
+//! [`ShimError::Refused`]: the binary exits non-zero with the broker's message.
+//!
+//! `--ttl` takes Go's duration syntax ([`parse_go_duration`]), as the original's flag did.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,10 +26,139 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use elector_client::protocol::{LockKind, Timing};
+use elector_client::protocol::{ErrorCode, LockKind, Timing};
 use elector_client::{CampaignOptions, Client, LeadershipState};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// Why the shim stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    /// The configuration cannot work (e.g. `--ttl` below 2 s).
+    #[error("{0}")]
+    Config(String),
+    /// The broker rejected the campaign for a reason no retry can fix.
+    #[error(
+        "the broker refused to campaign in election {election:?} (namespace {namespace:?}): {code}: {message}"
+    )]
+    Refused {
+        election: String,
+        namespace: String,
+        code: ErrorCode,
+        message: String,
+    },
+    /// Serving HTTP failed.
+    #[error("serving HTTP: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Whether a broker error can go away by itself (retry) or never will (give up).
+pub fn is_permanent(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::InvalidRequest
+            | ErrorCode::UnknownOp
+            | ErrorCode::InvalidElection
+            | ErrorCode::InvalidNamespace
+            | ErrorCode::InvalidIdentity
+            | ErrorCode::InvalidTiming
+            | ErrorCode::ForbiddenNamespace
+            | ErrorCode::ForbiddenIdentity
+            | ErrorCode::LineTooLong
+            | ErrorCode::InvalidUtf8
+            | ErrorCode::InvalidJson
+    )
+}
+
+/// Why a duration flag was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("invalid duration {0:?}: expected Go syntax such as 10s, 1m30s, 1.5m or 300ms")]
+    Syntax(String),
+    #[error("invalid duration {0:?}: unknown unit {1:?} (use ns, us, µs, ms, s, m or h)")]
+    Unit(String, String),
+    #[error("invalid duration {0:?}: out of range")]
+    Range(String),
+    #[error("invalid duration {0:?}: must be positive")]
+    NotPositive(String),
+}
+
+/// Parses a Go duration (`time.ParseDuration`): an optional sign, then one or more decimal
+/// numbers, each with an optional fraction and a unit (`ns`, `us`/`µs`/`μs`, `ms`, `s`, `m`,
+/// `h`), e.g. `1m30s`, `1.5h`, `300ms`; `0` alone needs no unit. Only positive durations are
+/// accepted, since every duration flag of the shim is a period.
+pub fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
+    let syntax = || DurationError::Syntax(text.to_string());
+    let (negative, mut rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    if rest == "0" {
+        return Err(DurationError::NotPositive(text.to_string()));
+    }
+    if rest.is_empty() {
+        return Err(syntax());
+    }
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let int_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (int_part, after) = rest.split_at(int_len);
+        let (frac_part, after) = match after.strip_prefix('.') {
+            Some(f) => {
+                let n = f.bytes().take_while(u8::is_ascii_digit).count();
+                f.split_at(n)
+            }
+            None => ("", after),
+        };
+        if int_part.is_empty() && frac_part.is_empty() {
+            return Err(syntax());
+        }
+        let unit_len = after
+            .char_indices()
+            .find(|(_, c)| c.is_ascii_digit() || *c == '.')
+            .map_or(after.len(), |(i, _)| i);
+        let (unit, after) = after.split_at(unit_len);
+        let nanos_per_unit: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "" => return Err(syntax()),
+            other => return Err(DurationError::Unit(text.to_string(), other.to_string())),
+        };
+        let range = || DurationError::Range(text.to_string());
+        let whole: u128 = if int_part.is_empty() {
+            0
+        } else {
+            int_part.parse::<u64>().map_err(|_| range())?.into()
+        };
+        // Fraction digits beyond nanosecond precision cannot matter (at most 3.6e12 ns/unit).
+        let frac_digits = &frac_part[..frac_part.len().min(15)];
+        let frac: u128 = if frac_digits.is_empty() {
+            0
+        } else {
+            frac_digits.parse::<u128>().map_err(|_| syntax())?
+        };
+        let scale = 10u128.pow(frac_digits.len() as u32);
+        total = whole
+            .checked_mul(nanos_per_unit)
+            .and_then(|w| w.checked_add(frac * nanos_per_unit / scale))
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(range)?;
+        rest = after;
+    }
+    // Go's durations are int64 nanoseconds.
+    if total > i64::MAX as u128 {
+        return Err(DurationError::Range(text.to_string()));
+    }
+    if negative || total == 0 {
+        return Err(DurationError::NotPositive(text.to_string()));
+    }
+    Ok(Duration::from_nanos(total as u64))
+}
 
 /// What the shim campaigns for.
 #[derive(Debug, Clone)]
@@ -75,16 +212,21 @@ fn view_of(id: &str, s: &LeadershipState) -> ShimView {
     }
 }
 
-/// Campaigns forever (reconnecting and re-campaigning), publishing the view.
-pub async fn campaign_loop(config: ShimConfig, view: watch::Sender<ShimView>, stop: CancellationToken) {
+/// Campaigns until `stop` (reconnecting and re-campaigning after transient errors),
+/// publishing the view; returns an error only for a permanent one.
+pub async fn campaign_loop(
+    config: ShimConfig,
+    view: watch::Sender<ShimView>,
+    stop: CancellationToken,
+) -> Result<(), ShimError> {
     let timing = match config.timing() {
         Ok(t) => t,
         Err(e) => {
             view.send_replace(ShimView {
-                problem: Some(e),
+                problem: Some(e.clone()),
                 ..Default::default()
             });
-            return;
+            return Err(ShimError::Config(e));
         }
     };
     let mut backoff = Duration::from_millis(100);
@@ -112,11 +254,26 @@ pub async fn campaign_loop(config: ShimConfig, view: watch::Sender<ShimView>, st
                     tokio::select! {
                         _ = stop.cancelled() => {
                             let _ = campaign.resign().await;
-                            return;
+                            return Ok(());
                         }
                         changed = state.changed() => if changed.is_err() { break },
                     }
                 }
+            }
+            Err(elector_client::Error::Broker { code, message }) if is_permanent(code) => {
+                let e = ShimError::Refused {
+                    election: config.election.clone(),
+                    namespace: config.namespace.clone(),
+                    code,
+                    message,
+                };
+                tracing::error!("{e}; not retrying");
+                view.send_replace(ShimView {
+                    name: String::new(),
+                    healthy: false,
+                    problem: Some(e.to_string()),
+                });
+                return Err(e);
             }
             Err(e) => {
                 tracing::warn!("cannot campaign yet: {e}; retrying in {backoff:?}");
@@ -128,7 +285,7 @@ pub async fn campaign_loop(config: ShimConfig, view: watch::Sender<ShimView>, st
             }
         }
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -163,22 +320,35 @@ pub fn router(view: watch::Receiver<ShimView>) -> Router {
         .with_state(view)
 }
 
-/// Runs the shim until `stop` fires: campaign, and serve HTTP on `http` if given.
+/// Runs the shim until `stop` fires or a permanent error: campaign, and serve HTTP on `http`
+/// if given (the server stops with the campaign).
 pub async fn run(
     config: ShimConfig,
     http: Option<tokio::net::TcpListener>,
     stop: CancellationToken,
-) -> std::io::Result<()> {
+) -> Result<(), ShimError> {
     let (tx, rx) = watch::channel(ShimView::default());
-    let campaign = tokio::spawn(campaign_loop(config, tx, stop.clone()));
+    let serving = stop.child_token();
+    let campaign = tokio::spawn({
+        let serving = serving.clone();
+        async move {
+            let outcome = campaign_loop(config, tx, stop).await;
+            serving.cancel();
+            outcome
+        }
+    });
     if let Some(listener) = http {
-        let s = stop.clone();
         axum::serve(listener, router(rx))
-            .with_graceful_shutdown(async move { s.cancelled().await })
+            .with_graceful_shutdown(async move { serving.cancelled().await })
             .await?;
     }
-    let _ = campaign.await;
-    Ok(())
+    match campaign.await {
+        Ok(outcome) => outcome,
+        // The campaign task panicked or was aborted: say so rather than exit quietly.
+        Err(e) => Err(ShimError::Config(format!(
+            "the campaign task ended abnormally: {e}"
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -218,5 +388,64 @@ mod tests {
             ..c
         };
         assert!(bad.timing().is_err());
+    }
+
+    #[test]
+    fn go_durations() {
+        let ok = |t: &str| parse_go_duration(t).unwrap();
+        assert_eq!(ok("10s"), Duration::from_secs(10));
+        assert_eq!(ok("1m30s"), Duration::from_secs(90));
+        assert_eq!(ok("1.5m"), Duration::from_secs(90));
+        assert_eq!(ok("1h2m3s"), Duration::from_secs(3723));
+        assert_eq!(ok("300ms"), Duration::from_millis(300));
+        assert_eq!(ok(".5s"), Duration::from_millis(500));
+        assert_eq!(ok("1.s"), Duration::from_secs(1));
+        assert_eq!(ok("+2s"), Duration::from_secs(2));
+        assert_eq!(ok("1500us"), Duration::from_micros(1500));
+        assert_eq!(ok("1500\u{b5}s"), Duration::from_micros(1500));
+        assert_eq!(ok("7ns"), Duration::from_nanos(7));
+        assert_eq!(
+            ok("2562047h47m16.854775807s"),
+            Duration::from_nanos(i64::MAX as u64)
+        );
+        for bad in ["", "10", "s", ".s", "1x", "1.2.3s", "1s2", " 1s", "1 s", "1sec"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(matches!(parse_go_duration("1d"), Err(DurationError::Unit(_, u)) if u == "d"));
+        assert!(matches!(
+            parse_go_duration("0"),
+            Err(DurationError::NotPositive(_))
+        ));
+        assert!(matches!(
+            parse_go_duration("-1s"),
+            Err(DurationError::NotPositive(_))
+        ));
+        assert!(matches!(
+            parse_go_duration("0s"),
+            Err(DurationError::NotPositive(_))
+        ));
+        assert!(matches!(
+            parse_go_duration("2562048h"),
+            Err(DurationError::Range(_))
+        ));
+        assert!(matches!(
+            parse_go_duration("99999999999999999999s"),
+            Err(DurationError::Range(_))
+        ));
+    }
+
+    #[test]
+    fn invalid_requests_are_permanent_and_limits_are_not() {
+        assert!(is_permanent(ErrorCode::InvalidElection));
+        assert!(is_permanent(ErrorCode::ForbiddenNamespace));
+        for transient in [
+            ErrorCode::Unattested,
+            ErrorCode::IdentityInUse,
+            ErrorCode::TooManyConnections,
+            ErrorCode::ShuttingDown,
+            ErrorCode::Internal,
+        ] {
+            assert!(!is_permanent(transient), "{transient:?}");
+        }
     }
 }

@@ -187,3 +187,96 @@ fn which(cmd: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+/// `--election Bad_Name` can never succeed: the shim says why and exits non-zero at once
+/// (it used to retry forever), in text and in JSON logs; with a valid name and no broker yet
+/// it keeps retrying (a transient error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_error_ends_the_shim_with_a_clear_message() {
+    let shim = elector_tests::workspace_bin("elector-broker", "elector-shim");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("node.sock");
+
+    // No broker yet: transient, the shim keeps trying (and serves /healthz 503 meanwhile).
+    let mut waiting = tokio::process::Command::new(&shim)
+        .args(["--election", "example", "--id", "pod-a", "--ttl", "1m30s"])
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "an unreachable broker is transient: the shim must keep retrying"
+    );
+    waiting.kill().await.unwrap();
+    let out = waiting.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("retrying"), "{log}");
+
+    let _broker = TestBroker::start("node", dir.path(), Backend::Memory, fast_timing(), false);
+    for format in ["text", "json"] {
+        let run = tokio::process::Command::new(&shim)
+            .args(["--election", "Bad_Name", "--id", "pod-a", "--log-format", format])
+            .arg("--socket")
+            .arg(&socket)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the shim gives up instead of retrying forever")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{format}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("Error: the broker refused to campaign in election \"Bad_Name\"")
+                && last.contains("invalid_election")
+                && last.contains("not a valid object name"),
+            "{format}: {stderr}"
+        );
+        if format == "json" {
+            let logged: Vec<serde_json::Value> = stderr
+                .lines()
+                .filter(|l| l.starts_with('{'))
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect();
+            assert!(
+                logged.iter().any(|v| v["level"] == "ERROR"
+                    && v["fields"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("invalid_election")),
+                "{stderr}"
+            );
+        } else {
+            assert!(
+                !stderr.contains('\u{1b}'),
+                "no colour when stderr is not a terminal: {stderr:?}"
+            );
+        }
+    }
+
+    // Each binary's --help describes itself.
+    let help = std::process::Command::new(&shim).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.starts_with("elector-shim: a drop-in for the 2016 leader-elector sidecar"),
+        "{help}"
+    );
+    // Go durations, as the original's --ttl.
+    let bad = std::process::Command::new(&shim)
+        .args(["--election", "example", "--ttl", "10sec"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("expected Go syntax")
+            || String::from_utf8_lossy(&bad.stderr).contains("unknown unit")
+    );
+}

@@ -189,22 +189,31 @@ impl PodCache {
     }
 }
 
-/// Why a caller could not be attested.
+/// How to run without attestation, and why that is unsafe: said with every attestation failure
+/// (the `unattested` error a client gets, and the broker's log line) and at start-up.
+pub const WITHOUT_ATTESTATION: &str = "to run without attestation (a broker on a laptop or in CI, \
+     whose clients are host processes), start electord with --attest=none; that trusts whatever \
+     a client says, so any process that can reach the socket may campaign in any namespace \
+     under any identity: never use it on a cluster node that runs untrusted pods";
+
+/// Why a caller could not be attested. Every message ends with [`WITHOUT_ATTESTATION`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttestError {
-    #[error("the kernel did not report the caller's pid")]
+    #[error("the kernel did not report the caller's pid ({WITHOUT_ATTESTATION})")]
     NoPeerPid,
-    #[error("process {0} is gone (or not visible: does the broker run with hostPID?)")]
+    #[error(
+        "process {0} is gone (or not visible: does the broker run with hostPID?) ({WITHOUT_ATTESTATION})"
+    )]
     ProcessGone(i32),
-    #[error("{0}")]
+    #[error("{0} ({WITHOUT_ATTESTATION})")]
     Cgroup(#[from] CgroupError),
-    #[error("pod {0} is not (yet) known on this node")]
+    #[error("pod {0} is not (yet) known on this node ({WITHOUT_ATTESTATION})")]
     UnknownPod(String),
-    #[error("no pod on this node runs container {0}")]
+    #[error("no pod on this node runs container {0} ({WITHOUT_ATTESTATION})")]
     UnknownContainer(String),
-    #[error("container {container} is not one of pod {pod}'s containers")]
+    #[error("container {container} is not one of pod {pod}'s containers ({WITHOUT_ATTESTATION})")]
     ContainerMismatch { pod: String, container: String },
-    #[error("process {0} exited and its pid was reused during attestation")]
+    #[error("process {0} exited and its pid was reused during attestation ({WITHOUT_ATTESTATION})")]
     PidReused(i32),
 }
 
@@ -327,5 +336,38 @@ impl Attestor {
             pod,
             container_id: ids.container_id,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_attestation_failure_says_how_to_run_without_it_and_why_that_is_unsafe() {
+        let errors = [
+            AttestError::NoPeerPid,
+            AttestError::ProcessGone(7),
+            AttestError::Cgroup(CgroupError::NotAPod),
+            AttestError::Cgroup(CgroupError::AmbiguousPod("a".into(), "b".into())),
+            AttestError::Cgroup(CgroupError::Malformed),
+            AttestError::UnknownPod("uid".into()),
+            AttestError::UnknownContainer("c".into()),
+            AttestError::ContainerMismatch {
+                pod: "ns/p".into(),
+                container: "c".into(),
+            },
+            AttestError::PidReused(7),
+        ];
+        for e in errors {
+            let text = e.to_string();
+            assert!(text.contains("--attest=none"), "{text}");
+            assert!(text.contains("any identity"), "{text}");
+        }
+        assert!(
+            AttestError::Cgroup(CgroupError::NotAPod)
+                .to_string()
+                .starts_with("the process's cgroups name no pod")
+        );
     }
 }

@@ -10,9 +10,16 @@ use clap::Parser;
 use elector_broker::shim::{self, ShimConfig};
 use tokio_util::sync::CancellationToken;
 
-/// Drop-in replacement for gcr.io/google_containers/leader-elector.
+/// elector-shim: a drop-in for the 2016 leader-elector sidecar
+/// (gcr.io/google_containers/leader-elector). Serves {"name":"<leader>"} over HTTP and
+/// campaigns through the node's elector broker (electord) over its Unix socket, with no
+/// Kubernetes credentials of its own.
+///
+/// Exits non-zero with the broker's message when a campaign can never succeed (e.g.
+/// invalid_election for an election name that is not a valid object name); retries while the
+/// broker is unreachable.
 #[derive(Debug, Parser)]
-#[command(name = "elector-shim", version, about)]
+#[command(name = "elector-shim", version)]
 struct Args {
     /// The name of the election.
     #[arg(long)]
@@ -23,8 +30,9 @@ struct Args {
     /// This candidate's id (default: the hostname, i.e. the pod name).
     #[arg(long)]
     id: Option<String>,
-    /// The lease duration (Go-style: 10s, 1m); renew deadline ttl/2, retry period ttl/4.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    /// The lease duration, in Go's syntax (10s, 1m30s, 1.5m), whole seconds, at least 2s;
+    /// the renew deadline is ttl/2, the retry period ttl/4.
+    #[arg(long, default_value = "10s", value_parser = shim::parse_go_duration)]
     ttl: Duration,
     /// Where to serve {"name":...}, e.g. 0.0.0.0:4040; empty: no HTTP server.
     #[arg(long, default_value = "")]
@@ -32,32 +40,16 @@ struct Args {
     /// The elector broker's socket.
     #[arg(long, env = "ELECTOR_SOCKET", default_value = elector_client::protocol::DEFAULT_SOCKET_PATH)]
     socket: PathBuf,
-}
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("not a duration: {s:?} (try 10s)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("unknown unit in {s:?} (use ms, s, m or h)")),
-    };
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("{s:?} must be positive"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    #[command(flatten)]
+    logging: elector_broker::logging::LogArgs,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    args.logging.init(&filter)?;
     let id = match args.id {
         Some(id) => id,
         None => nix::unistd::gethostname()

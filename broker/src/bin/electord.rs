@@ -18,7 +18,7 @@ use elector_broker::socket::{BrokerIdentity, Limits, SocketOptions};
 
 /// Leader election for every pod of a Kubernetes node, done once per node.
 #[derive(Debug, Parser)]
-#[command(name = "electord", version, about)]
+#[command(name = "electord", version)]
 struct Args {
     /// Run without a cluster: locks live in memory (one node only). For laptops, demos, tests.
     #[arg(long, env = "ELECTOR_STANDALONE")]
@@ -105,6 +105,9 @@ struct Args {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
+
+    #[command(flatten)]
+    logging: elector_broker::logging::LogArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -147,10 +150,7 @@ async fn kube_client(kubeconfig: Option<PathBuf>) -> anyhow::Result<(kube::Clien
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    args.logging.init(&args.log)?;
 
     let timing = ElectionTiming::new(
         Duration::from_secs(args.lease_duration),
@@ -230,6 +230,10 @@ async fn main() -> anyhow::Result<()> {
             }
         });
         if attest == AttestMode::Kubernetes {
+            tracing::info!(
+                "--attest=kubernetes: only pods of this node may connect; {}",
+                elector_broker::attest::WITHOUT_ATTESTATION
+            );
             let pods = Arc::new(PodCache::default());
             pods.watch_node(client.clone(), &node);
             config.attestor = Some(Arc::new(Attestor::new(
