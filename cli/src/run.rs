@@ -1,0 +1,205 @@
+//! `elector run`: CMD runs only while this instance leads (`consul lock` semantics).
+//!
+//! Guarantees and failure modes:
+//! - CMD is started only after the broker said `elected`, and only if no `lost` was already
+//!   queued behind it.
+//! - On `lost` (including a broken connection to the broker) CMD's process group gets SIGTERM,
+//!   then SIGKILL after `--grace`. The broker says `lost` at the renew deadline, before any other
+//!   node can take the lock: a grace shorter than lease duration minus renew deadline stops CMD
+//!   before another node starts its own. A broker that dies takes its connections with it and
+//!   never releases the lock, so other nodes wait out the lease.
+//! - When CMD exits by itself, elector resigns at once (unless `--restart-on-lead`), so the next
+//!   candidate starts within milliseconds; CMD's leftovers in its group are killed first.
+//! - SIGTERM / SIGINT are forwarded to CMD (SIGKILL after `--grace`); then elector resigns and
+//!   exits with CMD's code. While no CMD runs they end elector at once (exit 0), resigning.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use elector_client::{CampaignEvent, CampaignOptions, Client, EventStream};
+use futures::{FutureExt, StreamExt};
+use nix::sys::signal::Signal;
+
+use crate::RunArgs;
+use crate::child::Child;
+use crate::exit;
+use crate::signals::Signals;
+use crate::session::{SessionError, connect_hint};
+
+/// How one run of CMD ended.
+enum Ended {
+    /// CMD exited by itself.
+    Exited(u8),
+    /// Leadership was lost; CMD was stopped.
+    Lost,
+    /// A forwarded signal stopped CMD.
+    Interrupted(u8),
+}
+
+pub async fn run(socket: &Path, args: RunArgs) -> anyhow::Result<u8> {
+    let identity = args.candidate.identity()?;
+    let mut signals = Signals::install()?;
+    let client = Client::connect(socket).await.map_err(unreachable)?;
+    let namespace = match &args.target.namespace {
+        Some(ns) => ns.clone(),
+        None => client
+            .hello()
+            .map(|h| h.default_namespace)
+            .unwrap_or_else(|| "default".into()),
+    };
+    let options = CampaignOptions::new(args.election.clone(), identity.clone())
+        .namespace(namespace.clone())
+        .lock(args.target.lock.into())
+        .priority(args.candidate.priority);
+    let name = format!("{namespace}/{}", args.election);
+
+    loop {
+        let campaign = tokio::select! {
+            c = client.campaign(options.clone()) => c.with_context(|| format!("campaigning in {name} as {identity}"))?,
+            _ = signals.recv() => return Ok(exit::OK),
+        };
+        eprintln!("elector: campaigning in {name} as {identity}");
+        let mut campaign = campaign;
+        let mut events = campaign.events();
+        // Leads, loses and leads again on the same campaign until CMD ends by itself.
+        loop {
+            let term = tokio::select! {
+                term = elected(&mut events) => term.with_context(|| format!("campaigning in {name}"))?,
+                _ = signals.recv() => {
+                    let _ = campaign.resign().await;
+                    return Ok(exit::OK);
+                }
+            };
+            // A `lost` already queued behind `elected`: do not start CMD for nothing.
+            if !drain_until_lost(&mut events) || !campaign.is_leader() {
+                continue;
+            }
+            let env = [
+                ("ELECTOR_TERM", term.to_string()),
+                ("ELECTOR_ELECTION", args.election.clone()),
+                ("ELECTOR_NAMESPACE", namespace.clone()),
+                ("ELECTOR_IDENTITY", identity.clone()),
+            ];
+            let ended = loop {
+                eprintln!("elector: elected in {name} (term {term}): starting CMD");
+                let mut child = match Child::spawn(&args.command, &env) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("elector: {e}");
+                        let _ = campaign.resign().await;
+                        return Ok(e.exit_code());
+                    }
+                };
+                let ended = lead(&mut child, &mut events, &mut signals, args.grace).await;
+                match ended {
+                    Ended::Exited(_) if args.restart_on_lead && campaign.is_leader() => {
+                        eprintln!("elector: CMD exited while leading: starting it again (--restart-on-lead)");
+                        continue;
+                    }
+                    other => break other,
+                }
+            };
+            match ended {
+                Ended::Exited(code) => {
+                    eprintln!("elector: CMD exited ({code}): resigning");
+                    let _ = campaign.resign().await;
+                    if args.once {
+                        return Ok(code);
+                    }
+                    break; // campaign again
+                }
+                Ended::Interrupted(code) => {
+                    let _ = campaign.resign().await;
+                    return Ok(code);
+                }
+                Ended::Lost => {
+                    if args.once {
+                        let _ = campaign.resign().await;
+                        return Ok(exit::LEADERSHIP_LOST);
+                    }
+                    eprintln!("elector: waiting to lead {name} again");
+                }
+            }
+        }
+    }
+}
+
+/// Waits for `elected`; returns its term.
+async fn elected(events: &mut EventStream) -> anyhow::Result<u64> {
+    while let Some(e) = events.next().await {
+        match e {
+            CampaignEvent::Elected { term } => return Ok(term),
+            CampaignEvent::Leader { leader, term } => {
+                let who = leader.as_deref().unwrap_or("nobody");
+                let term = term.map(|t| format!(" (term {t})")).unwrap_or_default();
+                eprintln!("elector: leader: {who}{term}");
+            }
+            CampaignEvent::Lost { .. } => {}
+        }
+    }
+    Err(anyhow::Error::new(elector_client::Error::Disconnected))
+}
+
+/// Consumes the events already queued; false if one of them is `lost`.
+fn drain_until_lost(events: &mut EventStream) -> bool {
+    while let Some(Some(e)) = events.next().now_or_never() {
+        if let CampaignEvent::Lost { term, reason } = e {
+            eprintln!("elector: lost term {term} ({reason}) before CMD started");
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs CMD until it exits, leadership is lost, or a signal comes.
+async fn lead(child: &mut Child, events: &mut EventStream, signals: &mut Signals, grace: Duration) -> Ended {
+    tokio::select! {
+        status = child.wait() => Ended::Exited(status.map(exit::of_status).unwrap_or(exit::FAILURE)),
+        reason = lost(events) => {
+            eprintln!(
+                "elector: leadership lost ({reason}): stopping CMD (SIGTERM, SIGKILL after {})",
+                humantime::format_duration(grace)
+            );
+            let _ = child.stop(Signal::SIGTERM, grace).await;
+            Ended::Lost
+        }
+        sig = signals.recv() => {
+            eprintln!("elector: {sig}: forwarding it to CMD");
+            let status = child.stop(sig, grace).await;
+            Ended::Interrupted(status.map(exit::of_status).unwrap_or(exit::FAILURE))
+        }
+    }
+}
+
+/// Waits for `lost` (a broken connection counts: the client says `lost` with reason
+/// `disconnected`); returns the reason.
+async fn lost(events: &mut EventStream) -> String {
+    while let Some(e) = events.next().await {
+        if let CampaignEvent::Lost { reason, .. } = e {
+            return reason.to_string();
+        }
+    }
+    "the campaign ended".into()
+}
+
+/// The client's connect error, with the path and what to check.
+fn unreachable(e: elector_client::Error) -> anyhow::Error {
+    match e {
+        elector_client::Error::Connect { path, message } => {
+            let kind = if message.contains("os error 2)") || message.contains("os error 111)") {
+                std::io::ErrorKind::NotFound
+            } else if message.contains("os error 13)") {
+                std::io::ErrorKind::PermissionDenied
+            } else {
+                std::io::ErrorKind::Other
+            };
+            anyhow::Error::new(SessionError::Unreachable {
+                path,
+                reason: message,
+                hint: connect_hint(kind),
+            })
+        }
+        other => anyhow::Error::new(other),
+    }
+}
