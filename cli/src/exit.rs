@@ -32,9 +32,8 @@ pub fn code_of(error: &anyhow::Error) -> u8 {
         if let Some(StatusError::Unreachable { .. }) = cause.downcast_ref::<StatusError>() {
             return BROKER_UNREACHABLE;
         }
-        if let Some(
-            elector_client::Error::Connect { .. } | elector_client::Error::Disconnected,
-        ) = cause.downcast_ref::<elector_client::Error>()
+        if let Some(elector_client::Error::Connect { .. } | elector_client::Error::Disconnected) =
+            cause.downcast_ref::<elector_client::Error>()
         {
             return BROKER_UNREACHABLE;
         }

@@ -17,15 +17,18 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use elector_client::{CampaignEvent, CampaignOptions, Client, EventStream};
+use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client, EventStream};
 use futures::{FutureExt, StreamExt};
 use nix::sys::signal::Signal;
 
 use crate::RunArgs;
+
+/// How long a resign may wait for the broker's answer.
+const RESIGN_TIMEOUT: Duration = Duration::from_secs(5);
 use crate::child::Child;
 use crate::exit;
-use crate::signals::Signals;
 use crate::session::{SessionError, connect_hint};
+use crate::signals::Signals;
 
 /// How one run of CMD ended.
 enum Ended {
@@ -67,7 +70,7 @@ pub async fn run(socket: &Path, args: RunArgs) -> anyhow::Result<u8> {
             let term = tokio::select! {
                 term = elected(&mut events) => term.with_context(|| format!("campaigning in {name}"))?,
                 _ = signals.recv() => {
-                    let _ = campaign.resign().await;
+                    resign(campaign).await;
                     return Ok(exit::OK);
                 }
             };
@@ -87,7 +90,7 @@ pub async fn run(socket: &Path, args: RunArgs) -> anyhow::Result<u8> {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("elector: {e}");
-                        let _ = campaign.resign().await;
+                        resign(campaign).await;
                         return Ok(e.exit_code());
                     }
                 };
@@ -103,25 +106,33 @@ pub async fn run(socket: &Path, args: RunArgs) -> anyhow::Result<u8> {
             match ended {
                 Ended::Exited(code) => {
                     eprintln!("elector: CMD exited ({code}): resigning");
-                    let _ = campaign.resign().await;
+                    resign(campaign).await;
                     if args.once {
                         return Ok(code);
                     }
                     break; // campaign again
                 }
                 Ended::Interrupted(code) => {
-                    let _ = campaign.resign().await;
+                    resign(campaign).await;
                     return Ok(code);
                 }
                 Ended::Lost => {
                     if args.once {
-                        let _ = campaign.resign().await;
+                        resign(campaign).await;
                         return Ok(exit::LEADERSHIP_LOST);
                     }
                     eprintln!("elector: waiting to lead {name} again");
                 }
             }
         }
+    }
+}
+
+/// Gives up the campaign: at once if the broker is reachable (it hands over), else by
+/// dropping it (the client stops re-campaigning; the broker already let go with the connection).
+async fn resign(campaign: Campaign) {
+    if campaign.state().borrow().connected {
+        let _ = tokio::time::timeout(RESIGN_TIMEOUT, campaign.resign()).await;
     }
 }
 

@@ -49,10 +49,7 @@ pub enum SessionError {
 }
 
 fn because(last_error: &Option<String>) -> String {
-    last_error
-        .as_ref()
-        .map(|e| format!(" ({e})"))
-        .unwrap_or_default()
+    last_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
 }
 
 impl SessionError {
@@ -196,8 +193,8 @@ impl Session {
                 Some(Err(_)) | None => return Err(self.connection_lost()),
             };
             let text = String::from_utf8_lossy(&line).into_owned();
-            let event = protocol::parse_event(&line)
-                .map_err(|e| SessionError::Protocol(format!("{e}: {text}")))?;
+            let event =
+                protocol::parse_event(&line).map_err(|e| SessionError::Protocol(format!("{e}: {text}")))?;
             if let Event::Error(e) = &event
                 && e.id.is_none()
             {

@@ -33,4 +33,3 @@ impl Signals {
         self.0.recv().await.unwrap_or(Signal::SIGTERM)
     }
 }
-
