@@ -141,10 +141,17 @@ async fn elected(events: &mut EventStream) -> anyhow::Result<u64> {
     while let Some(e) = events.next().await {
         match e {
             CampaignEvent::Elected { term } => return Ok(term),
-            CampaignEvent::Leader { leader, term } => {
-                let who = leader.as_deref().unwrap_or("nobody");
+            CampaignEvent::Leader {
+                leader,
+                term,
+                unknown,
+            } => {
                 let term = term.map(|t| format!(" (term {t})")).unwrap_or_default();
-                eprintln!("elector: leader: {who}{term}");
+                match (leader, unknown) {
+                    (_, Some(why)) => eprintln!("elector: unknown who leads{term}: {why}"),
+                    (Some(who), None) => eprintln!("elector: {who} leads{term}"),
+                    (None, None) => eprintln!("elector: nobody leads{term}"),
+                }
             }
             CampaignEvent::Lost { .. } => {}
         }

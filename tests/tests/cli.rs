@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use elector_tests::harness::{TestBroker, fast_timing};
 use elector_tests::kube_api::TestApiServer;
+use elector_tests::workspace_bin;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -21,43 +22,14 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Paths of the `elector` and `electord` binaries, built once per test process (a no-op after
-/// the workspace build).
+/// Paths of the `elector` and `electord` binaries.
 fn bins() -> &'static (PathBuf, PathBuf) {
     static BINS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BINS.get_or_init(|| {
-        let mut cargo = Command::new(env!("CARGO"));
-        // Without the variables cargo sets for this test (CARGO_MANIFEST_DIR, CARGO_PKG_NAME,
-        // OUT_DIR...): build scripts that watch them (ring's) would run again, and the next
-        // workspace build would redo them too.
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR") || k == "OUT_DIR" {
-                cargo.env_remove(&key);
-            }
-        }
-        let status = cargo
-            .args([
-                "build",
-                "-q",
-                "--locked",
-                "-p",
-                "elector-cli",
-                "-p",
-                "elector-broker",
-                "--bin",
-                "elector",
-                "--bin",
-                "electord",
-            ])
-            .current_dir(repo())
-            .status()
-            .expect("cargo build");
-        assert!(status.success());
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join("target"));
-        (target.join("debug/elector"), target.join("debug/electord"))
+        (
+            workspace_bin("elector-cli", "elector"),
+            workspace_bin("elector-broker", "electord"),
+        )
     })
 }
 
