@@ -723,3 +723,44 @@ fn the_leader_cron_example_runs_its_loop_on_one_replica() {
         second.stdout().contains("report by report-cron-b (term 1)")
     });
 }
+
+/// A broker that cannot reach the API server: `leader` says who leads is unknown, and why (exit
+/// 4, not "nobody", 3); `observe` prints the same; once the API answers again, the real leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_lock_is_unknown_not_nobody() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, user) = TestBroker::on_server(&server, "node-a", dir.path(), fast_timing());
+    server.faults(&user).partition(true);
+    let out = tokio::process::Command::from(with_socket(&broker.socket, &["leader", "cut-off"]))
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("who leads default/cut-off is unknown: "), "{err}");
+    assert!(out.stdout.is_empty());
+    let observer = Proc::spawn(
+        with_socket(&broker.socket, &["observe", "cut-off"]),
+        dir.path(),
+        "observe",
+    );
+    let o = observer.out.clone();
+    let seen = move |what: &'static str| {
+        let o = o.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_for(what, Duration::from_secs(30), || {
+                std::fs::read_to_string(&o).unwrap_or_default().contains(what)
+            })
+        })
+    };
+    seen("unknown who leads").await.unwrap();
+    assert!(!observer.stdout().contains("nobody"), "{}", observer.stdout());
+    server.faults(&user).partition(false);
+    let _campaign = Proc::spawn(
+        with_socket(&broker.socket, &["campaign", "cut-off", "--identity", "pod-a"]),
+        dir.path(),
+        "campaign",
+    );
+    seen("pod-a leads").await.unwrap();
+}
