@@ -20,6 +20,7 @@ use anyhow::Context;
 use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client, EventStream};
 use futures::{FutureExt, StreamExt};
 use nix::sys::signal::Signal;
+use tokio::time::Instant;
 
 use crate::RunArgs;
 
@@ -153,7 +154,7 @@ async fn elected(events: &mut EventStream) -> anyhow::Result<u64> {
                     (None, None) => eprintln!("elector: nobody leads{term}"),
                 }
             }
-            CampaignEvent::Lost { .. } => {}
+            CampaignEvent::Lost { .. } | CampaignEvent::Jeopardy { .. } | CampaignEvent::Safe { .. } => {}
         }
     }
     Err(anyhow::Error::new(elector_client::Error::Disconnected))
@@ -171,53 +172,75 @@ fn drain_until_lost(events: &mut EventStream) -> bool {
 }
 
 /// Runs CMD until it exits, leadership is lost, or a signal comes.
+///
+/// A jeopardy (the broker went away while leading; the client still holds a guarantee until
+/// `valid_until`) keeps CMD running, unless the guarantee runs out: CMD gets SIGTERM `grace`
+/// before `valid_until` and SIGKILL at `valid_until`, so that it is gone when the guarantee is.
 async fn lead(child: &mut Child, events: &mut EventStream, signals: &mut Signals, grace: Duration) -> Ended {
-    tokio::select! {
-        status = child.wait() => Ended::Exited(status.map(exit::of_status).unwrap_or(exit::FAILURE)),
-        reason = lost(events) => {
-            eprintln!(
-                "elector: leadership lost ({reason}): stopping CMD (SIGTERM, SIGKILL after {})",
-                humantime::format_duration(grace)
-            );
-            let _ = child.stop(Signal::SIGTERM, grace).await;
-            Ended::Lost
-        }
-        sig = signals.recv() => {
-            eprintln!("elector: {sig}: forwarding it to CMD");
-            let status = child.stop(sig, grace).await;
-            Ended::Interrupted(status.map(exit::of_status).unwrap_or(exit::FAILURE))
+    let mut jeopardy_until: Option<Instant> = None;
+    loop {
+        let stop_at = jeopardy_until.map(|until| until.checked_sub(grace).unwrap_or_else(Instant::now));
+        tokio::select! {
+            status = child.wait() => {
+                return Ended::Exited(status.map(exit::of_status).unwrap_or(exit::FAILURE));
+            }
+            event = events.next() => match event {
+                Some(CampaignEvent::Lost { reason, .. }) => {
+                    eprintln!(
+                        "elector: leadership lost ({reason}): stopping CMD (SIGTERM, SIGKILL after {})",
+                        humantime::format_duration(grace)
+                    );
+                    let _ = child.stop(Signal::SIGTERM, grace).await;
+                    return Ended::Lost;
+                }
+                Some(CampaignEvent::Jeopardy { term, valid_until }) => {
+                    let left = valid_until.saturating_duration_since(Instant::now());
+                    eprintln!(
+                        "elector: the broker is unreachable: term {term} stays valid for {} at most; \
+                         CMD goes on unless no broker confirms it by then",
+                        humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
+                    );
+                    jeopardy_until = Some(valid_until);
+                }
+                Some(CampaignEvent::Safe { term }) => {
+                    eprintln!("elector: a broker confirmed term {term}: CMD goes on");
+                    jeopardy_until = None;
+                }
+                Some(_) => {}
+                None => {
+                    let _ = child.stop(Signal::SIGTERM, grace).await;
+                    return Ended::Lost;
+                }
+            },
+            _ = tokio::time::sleep_until(stop_at.unwrap_or_else(Instant::now)), if stop_at.is_some() => {
+                let left = jeopardy_until
+                    .map(|until| until.saturating_duration_since(Instant::now()))
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(1));
+                eprintln!(
+                    "elector: no broker confirmed the leadership: stopping CMD (SIGTERM, SIGKILL after {})",
+                    humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
+                );
+                let _ = child.stop(Signal::SIGTERM, left).await;
+                return Ended::Lost;
+            }
+            sig = signals.recv() => {
+                eprintln!("elector: {sig}: forwarding it to CMD");
+                let status = child.stop(sig, grace).await;
+                return Ended::Interrupted(status.map(exit::of_status).unwrap_or(exit::FAILURE));
+            }
         }
     }
-}
-
-/// Waits for `lost` (a broken connection counts: the client says `lost` with reason
-/// `disconnected`); returns the reason.
-async fn lost(events: &mut EventStream) -> String {
-    while let Some(e) = events.next().await {
-        if let CampaignEvent::Lost { reason, .. } = e {
-            return reason.to_string();
-        }
-    }
-    "the campaign ended".into()
 }
 
 /// The client's connect error, with the path and what to check.
 fn unreachable(e: elector_client::Error) -> anyhow::Error {
     match e {
-        elector_client::Error::Connect { path, message } => {
-            let kind = if message.contains("os error 2)") || message.contains("os error 111)") {
-                std::io::ErrorKind::NotFound
-            } else if message.contains("os error 13)") {
-                std::io::ErrorKind::PermissionDenied
-            } else {
-                std::io::ErrorKind::Other
-            };
-            anyhow::Error::new(SessionError::Unreachable {
-                path,
-                reason: message,
-                hint: connect_hint(kind),
-            })
-        }
+        elector_client::Error::Connect { path, source } => anyhow::Error::new(SessionError::Unreachable {
+            path,
+            reason: source.to_string(),
+            hint: connect_hint(source.kind()),
+        }),
         other => anyhow::Error::new(other),
     }
 }

@@ -156,6 +156,8 @@ pub async fn campaign(socket: &Path, args: CampaignArgs) -> anyhow::Result<u8> {
             lock: Some(args.target.lock.into()),
             timing: None,
             priority: Some(args.candidate.priority),
+            term: None,
+            valid_until: None,
         }))
         .await?;
     // Until interrupted; then resign and wait for the broker's `ok` (after its `lost`).
