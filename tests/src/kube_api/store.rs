@@ -61,6 +61,8 @@ pub enum StoreError {
     NotFound,
     AlreadyExists,
     Conflict,
+    /// Refused by a check made inside the write (validation, admission): the `Status` to answer.
+    Rejected(Value),
 }
 
 #[derive(Debug)]
