@@ -467,6 +467,48 @@ impl TestApiServer {
         Ok(kube::Client::try_from(config)?)
     }
 
+    /// Creates any object this server serves (a Namespace, an admission policy, a Lease...), as
+    /// the admin, through the API: it is validated as any client's would be. Returns the stored
+    /// object.
+    pub async fn create_object(&self, object: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let api_version = object["apiVersion"].as_str().unwrap_or_default();
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let resource = resources::ALL
+            .iter()
+            .find(|r| r.api_version() == api_version && r.kind == kind)
+            .ok_or_else(|| anyhow::anyhow!("the test API server does not serve {api_version} {kind}"))?;
+        let prefix = if resource.group.is_empty() {
+            "/api/v1".to_string()
+        } else {
+            format!("/apis/{}/{}", resource.group, resource.version)
+        };
+        let path = if resource.namespaced {
+            let ns = object["metadata"]["namespace"].as_str().unwrap_or("default");
+            format!("{prefix}/namespaces/{ns}/{}", resource.plural)
+        } else {
+            format!("{prefix}/{}", resource.plural)
+        };
+        let request = http::Request::post(path)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(object)?)?;
+        let client = self.client(&self.admin).await?;
+        Ok(serde_json::from_str(&client.request_text(request).await?)?)
+    }
+
+    /// Creates namespace `name` carrying `labels`.
+    pub async fn create_namespace(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        self.create_object(&serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels},
+        }))
+        .await
+        .map(drop)
+    }
+
     /// Fault control for one user.
     pub fn faults(&self, user: &User) -> Faults<'_> {
         Faults {
