@@ -44,7 +44,7 @@ use super::resources::{
     self, FieldError, NAMESPACES, Resource, VALIDATING_ADMISSION_POLICIES,
     VALIDATING_ADMISSION_POLICY_BINDINGS,
 };
-use super::store::{ObjectKey, Store};
+use super::store::{ObjectKey, Store, metadata_mut};
 
 /// The label every namespace carries with its own name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -810,8 +810,10 @@ pub fn validate_binding(binding: &Value) -> Vec<FieldError> {
 /// What the real server fills in on a stored policy or binding: the defaulted match fields,
 /// `generation`, and a policy's empty `status`.
 pub fn apply_defaults(resource: &Resource, object: &mut Value, generation: i64) {
-    object["metadata"]["generation"] = json!(generation);
-    let spec = &mut object["spec"];
+    metadata_mut(object).insert("generation".into(), json!(generation));
+    let Some(spec) = object.get_mut("spec").filter(|s| s.is_object()) else {
+        return;
+    };
     let match_field = if std::ptr::eq(resource, &VALIDATING_ADMISSION_POLICIES) {
         if spec.get("failurePolicy").is_none() {
             spec["failurePolicy"] = json!("Fail");
@@ -1211,6 +1213,22 @@ mod tests {
                 "{ok}: {:?}",
                 compile(ok, Want::Bool, false).err()
             );
+        }
+    }
+
+    #[test]
+    fn malformed_objects_are_refused_not_panicked_on() {
+        for bad in [
+            json!({"metadata": "x", "spec": "y"}),
+            json!({"spec": {"validations": "no", "matchConstraints": []}}),
+            json!({"spec": {"validations": [{"expression": 7}], "matchConditions": [{}]}}),
+            json!(null),
+        ] {
+            assert!(compile_policy(&bad).is_err(), "{bad}");
+            assert!(!validate_binding(&bad).is_empty(), "{bad}");
+            let mut object = bad.clone();
+            apply_defaults(&VALIDATING_ADMISSION_POLICIES, &mut object, 1);
+            apply_defaults(&VALIDATING_ADMISSION_POLICY_BINDINGS, &mut object, 1);
         }
     }
 
