@@ -150,7 +150,7 @@ impl TestBroker {
                                     Duration::from_millis(700),
                                 )));
                             }
-                            Backends::kubernetes(client, Some(metrics.clone()))
+                            Backends::kubernetes(client, &node_name, Some(metrics.clone()))
                         }
                     };
                     Daemon::start(config, backends, metrics, Arc::new(Readiness::standalone()))

@@ -3,6 +3,7 @@
 
 pub mod harness;
 pub mod kube_api;
+pub mod manifests;
 pub mod raw;
 
 pub use raw::RawClient;

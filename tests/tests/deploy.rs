@@ -1,45 +1,26 @@
 //! The deployment manifests: they parse into Kubernetes types, agree with the binaries'
 //! defaults, and grant exactly what the broker uses (RBAC completeness, against the test API
-//! server with the ClusterRole's rules as the broker's only permissions).
+//! server with the ClusterRoles' rules, bound as the manifests bind them, as the broker's only
+//! permissions, and the shipped admission policy in force).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use elector_client::protocol::{DEFAULT_SOCKET_PATH, LockKind};
 use elector_client::{CampaignOptions, Client};
 use elector_tests::harness::{Backend, TestBroker, fast_timing};
-use elector_tests::kube_api::{Rule, TestApiServer};
+use elector_tests::kube_api::TestApiServer;
+use elector_tests::manifests::{
+    broker_service_account, cluster_role_rules, documents, install_admission_policy,
+};
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use serde::Deserialize;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use serde_json::Value;
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// Every YAML document under deploy/, as JSON values.
-fn documents() -> Vec<(PathBuf, Value)> {
-    let mut out = Vec::new();
-    let mut dirs = vec![deploy_dir()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "yaml") {
-                let text = std::fs::read_to_string(&p).unwrap();
-                for doc in serde_yaml::Deserializer::from_str(&text) {
-                    let v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-                    out.push((p.clone(), v));
-                }
-            }
-        }
-    }
-    out
-}
 
 fn typed<T: serde::de::DeserializeOwned>(kind: &str) -> Vec<T> {
     documents()
@@ -62,9 +43,16 @@ fn every_manifest_parses_into_kubernetes_types() {
             "ServiceAccount" => serde_json::from_value::<ServiceAccount>(v.clone()).is_ok(),
             "ClusterRole" => serde_json::from_value::<ClusterRole>(v.clone()).is_ok(),
             "ClusterRoleBinding" => serde_json::from_value::<ClusterRoleBinding>(v.clone()).is_ok(),
+            "RoleBinding" => serde_json::from_value::<RoleBinding>(v.clone()).is_ok(),
+            "ValidatingAdmissionPolicy" => {
+                serde_json::from_value::<ValidatingAdmissionPolicy>(v.clone()).is_ok()
+            }
+            "ValidatingAdmissionPolicyBinding" => {
+                serde_json::from_value::<ValidatingAdmissionPolicyBinding>(v.clone()).is_ok()
+            }
             "DaemonSet" => serde_json::from_value::<DaemonSet>(v.clone()).is_ok(),
             "Deployment" => serde_json::from_value::<Deployment>(v.clone()).is_ok(),
-            "Kustomization" => v["resources"]
+            "Kustomization" | "Component" => v["resources"]
                 .as_array()
                 .unwrap()
                 .iter()
@@ -176,22 +164,79 @@ async fn manifests_match_the_binaries_defaults() {
     }
 }
 
+#[test]
+fn lock_permissions_are_bound_per_namespace_only() {
+    let docs = documents();
+    let cluster_bound: Vec<String> = docs
+        .iter()
+        .filter(|(_, v)| v["kind"] == "ClusterRoleBinding")
+        .map(|(_, v)| v["roleRef"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        cluster_bound,
+        ["electord-attestation"],
+        "only pod reads are cluster-wide"
+    );
+    let attestation = cluster_role_rules("electord-attestation", None);
+    assert!(
+        attestation
+            .iter()
+            .all(|r| r.resources == ["pods"] && r.verbs.iter().all(|v| v == "list" || v == "watch")),
+        "{attestation:?}"
+    );
+    let (sa_namespace, sa_name) = broker_service_account();
+    let role_bindings: Vec<&Value> = docs
+        .iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["kind"] == "RoleBinding")
+        .collect();
+    assert_eq!(
+        role_bindings.len(),
+        1,
+        "the enable-namespace component's RoleBinding"
+    );
+    let rb = role_bindings[0];
+    assert_eq!(rb["roleRef"]["name"], "electord-locks");
+    assert!(
+        rb["metadata"].get("namespace").is_none(),
+        "its namespace is the enabling kustomization's"
+    );
+    assert_eq!(rb["subjects"][0]["name"], sa_name.as_str());
+    assert_eq!(rb["subjects"][0]["namespace"], sa_namespace.as_str());
+    // The component also labels the namespace with what the admission policy reads.
+    let component = docs
+        .iter()
+        .find(|(_, v)| v["kind"] == "Component")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let patch = component["patches"][0]["patch"].as_str().unwrap();
+    assert!(patch.contains("elector.dev/enabled: \"true\""), "{patch}");
+    let policy = docs
+        .iter()
+        .find(|(_, v)| v["kind"] == "ValidatingAdmissionPolicy")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let text = policy.to_string();
+    assert!(text.contains("elector.dev/enabled"));
+    assert!(text.contains(&format!("system:serviceaccount:{sa_namespace}:{sa_name}")));
+    for system in ["kube-system", "kube-public", "kube-node-lease"] {
+        assert!(text.contains(system), "{system} is never enabled");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbac_is_exactly_what_the_broker_uses() {
-    let role = &typed::<ClusterRole>("ClusterRole")[0];
-    let rules: Vec<Rule> = role
-        .rules
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(|r| Rule {
-            verbs: r.verbs.clone(),
-            api_groups: r.api_groups.clone().unwrap_or_default(),
-            resources: r.resources.clone().unwrap_or_default(),
-            namespaces: None,
-        })
-        .collect();
+    // As deployed: pod reads cluster-wide, lock permissions by a RoleBinding in the one enabled
+    // namespace, and the admission policy in force.
+    let mut rules = cluster_role_rules("electord-attestation", None);
+    rules.extend(cluster_role_rules("electord-locks", Some(&["default"])));
+    let (sa_namespace, sa_name) = broker_service_account();
     let server = TestApiServer::start().await.unwrap();
+    install_admission_policy(&server).await.unwrap();
+    server
+        .create_namespace("default", &[("elector.dev/enabled", "true")])
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut brokers = Vec::new();
     let mut users = Vec::new();
@@ -225,7 +270,13 @@ async fn rbac_is_exactly_what_the_broker_uses() {
             format!("0::/kubepods/pod{uid}/{}\n", "a".repeat(64)),
         )
         .unwrap();
-        let user = server.add_user(node, rules.clone());
+        let user = server.add_bound_service_account(
+            &sa_namespace,
+            &sa_name,
+            &format!("electord-{node}"),
+            node,
+            rules.clone(),
+        );
         brokers.push(TestBroker::start_attested(
             node,
             dir.path(),
@@ -275,12 +326,17 @@ async fn rbac_is_exactly_what_the_broker_uses() {
         .iter()
         .filter(|r| users.iter().any(|u| u.name == r.user))
         .collect();
+    // Neither RBAC nor the admission policy refused anything.
     let forbidden: Vec<_> = mine
         .iter()
         .filter(|r| r.status == 403)
         .map(|r| format!("{} {}", r.verb, r.path))
         .collect();
     assert!(forbidden.is_empty(), "forbidden: {forbidden:?}");
+    assert!(
+        mine.iter().any(|r| r.is_write() && r.status < 300),
+        "the broker wrote through the policy"
+    );
     let used: BTreeSet<(String, String)> = mine
         .iter()
         .filter(|r| r.verb != "discovery")

@@ -7,11 +7,19 @@
 //! Each transcript is one request; what must exist before it (and, for watches, what happened
 //! while the watch was open) is derived from the transcript itself, so new files are picked up
 //! without touching this test.
+//!
+//! The `admission-v1.32/` folder is replayed the same way, each request in the folder's context:
+//! the admission policies and bindings that the folder's own transcripts create are in place
+//! (except for those creations themselves), the request's namespace carries the labels the
+//! bindings select, and the caller is the user its `auth` describes, a token bound to a pod on a
+//! node carrying that node in `userInfo.extra` (the whole `extra` when the expected answer shows
+//! it) and without RBAC permission where the expected answer is RBAC's 403.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use elector_tests::kube_api::{Rule, TestApiServer, User};
+use elector_tests::kube_api::{NODE_NAME_EXTRA, Rule, TestApiServer, User};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
@@ -91,13 +99,16 @@ impl Replay {
         Replay { server, admin }
     }
 
-    async fn client_for(&self, auth: Option<&str>) -> kube::Client {
+    /// A client for the user a transcript's `auth` describes; `response` is the expected answer
+    /// (it tells whether the user has RBAC permission and, for a self-review, its whole `extra`).
+    async fn client_for(&self, auth: Option<&str>, response: &Value) -> kube::Client {
         let auth = auth.unwrap_or("user admin");
         if auth.contains("invalid token") {
             let bogus = User {
                 name: "nobody".into(),
                 token: "not-a-known-token".into(),
                 rules: vec![],
+                extra: BTreeMap::new(),
             };
             return self.server.client(&bogus).await.unwrap();
         }
@@ -109,13 +120,59 @@ impl Replay {
         if name == "admin" {
             return self.admin.clone();
         }
-        let rules = if auth.contains("no roles") {
+        let rbac_denied = response["status"] == 403
+            && response["body"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("User \"{name}\" cannot")));
+        let rules = if auth.contains("no roles") || rbac_denied {
             vec![]
         } else {
             vec![Rule::all()]
         };
-        let user = self.server.add_user(name, rules);
+        // "(token bound to pod P on node N)": what a bound token's user carries.
+        let mut extra: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let word_after = |marker: &str| {
+            auth.split(marker)
+                .nth(1)
+                .and_then(|rest| rest.split([' ', ')']).next())
+                .map(str::to_string)
+        };
+        if let Some(pod) = word_after("bound to pod ") {
+            extra.insert("authentication.kubernetes.io/pod-name".into(), vec![pod]);
+        }
+        if let Some(node) = word_after(" on node ") {
+            extra.insert(NODE_NAME_EXTRA.into(), vec![node]);
+        }
+        if let Some(shown) = response["body"]["status"]["userInfo"]["extra"].as_object() {
+            extra = shown
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::from_value(v.clone()).unwrap()))
+                .collect();
+        }
+        let user = self.server.add_user_with_extra(name, rules, extra);
         self.server.client(&user).await.unwrap()
+    }
+
+    /// Creates the folder's admission policies and bindings, and the namespace of `path` with
+    /// the labels the bindings select.
+    async fn admission_context(&self, setup: &[Value], path: &str) {
+        let mut labels = serde_json::Map::new();
+        for t in setup {
+            let req = &t["request"];
+            self.admin_json("POST", req["path"].as_str().unwrap(), Some(&req["body"]))
+                .await;
+            if let Some(wanted) =
+                req["body"]["spec"]["matchResources"]["namespaceSelector"]["matchLabels"].as_object()
+            {
+                labels.extend(wanted.clone());
+            }
+        }
+        if let Some((_, ns, _)) = path_target(path) {
+            let namespace = json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": ns, "labels": labels}});
+            self.admin_json("POST", "/api/v1/namespaces", Some(&namespace))
+                .await;
+        }
     }
 
     async fn send(
@@ -228,12 +285,23 @@ fn set_query(path: &str, key: &str, value: &str) -> String {
     format!("{base}?{}", pairs.join("&"))
 }
 
-async fn replay_request(t: &Value) -> Vec<String> {
+/// Whether a transcript creates an admission policy or binding (the admission folder's set-up).
+fn creates_admission_config(t: &Value) -> bool {
+    t["request"]["method"] == "POST"
+        && t["request"]["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("/apis/admissionregistration.k8s.io/"))
+}
+
+async fn replay_request(t: &Value, setup: &[Value]) -> Vec<String> {
     let r = Replay::new().await;
     let req = &t["request"];
     let resp = &t["response"];
     let method = req["method"].as_str().unwrap();
     let mut path = req["path"].as_str().unwrap().to_string();
+    if !setup.is_empty() && !creates_admission_config(t) {
+        r.admission_context(setup, &path).await;
+    }
     let want_status = resp["status"].as_u64().unwrap() as u16;
     let mut body = req.get("body").filter(|b| !b.is_null()).cloned();
     let target = path_target(&path);
@@ -276,7 +344,7 @@ async fn replay_request(t: &Value) -> Vec<String> {
         _ => {}
     }
 
-    let client = r.client_for(req["auth"].as_str()).await;
+    let client = r.client_for(req["auth"].as_str(), resp).await;
     let ct = req["content_type"].as_str();
     let (status, content_type, response) = r.send(&client, method, &path.clone(), ct, body.as_ref()).await;
     let mut problems = Vec::new();
@@ -346,7 +414,7 @@ async fn replay_watch(t: &Value) -> Vec<String> {
         path = set_query(&path, "resourceVersion", &from.to_string());
     }
 
-    let client = r.client_for(req["auth"].as_str()).await;
+    let client = r.client_for(req["auth"].as_str(), &t["response"]).await;
     let (status, ct, resp) = r.send(&client, "GET", &path, None, None).await;
     let mut problems = Vec::new();
     let want_status = t["response"]["status"].as_u64().unwrap_or(200) as u16;
@@ -409,33 +477,55 @@ async fn replay_watch(t: &Value) -> Vec<String> {
     problems
 }
 
-#[tokio::test]
-async fn every_transcript_replays_like_the_real_server() {
-    let dir = transcripts_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+/// Replays every transcript in `dir`; returns how many, and the differences found.
+async fn replay_folder(dir: &Path, with_admission_context: bool) -> (usize, Vec<String>) {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     files.sort();
+    let transcripts: Vec<(PathBuf, Value)> = files
+        .into_iter()
+        .map(|f| {
+            let t = serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+            (f, t)
+        })
+        .collect();
+    let setup: Vec<Value> = if with_admission_context {
+        transcripts
+            .iter()
+            .map(|(_, t)| t)
+            .filter(|t| creates_admission_config(t) && t["response"]["status"] == 201)
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut replayed = 0;
     let mut failures = Vec::new();
-    for file in &files {
-        let t: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    for (file, t) in &transcripts {
         let Some(req) = t.get("request") else {
             continue; // records, not a request (client-go-records.json: see the interop tests)
         };
         let is_watch = req["path"].as_str().is_some_and(|p| p.contains("watch=true"));
         let problems = if is_watch {
-            replay_watch(&t).await
+            replay_watch(t).await
         } else {
-            replay_request(&t).await
+            replay_request(t, &setup).await
         };
         replayed += 1;
         if !problems.is_empty() {
             failures.push(format!("{}:\n  {}", file.display(), problems.join("\n  ")));
         }
     }
+    (replayed, failures)
+}
+
+#[tokio::test]
+async fn every_transcript_replays_like_the_real_server() {
+    let dir = transcripts_dir();
+    let (replayed, failures) = replay_folder(&dir, false).await;
     assert!(
         replayed >= 20,
         "only {replayed} transcripts found in {}",
@@ -448,4 +538,22 @@ async fn every_transcript_replays_like_the_real_server() {
         failures.join("\n")
     );
     println!("replayed {replayed} transcripts");
+}
+
+#[tokio::test]
+async fn every_admission_transcript_replays_like_the_real_v1_32_server() {
+    let dir = transcripts_dir().join("admission-v1.32");
+    let (replayed, failures) = replay_folder(&dir, true).await;
+    assert!(
+        replayed >= 8,
+        "only {replayed} transcripts found in {}",
+        dir.display()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {replayed} transcripts differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    println!("replayed {replayed} admission transcripts");
 }

@@ -243,7 +243,7 @@ async fn main() -> anyhow::Result<()> {
             )));
         }
         (
-            Backends::kubernetes(client, Some(metrics.clone())).at(api_url),
+            Backends::kubernetes(client, &node, Some(metrics.clone())).at(api_url),
             readiness,
         )
     };

@@ -39,6 +39,12 @@ pub enum LockFailure {
         /// What went wrong, for people (logs, and the `unknown` of a leader view).
         cause: String,
     },
+    /// The API server refused the request (403): RBAC (the namespace has no RoleBinding for the
+    /// broker) or the admission policy. `message` is the server's, naming what was missing.
+    Forbidden { message: String },
+    /// The object is not a lock: an Endpoints with subsets is a live Service's, which the broker
+    /// never writes. Nothing was sent.
+    NotALock { message: String },
 }
 
 impl LockFailure {

@@ -484,7 +484,11 @@ impl<Raw: Clone> Contender<Raw> {
             Ok(obs) => self.written(now, started, purpose, party, obs),
             Err(LockFailure::Conflict) => self.phase = Phase::MustRead,
             Err(LockFailure::NotFound) => self.apply(now, LockState::Missing),
-            Err(f @ LockFailure::Transient { .. }) => self.backoff(now, f),
+            Err(
+                f @ (LockFailure::Transient { .. }
+                | LockFailure::Forbidden { .. }
+                | LockFailure::NotALock { .. }),
+            ) => self.backoff(now, f),
         }
     }
 
@@ -596,7 +600,10 @@ impl<Raw: Clone> Contender<Raw> {
 
     fn backoff(&mut self, now: Instant, failure: LockFailure) {
         self.failures = self.failures.saturating_add(1);
-        if let LockFailure::Transient { cause, .. } = &failure {
+        if let LockFailure::Transient { cause, .. }
+        | LockFailure::Forbidden { message: cause }
+        | LockFailure::NotALock { message: cause } = &failure
+        {
             self.last_failure = Some(cause.clone());
         }
         let base = self

@@ -7,6 +7,18 @@ use serde::{Deserialize, Serialize};
 /// The Endpoints annotation that carries a JSON [`LeaderRecord`].
 pub const LEADER_ANNOTATION: &str = "control-plane.alpha.kubernetes.io/leader";
 
+/// The annotation naming the node whose broker wrote the lock object last. Every write sets it;
+/// the admission policy (deploy/admission-policy.yaml) requires it to be the node of the
+/// writer's bound service-account token.
+pub const NODE_ANNOTATION: &str = "elector.dev/node";
+
+/// The label on every lock object elector creates (objects created by others, such as
+/// client-go's, are not relabelled).
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+
+/// The value of [`MANAGED_BY_LABEL`] on elector's objects.
+pub const MANAGED_BY: &str = "elector";
+
 /// Who holds an election, as stored in the lock object.
 ///
 /// The wall-clock times are informational only: expiry is judged on the local monotonic clock

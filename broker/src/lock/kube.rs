@@ -5,6 +5,19 @@
 //! each kube-rs watch over HTTP/1.1 holds its own connection, so a broker with thousands of
 //! elections in a few namespaces keeps a few connections instead of thousands (see
 //! `docs/architecture.md`).
+//!
+//! What a write changes, and nothing else (everything else read is written back as read):
+//! - the leader record: the `control-plane.alpha.kubernetes.io/leader` annotation of an
+//!   Endpoints, the holder fields of a Lease's spec (`strategy` and `preferredHolder` are kept);
+//! - the `elector.dev/node` annotation, naming this broker's node on every write (the admission
+//!   policy in deploy/ checks it against the node in the broker's bound token);
+//! - on objects the broker creates, the label `app.kubernetes.io/managed-by: elector` (objects
+//!   created by others, client-go's included, are not relabelled).
+//!
+//! Failure modes beyond conflicts: an Endpoints object with subsets is a live Service's, not a
+//! lock; the broker refuses to write it ([`LockFailure::NotALock`], nothing is sent). A 403 from
+//! the API server (RBAC: the namespace has not opted in; or the admission policy) becomes
+//! [`LockFailure::Forbidden`] carrying the server's message, which names the missing permission.
 
 use std::fmt::Debug;
 use std::marker::PhantomData;
@@ -23,7 +36,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{LockBackend, LockObject, RawObject, WatchEvent};
-use crate::election::record::{LEADER_ANNOTATION, LeaderRecord};
+use crate::election::record::{
+    LEADER_ANNOTATION, LeaderRecord, MANAGED_BY, MANAGED_BY_LABEL, NODE_ANNOTATION,
+};
 use crate::election::{LockFailure, LockState, Observed};
 use crate::metrics::Metrics;
 use elector_client::protocol::LockKind;
@@ -43,8 +58,13 @@ pub trait LockResource:
     /// The API resource name, for metrics and logs.
     const PLURAL: &'static str;
     fn record(&self) -> Option<LeaderRecord>;
-    /// `base` (or a new object) carrying `record`; everything else in `base` is kept.
-    fn with_record(base: Option<&Self>, name: &str, record: &LeaderRecord) -> Self;
+    /// `base` (or a new object) carrying `record`, written by the broker on `node`; everything
+    /// else in `base` is kept (see [`stamp`]).
+    fn with_record(base: Option<&Self>, name: &str, record: &LeaderRecord, node: &str) -> Self;
+    /// Why this object is not a lock the broker may write, if it is not.
+    fn not_a_lock(&self) -> Option<String> {
+        None
+    }
     fn wrap(self) -> RawObject;
     fn unwrap(raw: &RawObject) -> Option<&Self>;
 }
@@ -61,7 +81,7 @@ impl LockResource for Endpoints {
             .and_then(|v| LeaderRecord::from_annotation(v))
     }
 
-    fn with_record(base: Option<&Self>, name: &str, record: &LeaderRecord) -> Self {
+    fn with_record(base: Option<&Self>, name: &str, record: &LeaderRecord, node: &str) -> Self {
         let mut ep = base.cloned().unwrap_or_else(|| Endpoints {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
@@ -74,8 +94,19 @@ impl LockResource for Endpoints {
             .annotations
             .get_or_insert_with(Default::default)
             .insert(LEADER_ANNOTATION.to_string(), record.to_annotation());
-        ep.metadata.managed_fields = None;
+        stamp(&mut ep.metadata, node, base.is_none());
         ep
+    }
+
+    fn not_a_lock(&self) -> Option<String> {
+        let subsets = self.subsets.as_ref().map_or(0, Vec::len);
+        (subsets > 0).then(|| {
+            format!(
+                "endpoints {:?} in namespace {:?} has {subsets} subset(s): it is a live Service's, not a lock; elector never writes it (choose another election name, or a Lease lock)",
+                self.metadata.name.as_deref().unwrap_or_default(),
+                self.metadata.namespace.as_deref().unwrap_or_default(),
+            )
+        })
     }
 
     fn wrap(self) -> RawObject {
@@ -88,6 +119,20 @@ impl LockResource for Endpoints {
             _ => None,
         }
     }
+}
+
+/// The metadata every write sets: the writing node, and on objects the broker creates, elector's
+/// managed-by label. `managedFields` are the server's and are not sent back.
+fn stamp(meta: &mut ObjectMeta, node: &str, created: bool) {
+    meta.annotations
+        .get_or_insert_with(Default::default)
+        .insert(NODE_ANNOTATION.to_string(), node.to_string());
+    if created {
+        meta.labels
+            .get_or_insert_with(Default::default)
+            .insert(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string());
+    }
+    meta.managed_fields = None;
 }
 
 fn to_micro(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<MicroTime> {
@@ -117,7 +162,7 @@ impl LockResource for Lease {
         })
     }
 
-    fn with_record(base: Option<&Self>, name: &str, record: &LeaderRecord) -> Self {
+    fn with_record(base: Option<&Self>, name: &str, record: &LeaderRecord, node: &str) -> Self {
         let mut lease = base.cloned().unwrap_or_else(|| Lease {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
@@ -132,7 +177,7 @@ impl LockResource for Lease {
         spec.acquire_time = to_micro(record.acquire_time);
         spec.renew_time = to_micro(record.renew_time);
         spec.lease_transitions = Some(record.leader_transitions.min(i32::MAX as u64) as i32);
-        lease.metadata.managed_fields = None;
+        stamp(&mut lease.metadata, node, base.is_none());
         lease
     }
 
@@ -162,6 +207,9 @@ pub fn classify(err: &kube::Error) -> LockFailure {
         kube::Error::Api(status) => match status.code {
             409 => LockFailure::Conflict,
             404 => LockFailure::NotFound,
+            403 => LockFailure::Forbidden {
+                message: status.message.clone(),
+            },
             _ => LockFailure::Transient {
                 cause: format!("{} {}: {}", status.code, status.reason, status.message),
                 retry_after: status
@@ -203,6 +251,8 @@ fn status_label(r: &Result<impl Sized, kube::Error>) -> String {
 /// The Kubernetes backend for one lock kind.
 pub struct KubeLock<K> {
     client: kube::Client,
+    /// The node this broker runs on, named in every write.
+    node: Arc<str>,
     metrics: Option<Arc<Metrics>>,
     _kind: PhantomData<fn() -> K>,
 }
@@ -211,14 +261,17 @@ impl<K> Debug for KubeLock<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeLock")
             .field("kind", &std::any::type_name::<K>())
+            .field("node", &self.node)
             .finish()
     }
 }
 
 impl<K: LockResource> KubeLock<K> {
-    pub fn new(client: kube::Client, metrics: Option<Arc<Metrics>>) -> Self {
+    /// The backend of a broker on `node`.
+    pub fn new(client: kube::Client, node: &str, metrics: Option<Arc<Metrics>>) -> Self {
         KubeLock {
             client,
+            node: node.into(),
             metrics,
             _kind: PhantomData,
         }
@@ -276,7 +329,7 @@ impl<K: LockResource> LockBackend for KubeLock<K> {
         record: &LeaderRecord,
     ) -> BoxFuture<'static, Result<LockObject, LockFailure>> {
         let api = self.api(namespace);
-        let obj = K::with_record(None, name, record);
+        let obj = K::with_record(None, name, record, &self.node);
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let started = Instant::now();
@@ -293,8 +346,15 @@ impl<K: LockResource> LockBackend for KubeLock<K> {
         base: &LockObject,
         record: &LeaderRecord,
     ) -> BoxFuture<'static, Result<LockObject, LockFailure>> {
+        let current = K::unwrap(&base.raw);
+        // A replace conditional on `base.version` can only succeed on exactly this object, so a
+        // refusal here is airtight: nothing else is sent.
+        if let Some(message) = current.and_then(LockResource::not_a_lock) {
+            tracing::warn!(namespace, name, "{message}");
+            return Box::pin(futures::future::ready(Err(LockFailure::NotALock { message })));
+        }
         let api = self.api(namespace);
-        let mut obj = K::with_record(K::unwrap(&base.raw), name, record);
+        let mut obj = K::with_record(current, name, record, &self.node);
         // The compare-and-swap token: the version this decision was based on.
         obj.meta_mut().resource_version = Some(base.version.clone());
         let name = name.to_string();
@@ -362,11 +422,50 @@ mod tests {
             renew_time: None,
             leader_transitions: 2,
         };
-        let ep = Endpoints::with_record(Some(&base), "e", &rec);
+        let ep = Endpoints::with_record(Some(&base), "e", &rec, "n1");
         let ann = ep.metadata.annotations.as_ref().unwrap();
         assert_eq!(ann["keep"], "me");
+        assert_eq!(ann[NODE_ANNOTATION], "n1");
+        assert_eq!(ann.len(), 3, "only the record and the node are added: {ann:?}");
         assert_eq!(ep.record().unwrap(), rec);
-        assert_eq!(ep.metadata.labels, base.metadata.labels);
+        assert_eq!(
+            ep.metadata.labels, base.metadata.labels,
+            "an object elector did not create is not relabelled"
+        );
+        assert_eq!(ep.subsets, None);
+        assert!(ep.not_a_lock().is_none());
+
+        let created = Endpoints::with_record(None, "e", &rec, "n2");
+        assert_eq!(created.metadata.labels.unwrap()[MANAGED_BY_LABEL], MANAGED_BY);
+        assert_eq!(created.metadata.annotations.unwrap()[NODE_ANNOTATION], "n2");
+    }
+
+    #[test]
+    fn endpoints_with_subsets_are_not_locks() {
+        let mut svc: Endpoints = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "subsets": [{"addresses": [{"ip": "10.0.0.9"}], "ports": [{"port": 80}]}]
+        }))
+        .unwrap();
+        let why = svc.not_a_lock().unwrap();
+        assert!(why.contains("\"web\"") && why.contains("live Service"), "{why}");
+        svc.subsets = Some(vec![]);
+        assert!(svc.not_a_lock().is_none(), "empty subsets: a lock");
+    }
+
+    #[test]
+    fn a_403_is_forbidden_with_the_servers_message() {
+        let message = "leases.coordination.k8s.io is forbidden: User \"u\" cannot create resource \"leases\" in API group \"coordination.k8s.io\" in the namespace \"x\"";
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "code": 403, "message": message, "reason": "Forbidden", "status": "Failure"
+        }))
+        .unwrap();
+        assert_eq!(
+            classify(&kube::Error::Api(Box::new(status))),
+            LockFailure::Forbidden {
+                message: message.to_string()
+            }
+        );
     }
 
     #[test]
@@ -387,7 +486,9 @@ mod tests {
             renew_time: Some(now),
             leader_transitions: 1,
         };
-        let l = Lease::with_record(Some(&base), "l", &rec);
+        let l = Lease::with_record(Some(&base), "l", &rec, "n1");
+        assert_eq!(l.metadata.annotations.as_ref().unwrap()[NODE_ANNOTATION], "n1");
+        assert_eq!(l.metadata.labels, None, "client-go's Lease is not relabelled");
         let spec = l.spec.as_ref().unwrap();
         assert_eq!(spec.strategy.as_deref(), Some("OldestEmulationVersion"));
         assert_eq!(spec.preferred_holder.as_deref(), Some("b"));

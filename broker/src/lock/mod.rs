@@ -7,6 +7,9 @@
 //! Every backend offers the same three operations plus a namespace-wide watch: `get`, `create`,
 //! `replace` (conditional on the version last seen) and `watch_namespace`. The election logic
 //! sees only [`LockObject`]s and [`LockFailure`]s.
+//!
+//! A Kubernetes backend writes only an object's lock fields, names its node in every write, and
+//! refuses to write what is not a lock (see [`kube`]).
 
 pub mod hub;
 pub mod kube;
@@ -102,15 +105,21 @@ impl Backends {
         }
     }
 
-    /// Both kinds on a Kubernetes API server.
-    pub fn kubernetes(client: ::kube::Client, metrics: Option<Arc<crate::metrics::Metrics>>) -> Self {
+    /// Both kinds on a Kubernetes API server, for the broker on `node` (named in every write's
+    /// `elector.dev/node` annotation).
+    pub fn kubernetes(
+        client: ::kube::Client,
+        node: &str,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Self {
         Backends {
             endpoints: Arc::new(kube::KubeLock::<k8s_openapi::api::core::v1::Endpoints>::new(
                 client.clone(),
+                node,
                 metrics.clone(),
             )),
             lease: Arc::new(kube::KubeLock::<k8s_openapi::api::coordination::v1::Lease>::new(
-                client, metrics,
+                client, node, metrics,
             )),
             location: "the Kubernetes API".into(),
         }

@@ -26,12 +26,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
 pub mod resources;
 pub mod selector;
 mod server;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -97,7 +98,13 @@ pub struct User {
     pub name: String,
     pub token: String,
     pub rules: Vec<Rule>,
+    /// What the authenticator adds about the user (`userInfo.extra`): a bound service-account
+    /// token carries `authentication.kubernetes.io/node-name`, `pod-name` and the like.
+    pub extra: BTreeMap<String, Vec<String>>,
 }
+
+/// The `userInfo.extra` key a pod-bound service-account token fills with the pod's node.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
 /// The error a fault injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -186,6 +193,7 @@ pub(crate) struct Shared {
     /// Bumped on every fault change, so waiting requests and watches re-check.
     fault_changed: watch::Sender<u64>,
     log: Mutex<Vec<LogEntry>>,
+    policies: admission::PolicyCache,
     options: ServerOptions,
     addr: SocketAddr,
 }
@@ -303,6 +311,7 @@ impl TestApiServer {
             faults: Mutex::new(FaultState::default()),
             fault_changed: watch::channel(0).0,
             log: Mutex::new(Vec::new()),
+            policies: admission::PolicyCache::default(),
             options,
             addr,
         });
@@ -321,6 +330,7 @@ impl TestApiServer {
                 name: String::new(),
                 token: String::new(),
                 rules: vec![],
+                extra: BTreeMap::new(),
             },
         };
         server.admin = server.add_user("admin", vec![Rule::all()]);
@@ -348,11 +358,54 @@ impl TestApiServer {
 
     /// Adds (or replaces) a user with a fresh token, and writes its kubeconfig.
     pub fn add_user(&self, name: &str, rules: Vec<Rule>) -> User {
+        self.add_user_with_extra(name, rules, BTreeMap::new())
+    }
+
+    /// Adds a user whose token carries `extra` (see [`User::extra`]).
+    pub fn add_user_with_extra(
+        &self,
+        name: &str,
+        rules: Vec<Rule>,
+        extra: BTreeMap<String, Vec<String>>,
+    ) -> User {
+        let token_prefix: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
         self.register(User {
             name: name.to_string(),
-            token: format!("{name}-{}", uuid::Uuid::new_v4().simple()),
+            token: format!("{token_prefix}-{}", uuid::Uuid::new_v4().simple()),
             rules,
+            extra,
         })
+    }
+
+    /// A service account's token bound to a pod on `node`, as the kubelet mounts it (1.32+ puts
+    /// the node into it): user `system:serviceaccount:<namespace>:<name>`, with the node and
+    /// pod names and uids in `extra`.
+    pub fn add_bound_service_account(
+        &self,
+        namespace: &str,
+        name: &str,
+        pod: &str,
+        node: &str,
+        rules: Vec<Rule>,
+    ) -> User {
+        let id = || vec![uuid::Uuid::new_v4().to_string()];
+        let extra = BTreeMap::from([
+            (
+                "authentication.kubernetes.io/credential-id".to_string(),
+                vec![format!("JTI={}", uuid::Uuid::new_v4())],
+            ),
+            (NODE_NAME_EXTRA.to_string(), vec![node.to_string()]),
+            ("authentication.kubernetes.io/node-uid".to_string(), id()),
+            (
+                "authentication.kubernetes.io/pod-name".to_string(),
+                vec![pod.to_string()],
+            ),
+            ("authentication.kubernetes.io/pod-uid".to_string(), id()),
+        ]);
+        self.add_user_with_extra(&format!("system:serviceaccount:{namespace}:{name}"), rules, extra)
     }
 
     /// Lets requests without a bearer token in as `system:anonymous`, allowed `rules` (as a real
@@ -364,6 +417,7 @@ impl TestApiServer {
             name: "system:anonymous".into(),
             token: String::new(),
             rules,
+            extra: BTreeMap::new(),
         })
     }
 
@@ -396,6 +450,7 @@ impl TestApiServer {
     /// Where the user's kubeconfig file is.
     pub fn kubeconfig_path(&self, user: &User) -> PathBuf {
         let name = user.name.strip_prefix("system:").unwrap_or(&user.name);
+        let name = name.replace([':', '/'], "-");
         self.dir.join(format!("kubeconfig-{name}.yaml"))
     }
 
@@ -410,6 +465,48 @@ impl TestApiServer {
             kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
                 .await?;
         Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Creates any object this server serves (a Namespace, an admission policy, a Lease...), as
+    /// the admin, through the API: it is validated as any client's would be. Returns the stored
+    /// object.
+    pub async fn create_object(&self, object: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let api_version = object["apiVersion"].as_str().unwrap_or_default();
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let resource = resources::ALL
+            .iter()
+            .find(|r| r.api_version() == api_version && r.kind == kind)
+            .ok_or_else(|| anyhow::anyhow!("the test API server does not serve {api_version} {kind}"))?;
+        let prefix = if resource.group.is_empty() {
+            "/api/v1".to_string()
+        } else {
+            format!("/apis/{}/{}", resource.group, resource.version)
+        };
+        let path = if resource.namespaced {
+            let ns = object["metadata"]["namespace"].as_str().unwrap_or("default");
+            format!("{prefix}/namespaces/{ns}/{}", resource.plural)
+        } else {
+            format!("{prefix}/{}", resource.plural)
+        };
+        let request = http::Request::post(path)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(object)?)?;
+        let client = self.client(&self.admin).await?;
+        Ok(serde_json::from_str(&client.request_text(request).await?)?)
+    }
+
+    /// Creates namespace `name` carrying `labels`.
+    pub async fn create_namespace(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        self.create_object(&serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels},
+        }))
+        .await
+        .map(drop)
     }
 
     /// Fault control for one user.

@@ -13,6 +13,8 @@ pub struct Resource {
     pub singular: &'static str,
     pub kind: &'static str,
     pub short_names: &'static [&'static str],
+    /// Whether objects live in a namespace (`false`: cluster-scoped, stored under namespace "").
+    pub namespaced: bool,
 }
 
 pub static ENDPOINTS: Resource = Resource {
@@ -22,6 +24,7 @@ pub static ENDPOINTS: Resource = Resource {
     singular: "endpoints",
     kind: "Endpoints",
     short_names: &["ep"],
+    namespaced: true,
 };
 
 pub static PODS: Resource = Resource {
@@ -31,6 +34,7 @@ pub static PODS: Resource = Resource {
     singular: "pod",
     kind: "Pod",
     short_names: &["po"],
+    namespaced: true,
 };
 
 pub static LEASES: Resource = Resource {
@@ -40,9 +44,55 @@ pub static LEASES: Resource = Resource {
     singular: "lease",
     kind: "Lease",
     short_names: &[],
+    namespaced: true,
 };
 
-pub static ALL: [&Resource; 3] = [&ENDPOINTS, &PODS, &LEASES];
+pub static NAMESPACES: Resource = Resource {
+    group: "",
+    version: "v1",
+    plural: "namespaces",
+    singular: "namespace",
+    kind: "Namespace",
+    short_names: &["ns"],
+    namespaced: false,
+};
+
+pub static VALIDATING_ADMISSION_POLICIES: Resource = Resource {
+    group: "admissionregistration.k8s.io",
+    version: "v1",
+    plural: "validatingadmissionpolicies",
+    singular: "validatingadmissionpolicy",
+    kind: "ValidatingAdmissionPolicy",
+    short_names: &[],
+    namespaced: false,
+};
+
+pub static VALIDATING_ADMISSION_POLICY_BINDINGS: Resource = Resource {
+    group: "admissionregistration.k8s.io",
+    version: "v1",
+    plural: "validatingadmissionpolicybindings",
+    singular: "validatingadmissionpolicybinding",
+    kind: "ValidatingAdmissionPolicyBinding",
+    short_names: &[],
+    namespaced: false,
+};
+
+pub static ALL: [&Resource; 6] = [
+    &ENDPOINTS,
+    &PODS,
+    &LEASES,
+    &NAMESPACES,
+    &VALIDATING_ADMISSION_POLICIES,
+    &VALIDATING_ADMISSION_POLICY_BINDINGS,
+];
+
+/// The API groups served besides core, with the resources of each listed in [`ALL`].
+/// `authentication.k8s.io` serves only `selfsubjectreviews` (a create-only virtual resource).
+pub static GROUPS: [&str; 3] = [
+    "coordination.k8s.io",
+    "admissionregistration.k8s.io",
+    "authentication.k8s.io",
+];
 
 impl Resource {
     pub fn api_version(&self) -> String {
@@ -153,6 +203,32 @@ pub fn forbidden(r: &Resource, user: &str, verb: &str, namespace: Option<&str>, 
             r.plural, r.group
         ),
         Some(r.details(name)),
+    )
+}
+
+/// A request refused by a ValidatingAdmissionPolicy: `reason` (the validation's, `Invalid` when
+/// it names none) decides the code, the message is prefixed as admission errors are, and the
+/// same text is the one cause.
+pub fn admission_denied(r: &Resource, name: &str, reason: Option<&str>, message: &str) -> Value {
+    let reason = reason.filter(|r| !r.is_empty()).unwrap_or("Invalid");
+    let code = match reason {
+        "Unauthorized" => 401,
+        "Forbidden" => 403,
+        "RequestEntityTooLarge" => 413,
+        _ => 422,
+    };
+    let subject = if name.is_empty() {
+        r.qualified_plural()
+    } else {
+        format!("{} \"{name}\"", r.qualified_plural())
+    };
+    let mut details = r.details((!name.is_empty()).then_some(name));
+    details["causes"] = json!([{"message": message}]);
+    status(
+        code,
+        reason,
+        format!("{subject} is forbidden: {message}"),
+        Some(details),
     )
 }
 

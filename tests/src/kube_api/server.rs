@@ -13,7 +13,11 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::resources::{self, ALL, PODS, Resource};
+use super::admission::{self, Admission, Review};
+use super::resources::{
+    self, ALL, GROUPS, NAMESPACES, PODS, Resource, VALIDATING_ADMISSION_POLICIES,
+    VALIDATING_ADMISSION_POLICY_BINDINGS,
+};
 use super::selector::Selector;
 use super::store::{ChangeType, ObjectKey, Replay, StoreError, metadata_mut};
 use super::{InjectedError, LogEntry, Shared, User};
@@ -28,8 +32,10 @@ enum Route {
     Version,
     ApiVersions,
     ApiGroups,
-    Group,
+    Group(&'static str),
     ResourceList(&'static str),
+    /// `POST /apis/authentication.k8s.io/v1/selfsubjectreviews`: who am I.
+    SelfSubjectReview,
     Objects {
         resource: &'static Resource,
         namespace: Option<String>,
@@ -44,25 +50,42 @@ fn find_resource(group: &str, plural: &str) -> Option<&'static Resource> {
         .find(|r| r.group == group && r.plural == plural)
 }
 
+fn known_group(group: &str) -> Option<&'static str> {
+    GROUPS.iter().copied().find(|g| *g == group)
+}
+
 fn route(path: &str) -> Route {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, rest) = match parts.as_slice() {
         ["version"] => return Route::Version,
         ["api"] => return Route::ApiVersions,
         ["apis"] => return Route::ApiGroups,
-        ["apis", "coordination.k8s.io"] => return Route::Group,
         ["api", "v1"] => return Route::ResourceList(""),
-        ["apis", "coordination.k8s.io", "v1"] => return Route::ResourceList("coordination.k8s.io"),
+        ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] => return Route::SelfSubjectReview,
+        ["apis", g] => return known_group(g).map_or(Route::Unknown, Route::Group),
+        ["apis", g, "v1"] => return known_group(g).map_or(Route::Unknown, Route::ResourceList),
         ["api", "v1", rest @ ..] => ("", rest),
-        ["apis", "coordination.k8s.io", "v1", rest @ ..] => ("coordination.k8s.io", rest),
+        ["apis", g, "v1", rest @ ..] => match known_group(g) {
+            Some(g) => (g, rest),
+            None => return Route::Unknown,
+        },
         _ => return Route::Unknown,
     };
     let (namespace, plural, name) = match rest {
         ["namespaces", ns, plural] => (Some(ns.to_string()), *plural, None),
         ["namespaces", ns, plural, name] => (Some(ns.to_string()), *plural, Some(name.to_string())),
+        [plural, name] => (None, *plural, Some(name.to_string())),
         [plural] => (None, *plural, None),
         _ => return Route::Unknown,
     };
+    // Only namespaced resources live under a namespace, only cluster-scoped ones outside one
+    // (a list across namespaces aside).
+    if let Some(r) = find_resource(group, plural)
+        && r.namespaced != namespace.is_some()
+        && !(r.namespaced && name.is_none())
+    {
+        return Route::Unknown;
+    }
     match find_resource(group, plural) {
         Some(resource) => Route::Objects {
             resource,
@@ -176,6 +199,9 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             };
             (verb, resource.plural.to_string(), namespace.clone(), name.clone())
         }
+        Route::SelfSubjectReview if method == Method::POST => {
+            ("create", "selfsubjectreviews".to_string(), None, None)
+        }
         _ => ("discovery", String::new(), None, None),
     };
     let ctx = Ctx {
@@ -263,6 +289,9 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             let user = user.expect("checked above");
             objects(&ctx, &user, resource, &method, &query, &headers, body).await
         }
+        Route::SelfSubjectReview if ctx.verb == "create" => {
+            self_subject_review(user.as_ref().expect("checked above"))
+        }
         other => discovery(&shared, other),
     };
     // Watches log themselves when they start streaming.
@@ -285,10 +314,10 @@ fn discovery(shared: &Shared, route: Route) -> Response {
         }),
         Route::ApiGroups => json!({
             "kind": "APIGroupList", "apiVersion": "v1",
-            "groups": [group_info()]
+            "groups": GROUPS.iter().map(|g| group_info(g)).collect::<Vec<_>>()
         }),
-        Route::Group => {
-            let mut g = group_info();
+        Route::Group(group) => {
+            let mut g = group_info(group);
             g["kind"] = json!("APIGroup");
             g["apiVersion"] = json!("v1");
             g
@@ -299,7 +328,7 @@ fn discovery(shared: &Shared, route: Route) -> Response {
                 .filter(|r| r.group == group)
                 .map(|r| {
                     json!({
-                        "name": r.plural, "singularName": r.singular, "namespaced": true, "kind": r.kind,
+                        "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind,
                         "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
                         "shortNames": r.short_names,
                     })
@@ -312,7 +341,7 @@ fn discovery(shared: &Shared, route: Route) -> Response {
             };
             json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
         }
-        Route::Objects { .. } | Route::Unknown => {
+        Route::Objects { .. } | Route::SelfSubjectReview | Route::Unknown => {
             return status_response(&resources::status(
                 404,
                 "NotFound",
@@ -324,11 +353,11 @@ fn discovery(shared: &Shared, route: Route) -> Response {
     json_response(200, &body)
 }
 
-fn group_info() -> Value {
+fn group_info(group: &str) -> Value {
     json!({
-        "name": "coordination.k8s.io",
-        "versions": [{"groupVersion": "coordination.k8s.io/v1", "version": "v1"}],
-        "preferredVersion": {"groupVersion": "coordination.k8s.io/v1", "version": "v1"}
+        "name": group,
+        "versions": [{"groupVersion": format!("{group}/v1"), "version": "v1"}],
+        "preferredVersion": {"groupVersion": format!("{group}/v1"), "version": "v1"}
     })
 }
 
@@ -347,6 +376,65 @@ fn with_type(resource: &Resource, mut object: Value) -> Value {
         map.insert("apiVersion".into(), json!(resource.api_version()));
     }
     object
+}
+
+/// Where an object of `resource` lives: the request's namespace, or "" when cluster-scoped.
+#[allow(clippy::result_large_err)]
+fn object_namespace<'a>(resource: &Resource, namespace: Option<&'a str>) -> Result<&'a str, Response> {
+    if !resource.namespaced {
+        return Ok("");
+    }
+    namespace.ok_or_else(|| status_response(&resources::bad_request("a namespace is required")))
+}
+
+fn is_admission_config(resource: &Resource) -> bool {
+    std::ptr::eq(resource, &VALIDATING_ADMISSION_POLICIES)
+        || std::ptr::eq(resource, &VALIDATING_ADMISSION_POLICY_BINDINGS)
+}
+
+/// Validation beyond names: a policy's CEL must compile, a binding must name a policy and
+/// actions.
+fn validate_kind(resource: &Resource, object: &Value) -> Vec<resources::FieldError> {
+    if std::ptr::eq(resource, &VALIDATING_ADMISSION_POLICIES) {
+        admission::compile_policy(object).err().unwrap_or_default()
+    } else if std::ptr::eq(resource, &VALIDATING_ADMISSION_POLICY_BINDINGS) {
+        admission::validate_binding(object)
+    } else {
+        Vec::new()
+    }
+}
+
+/// What the server sets on a written object of some kinds: a namespace's name label, finalizer
+/// and phase; a policy's or binding's defaults and `generation` (bumped when the spec changes).
+fn server_defaults(resource: &Resource, object: &mut Value, old: Option<&Value>) {
+    if std::ptr::eq(resource, &NAMESPACES) {
+        let name = object["metadata"]["name"].clone();
+        let meta = metadata_mut(object);
+        let labels = meta.entry("labels").or_insert_with(|| json!({}));
+        if !labels.is_object() {
+            *labels = json!({});
+        }
+        labels[admission::NAMESPACE_NAME_LABEL] = name;
+        if object["spec"]["finalizers"].is_null() {
+            object["spec"] = json!({"finalizers": ["kubernetes"]});
+        }
+        object["status"] = json!({"phase": "Active"});
+    } else if is_admission_config(resource) {
+        let generation = match old {
+            None => 1,
+            Some(old) => {
+                let previous = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                let mut defaulted = object.clone();
+                admission::apply_defaults(resource, &mut defaulted, previous);
+                if defaulted["spec"] == old["spec"] {
+                    previous
+                } else {
+                    previous + 1
+                }
+            }
+        };
+        admission::apply_defaults(resource, object, generation);
+    }
 }
 
 async fn objects(
@@ -378,10 +466,38 @@ async fn objects(
         ));
     }
     let store = &ctx.shared.store;
+    // Writes to namespaced objects pass through the admission policies.
+    let admission = |ns: &str| {
+        resource
+            .namespaced
+            .then(|| Admission::prepare(store, &ctx.shared.policies, ns))
+    };
+    fn review<'a>(
+        resource: &'static Resource,
+        user: &'a User,
+        operation: &'static str,
+        (name, namespace): (&'a str, &'a str),
+        object: Option<&'a Value>,
+        old_object: Option<&'a Value>,
+    ) -> Review<'a> {
+        Review {
+            resource,
+            operation,
+            name,
+            namespace,
+            user,
+            object,
+            old_object,
+        }
+    }
     match ctx.verb.as_str() {
         "get" => {
-            let (Some(ns), Some(name)) = (namespace, name) else {
-                return status_response(&resources::bad_request("a namespace is required"));
+            let ns = match object_namespace(resource, namespace) {
+                Ok(ns) => ns,
+                Err(r) => return r,
+            };
+            let Some(name) = name else {
+                return status_response(&resources::bad_request("a name is required"));
             };
             match store.get(&key(resource, ns, name)) {
                 Some(obj) => json_response(200, &with_type(resource, obj)),
@@ -420,39 +536,62 @@ async fn objects(
         }
         "watch" => watch(ctx, resource, query),
         "create" => {
-            let Some(ns) = namespace else {
-                return status_response(&resources::bad_request("a namespace is required"));
+            let ns = match object_namespace(resource, namespace) {
+                Ok(ns) => ns,
+                Err(r) => return r,
             };
             let mut obj = match parse_body(&body) {
                 Ok(o) => o,
                 Err(r) => return r,
             };
-            if let Some(r) = check_namespace(&mut obj, ns) {
+            if resource.namespaced
+                && let Some(r) = check_namespace(&mut obj, ns)
+            {
                 return r;
             }
             let obj_name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
-            let errors = resources::validate(resource, &obj, false);
+            let mut errors = resources::validate(resource, &obj, false);
+            errors.extend(validate_kind(resource, &obj));
             if !errors.is_empty() {
                 return status_response(&resources::invalid(resource, &obj_name, &errors));
             }
             if std::ptr::eq(resource, &PODS) {
                 resources::default_pod(&mut obj);
             }
+            server_defaults(resource, &mut obj, None);
             let obj = with_type(resource, obj);
+            if let Some(a) = admission(ns)
+                && let Err(denied) = a.review(&review(
+                    resource,
+                    user,
+                    "CREATE",
+                    (&obj_name, ns),
+                    Some(&obj),
+                    None,
+                ))
+            {
+                return status_response(&denied);
+            }
             match store.create(resource, key(resource, ns, &obj_name), obj) {
                 Ok(o) => json_response(201, &o),
                 Err(_) => status_response(&resources::already_exists(resource, &obj_name)),
             }
         }
         "update" => {
-            let (Some(ns), Some(name)) = (namespace, name) else {
-                return status_response(&resources::bad_request("a namespace is required"));
+            let ns = match object_namespace(resource, namespace) {
+                Ok(ns) => ns,
+                Err(r) => return r,
+            };
+            let Some(name) = name else {
+                return status_response(&resources::bad_request("a name is required"));
             };
             let mut obj = match parse_body(&body) {
                 Ok(o) => o,
                 Err(r) => return r,
             };
-            if let Some(r) = check_namespace(&mut obj, ns) {
+            if resource.namespaced
+                && let Some(r) = check_namespace(&mut obj, ns)
+            {
                 return r;
             }
             let body_name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
@@ -461,33 +600,68 @@ async fn objects(
                     "the name of the object ({body_name}) does not match the name on the URL ({name})"
                 )));
             }
-            let errors = resources::validate(resource, &obj, true);
+            let mut errors = resources::validate(resource, &obj, true);
+            errors.extend(validate_kind(resource, &obj));
             if !errors.is_empty() {
                 return status_response(&resources::invalid(resource, name, &errors));
             }
             let expected = obj["metadata"]["resourceVersion"].as_str().map(str::to_string);
             let obj = with_type(resource, obj);
-            match store.replace(
-                resource,
-                key(resource, ns, name),
-                expected.as_deref(),
-                obj.clone(),
-            ) {
-                Ok(o) => json_response(200, &o),
-                Err(StoreError::Conflict) => status_response(&resources::conflict(resource, name)),
-                // Endpoints and Leases allow create-on-update when no version is given.
-                Err(StoreError::NotFound) if expected.is_none() => {
-                    match store.create(resource, key(resource, ns, name), obj) {
-                        Ok(o) => json_response(201, &o),
-                        Err(_) => status_response(&resources::conflict(resource, name)),
-                    }
+            let admission = admission(ns);
+            let k = key(resource, ns, name);
+            // The object is reviewed against the version it replaces: an unconditional replace
+            // is made conditional on the version reviewed, and retried if that changed.
+            loop {
+                let old = store.get(&k);
+                if old.is_none() && expected.is_some() {
+                    return status_response(&resources::not_found(resource, name));
                 }
-                Err(_) => status_response(&resources::not_found(resource, name)),
+                let mut new = obj.clone();
+                server_defaults(resource, &mut new, old.as_ref());
+                let operation = if old.is_some() { "UPDATE" } else { "CREATE" };
+                if let Some(a) = &admission
+                    && let Err(denied) = a.review(&review(
+                        resource,
+                        user,
+                        operation,
+                        (name, ns),
+                        Some(&new),
+                        old.as_ref(),
+                    ))
+                {
+                    return status_response(&denied);
+                }
+                let result = match &old {
+                    // Endpoints and Leases allow create-on-update when no version is given.
+                    None => store.create(resource, k.clone(), new).map(|o| (201, o)),
+                    Some(old) => {
+                        let seen = old["metadata"]["resourceVersion"].as_str().map(str::to_string);
+                        let cas = expected.clone().or(seen);
+                        store
+                            .replace(resource, k.clone(), cas.as_deref(), new)
+                            .map(|o| (200, o))
+                    }
+                };
+                match result {
+                    Ok((code, o)) => return json_response(code, &o),
+                    Err(StoreError::Conflict) if expected.is_some() => {
+                        return status_response(&resources::conflict(resource, name));
+                    }
+                    // Changed (or created, or deleted) since it was reviewed: review again.
+                    Err(StoreError::Conflict | StoreError::AlreadyExists | StoreError::NotFound)
+                        if expected.is_none() => {}
+                    Err(StoreError::Rejected(status)) => return status_response(&status),
+                    Err(_) => return status_response(&resources::not_found(resource, name)),
+                }
             }
         }
         "patch" => {
-            let (Some(ns), Some(name)) = (namespace, name) else {
-                return status_response(&resources::bad_request("a namespace is required"));
+            let ns = match object_namespace(resource, namespace) {
+                Ok(ns) => ns,
+                Err(r) => return r,
+            };
+            let Some(name) = name else {
+                return status_response(&resources::bad_request("a name is required"));
             };
             let content_type = headers
                 .get(header::CONTENT_TYPE)
@@ -508,6 +682,7 @@ async fn objects(
                 Ok(p) => p,
                 Err(r) => return r,
             };
+            let admission = admission(ns);
             let result = store.update_with(resource, key(resource, ns, name), |old| {
                 let mut new = old.clone();
                 merge_patch(&mut new, &patch);
@@ -515,19 +690,50 @@ async fn objects(
                 if want.is_some() && want != old["metadata"]["resourceVersion"].as_str() {
                     return Err(StoreError::Conflict);
                 }
+                let errors = validate_kind(resource, &new);
+                if !errors.is_empty() {
+                    return Err(StoreError::Rejected(resources::invalid(resource, name, &errors)));
+                }
+                server_defaults(resource, &mut new, Some(old));
+                if let Some(a) = &admission {
+                    a.review(&review(
+                        resource,
+                        user,
+                        "UPDATE",
+                        (name, ns),
+                        Some(&new),
+                        Some(old),
+                    ))
+                    .map_err(StoreError::Rejected)?;
+                }
                 Ok(new)
             });
             match result {
                 Ok(o) => json_response(200, &o),
                 Err(StoreError::Conflict) => status_response(&resources::conflict(resource, name)),
+                Err(StoreError::Rejected(status)) => status_response(&status),
                 Err(_) => status_response(&resources::not_found(resource, name)),
             }
         }
         "delete" => {
-            let (Some(ns), Some(name)) = (namespace, name) else {
-                return status_response(&resources::bad_request("a namespace is required"));
+            let ns = match object_namespace(resource, namespace) {
+                Ok(ns) => ns,
+                Err(r) => return r,
             };
-            match store.delete(resource, key(resource, ns, name)) {
+            let Some(name) = name else {
+                return status_response(&resources::bad_request("a name is required"));
+            };
+            let k = key(resource, ns, name);
+            if let Some(a) = admission(ns) {
+                let Some(old) = store.get(&k) else {
+                    return status_response(&resources::not_found(resource, name));
+                };
+                if let Err(denied) = a.review(&review(resource, user, "DELETE", (name, ns), None, Some(&old)))
+                {
+                    return status_response(&denied);
+                }
+            }
+            match store.delete(resource, k) {
                 Ok(o) => {
                     let mut details =
                         json!({"name": name, "kind": resource.plural, "uid": o["metadata"]["uid"]});
@@ -549,6 +755,27 @@ async fn objects(
             Some(json!({})),
         )),
     }
+}
+
+/// `POST selfsubjectreviews`: the caller's user, groups and `extra`, as the authenticator saw
+/// them.
+fn self_subject_review(user: &User) -> Response {
+    let mut info = json!({
+        "username": user.name,
+        "groups": admission::groups_of(user),
+    });
+    if !user.extra.is_empty() {
+        info["extra"] = json!(user.extra);
+    }
+    json_response(
+        201,
+        &json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "SelfSubjectReview",
+            "metadata": {"creationTimestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)},
+            "status": {"userInfo": info},
+        }),
+    )
 }
 
 #[allow(clippy::result_large_err)]

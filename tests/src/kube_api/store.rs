@@ -61,6 +61,8 @@ pub enum StoreError {
     NotFound,
     AlreadyExists,
     Conflict,
+    /// Refused by a check made inside the write (validation, admission): the `Status` to answer.
+    Rejected(Value),
 }
 
 #[derive(Debug)]
@@ -135,10 +137,19 @@ impl Store {
     /// Every object of a resource, optionally in one namespace, and the list's version.
     pub fn list(&self, resource: &Resource, namespace: Option<&str>) -> (Vec<Value>, u64) {
         let inner = self.lock();
+        // Keys sort by resource, then namespace: read only the range of this resource (and
+        // namespace), so a write that looks up a few policies does not scan every Lease.
+        let start = ObjectKey {
+            resource: resource.plural,
+            namespace: namespace.unwrap_or_default().to_string(),
+            name: String::new(),
+        };
         let items = inner
             .objects
-            .iter()
-            .filter(|(k, _)| k.resource == resource.plural && namespace.is_none_or(|ns| k.namespace == ns))
+            .range(start..)
+            .take_while(|(k, _)| {
+                k.resource == resource.plural && namespace.is_none_or(|ns| k.namespace == ns)
+            })
             .map(|(_, v)| v.clone())
             .collect();
         (items, inner.rv)
