@@ -114,7 +114,7 @@ pub struct Daemon {
     elections: Elections,
     socket_shutdown: CancellationToken,
     http_shutdown: CancellationToken,
-    socket_task: tokio::task::JoinHandle<()>,
+    socket_task: Option<tokio::task::JoinHandle<()>>,
     http_task: Option<tokio::task::JoinHandle<()>>,
     http_addr: Option<SocketAddr>,
     grace: Duration,
@@ -170,7 +170,7 @@ impl Daemon {
             elections,
             socket_shutdown,
             http_shutdown,
-            socket_task,
+            socket_task: Some(socket_task),
             http_task,
             http_addr,
             grace: config.shutdown_grace,
@@ -217,11 +217,25 @@ impl Daemon {
         self.superseded.cancelled().await;
     }
 
+    /// After a successor took the socket over: hand every leader off (`jeopardy`, nothing
+    /// released) and close the socket's connections, but stay alive (`/healthz` keeps
+    /// answering) until told to stop. A superseded broker that exited would be restarted in its
+    /// pod and take the socket back.
+    pub async fn retire(&mut self) {
+        self.elections.shutdown(self.grace, ShutdownMode::Handoff).await;
+        self.socket_shutdown.cancel();
+        if let Some(task) = self.socket_task.take() {
+            let _ = tokio::time::timeout(self.grace, task).await;
+        }
+    }
+
     /// Shutdown in a given mode (see [`Daemon::shutdown`]).
     pub async fn shutdown_as(self, mode: ShutdownMode) {
         self.elections.shutdown(self.grace, mode).await;
         self.socket_shutdown.cancel();
-        let _ = tokio::time::timeout(self.grace, self.socket_task).await;
+        if let Some(task) = self.socket_task {
+            let _ = tokio::time::timeout(self.grace, task).await;
+        }
         self.http_shutdown.cancel();
         if let Some(t) = self.http_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), t).await;

@@ -114,10 +114,15 @@ async fn manifests_match_the_binaries_defaults() {
         .rolling_update
         .as_ref()
         .unwrap();
+    // Zero-gap upgrades: the new broker surges in and takes the socket over; the old one hands
+    // off; restarts and upgrades hand off rather than release.
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     assert_eq!(
-        ru.max_unavailable,
-        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+        (ru.max_surge.clone(), ru.max_unavailable.clone()),
+        (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))
     );
+    assert!(args.contains(&"--takeover".to_string()), "{args:?}");
+    assert!(args.contains(&"--on-shutdown=handoff".to_string()), "{args:?}");
     assert!(pod.termination_grace_period_seconds.unwrap() >= 10);
 
     // The probe paths answer on a running broker.

@@ -256,11 +256,22 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    let mut daemon = daemon;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mode = tokio::select! {
         _ = tokio::signal::ctrl_c() => args.on_shutdown,
         _ = term.recv() => args.on_shutdown,
-        _ = daemon.superseded() => ShutdownMode::Handoff,
+        _ = daemon.superseded() => {
+            // A successor took the socket over (rolling upgrade): hand the leaders off to it,
+            // then wait, alive, for this pod to be stopped.
+            tracing::info!("superseded by a new broker: handing leaders off, then idling until stopped");
+            daemon.retire().await;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            ShutdownMode::Handoff
+        }
     };
     match mode {
         ShutdownMode::Release => tracing::info!("stopping: telling leaders lost and releasing their leases"),
