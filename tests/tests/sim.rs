@@ -26,7 +26,15 @@ fn report(what: &str, s: &Stats, cpu: std::time::Duration) {
 }
 
 fn describe(o: &Outcome) -> String {
-    let tail: Vec<&String> = o.trace.iter().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+    let tail: Vec<&String> = o
+        .trace
+        .iter()
+        .rev()
+        .take(60)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     format!(
         "seed {} ({} fault actions): {}\nreplay: ELECTOR_SIM_SEED={} cargo nextest run -p elector-tests --test sim\ntrace (last {} lines):\n{}",
         o.seed,
@@ -58,7 +66,10 @@ fn thousands_of_schedules_never_two_leaders() {
         panic!("{}", describe(&shrink(o, None)));
     }
     assert_eq!(stats.schedules, schedules);
-    assert!(stats.transitions > schedules, "schedules elect leaders: {stats:?}");
+    assert!(
+        stats.transitions > schedules,
+        "schedules elect leaders: {stats:?}"
+    );
 }
 
 /// Runs the default budget's seeds with one bug switched on; the oracle must find it.
@@ -69,12 +80,22 @@ fn finds(mutation: Mutation, machine: Option<MachineMutation>) {
     machine_mutation::set(None);
     report(&format!("{mutation:?}"), &stats, started.elapsed());
     let o = failed.unwrap_or_else(|| panic!("{mutation:?} not found in {} schedules", stats.schedules));
-    println!("{mutation:?} found after {} schedules:\n{}", stats.schedules, describe(&o));
+    println!(
+        "{mutation:?} found after {} schedules:\n{}",
+        stats.schedules,
+        describe(&o)
+    );
+    // The same schedule without the bug passes: the bug, not the schedule, broke the rule.
+    let (_, clean) = run_many(o.seed, 1, None);
+    assert!(clean.is_none(), "seed {} fails without {mutation:?} too", o.seed);
 }
 
 #[test]
 fn finds_renewing_past_the_deadline() {
-    finds(Mutation::RenewPastDeadline, Some(MachineMutation::RenewPastDeadline));
+    finds(
+        Mutation::RenewPastDeadline,
+        Some(MachineMutation::RenewPastDeadline),
+    );
 }
 
 #[test]

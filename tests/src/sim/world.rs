@@ -8,8 +8,7 @@ use std::time::Duration;
 use elector_broker::election::machine::{Action, WritePurpose};
 use elector_broker::election::record::LeaderRecord;
 use elector_broker::election::{
-    Claim, Contender, ElectionTiming, LockFailure, LockState, Notification, Observed, PartyId,
-    StepDown,
+    Claim, Contender, ElectionTiming, LockFailure, LockState, Notification, Observed, PartyId, StepDown,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -52,7 +51,7 @@ impl Config {
             max_fault_actions: None,
             nodes: 3,
             elections: 2,
-            chaos: Duration::from_secs(40),
+            chaos: Duration::from_secs(30),
             timing: ElectionTiming::default(),
         }
     }
@@ -122,17 +121,61 @@ enum AppMsg {
 
 #[derive(Debug, Clone)]
 enum Ev {
-    Wake { node: usize, el: usize, inc: u64, generation: u64 },
-    Arrive { node: usize, el: usize, inc: u64, req: u64, op: Op },
-    Answer { node: usize, el: usize, inc: u64, req: u64, answer: Answer },
-    Timeout { node: usize, el: usize, inc: u64, req: u64 },
-    Watch { node: usize, el: usize, inc: u64, state: LockState<Raw> },
-    ToBroker { node: usize, inc: u64, app: usize, party: PartyId, msg: AppMsg },
-    ToApp { app: usize, party: PartyId, n: Notification },
-    Eof { app: usize, party: PartyId },
-    Reconnect { app: usize },
+    Wake {
+        node: usize,
+        el: usize,
+        inc: u64,
+        generation: u64,
+    },
+    Arrive {
+        node: usize,
+        el: usize,
+        inc: u64,
+        req: u64,
+        op: Op,
+    },
+    Answer {
+        node: usize,
+        el: usize,
+        inc: u64,
+        req: u64,
+        answer: Answer,
+    },
+    Timeout {
+        node: usize,
+        el: usize,
+        inc: u64,
+        req: u64,
+    },
+    Watch {
+        node: usize,
+        el: usize,
+        inc: u64,
+        state: LockState<Raw>,
+    },
+    ToBroker {
+        node: usize,
+        inc: u64,
+        app: usize,
+        party: PartyId,
+        msg: AppMsg,
+    },
+    ToApp {
+        app: usize,
+        party: PartyId,
+        n: Notification,
+    },
+    Eof {
+        app: usize,
+        party: PartyId,
+    },
+    Reconnect {
+        app: usize,
+    },
     Fault,
-    Restart { node: usize },
+    Restart {
+        node: usize,
+    },
     Heal,
     Check,
 }
@@ -205,6 +248,9 @@ struct Node {
     drivers: Vec<Option<Driver>>,
     partition: Partition,
     extra_latency: Duration,
+    /// Requests wait in the API server's queue (API Priority and Fairness queues for up to a
+    /// minute) and may run long after the broker gave up on them.
+    queueing: Duration,
     burst: Option<Burst>,
     watch: WatchFault,
     watch_fifo: Vec<Duration>,
@@ -300,6 +346,7 @@ impl World {
                 drivers: (0..cfg.elections).map(|_| None).collect(),
                 partition: Partition::None,
                 extra_latency: Duration::ZERO,
+                queueing: Duration::ZERO,
                 burst: None,
                 watch: WatchFault::Ok,
                 watch_fifo: vec![Duration::ZERO; cfg.elections],
@@ -423,7 +470,10 @@ impl World {
                 inc,
                 generation,
             } => {
-                if self.live_driver(node, el, inc).is_some_and(|d| d.generation == generation) {
+                if self
+                    .live_driver(node, el, inc)
+                    .is_some_and(|d| d.generation == generation)
+                {
                     self.drive(node, el);
                 }
             }
@@ -488,7 +538,9 @@ impl World {
     /// Polls the machine and does what it asks, as `registry/task.rs` does.
     fn drive(&mut self, node: usize, el: usize) {
         let (now, wall) = (self.local(node), self.wall(node));
-        let Some(inc) = self.nodes[node].broker else { return };
+        let Some(inc) = self.nodes[node].broker else {
+            return;
+        };
         let Some(d) = self.nodes[node].drivers[el].as_mut() else {
             return;
         };
@@ -556,7 +608,11 @@ impl World {
         let limit = self.cfg.timing.renew_deadline.div_f64(self.nodes[node].rate);
         self.at(limit, Ev::Timeout { node, el, inc, req });
         if self.nodes[node].partition != Partition::Full {
-            let lat = self.latency(node);
+            let mut lat = self.latency(node);
+            let queueing = self.nodes[node].queueing;
+            if queueing > Duration::ZERO && self.rng.random_bool(0.3) {
+                lat += queueing.mul_f64(self.rng.random_range(0.0..1.0));
+            }
             self.at(
                 lat,
                 Ev::Arrive {
@@ -600,7 +656,11 @@ impl World {
                 let a = self.apply(el, op);
                 if burst == Some(Burst::AppliedTimeout) {
                     let f = LockFailure::transient("504 Gateway Timeout");
-                    if write { Answer::Write(Err(f)) } else { Answer::Read(Err(f)) }
+                    if write {
+                        Answer::Write(Err(f))
+                    } else {
+                        Answer::Read(Err(f))
+                    }
                 } else {
                     a
                 }
@@ -664,7 +724,9 @@ impl World {
             WatchFault::Ok => Duration::ZERO,
         };
         let lat = self.latency(node);
-        let at = (self.now + lat).max(not_before).max(self.nodes[node].watch_fifo[el]);
+        let at = (self.now + lat)
+            .max(not_before)
+            .max(self.nodes[node].watch_fifo[el] + Duration::from_nanos(1));
         self.nodes[node].watch_fifo[el] = at;
         let delay = at - self.now;
         self.at(delay, Ev::Watch { node, el, inc, state });
@@ -728,7 +790,8 @@ impl World {
         } else {
             ms(self.rng.random_range(0..3000))
         };
-        let at = (self.now + lat).max(self.apps[app].fifo);
+        // A socket is FIFO: strictly after what it carries already.
+        let at = (self.now + lat).max(self.apps[app].fifo + Duration::from_nanos(1));
         self.apps[app].fifo = at;
         let delay = at - self.now;
         self.at(delay, Ev::ToApp { app, party, n });
@@ -767,7 +830,10 @@ impl World {
             }
             AppMsg::Observe => d.parties.push((party, app)),
             AppMsg::Leave { notify } => {
-                if d.parties.iter().any(|(p, a)| *p == party && self.apps[*a].candidate) {
+                if d.parties
+                    .iter()
+                    .any(|(p, a)| *p == party && self.apps[*a].candidate)
+                {
                     d.machine.remove_candidate(party, StepDown::Resigned, notify);
                 }
                 self.deliver(node, el);
@@ -787,14 +853,18 @@ impl World {
         let node = a.node;
         let prompt = a.prompt;
         let result = match n {
-            Notification::Elected { term, valid_until, .. } => {
+            Notification::Elected {
+                term, valid_until, ..
+            } => {
                 self.apps[app].guarantee = Some(valid_until);
                 self.apps[app].last_term = Some(term);
                 let until = (!prompt).then(|| self.real(node, valid_until));
                 self.note(format!("app {app} elected term {term}"));
                 self.oracle.start(self.now, app, term, until, Start::Elected)
             }
-            Notification::Resumed { term, valid_until, .. } => {
+            Notification::Resumed {
+                term, valid_until, ..
+            } => {
                 self.apps[app].guarantee = Some(valid_until);
                 let claimed = self.apps[app].claimed.take();
                 let until = (!prompt).then(|| self.real(node, valid_until));
@@ -840,10 +910,7 @@ impl World {
             let until = self.real(node, g);
             self.oracle.cap(app, until);
             if until > self.now {
-                self.apps[app].claim = Some(Claim {
-                    term,
-                    valid_until: g,
-                });
+                self.apps[app].claim = Some(Claim { term, valid_until: g });
                 self.apps[app].claimed = Some(term);
                 self.note(format!("app {app} in jeopardy, term {term}"));
             } else {
@@ -950,13 +1017,18 @@ impl World {
     }
 
     fn fault(&mut self) {
-        if self.healed || self.cfg.max_fault_actions.is_some_and(|m| self.fault_actions >= m) {
+        if self.healed
+            || self
+                .cfg
+                .max_fault_actions
+                .is_some_and(|m| self.fault_actions >= m)
+        {
             return;
         }
         self.fault_actions += 1;
         let r = &mut self.fault_rng;
         let node = r.random_range(0..self.cfg.nodes);
-        let kind = r.random_range(0..17);
+        let kind = r.random_range(0..18);
         let what = match kind {
             0 => {
                 self.nodes[node].partition = Partition::Full;
@@ -983,8 +1055,12 @@ impl World {
                 "latency cleared".to_string()
             }
             5 => {
-                let b = [Burst::Conflict, Burst::TooMany, Burst::Internal, Burst::AppliedTimeout]
-                    [self.fault_rng.random_range(0..4)];
+                let b = [
+                    Burst::Conflict,
+                    Burst::TooMany,
+                    Burst::Internal,
+                    Burst::AppliedTimeout,
+                ][self.fault_rng.random_range(0..4)];
                 self.nodes[node].burst = Some(b);
                 format!("error burst {b:?}")
             }
@@ -1075,9 +1151,15 @@ impl World {
                 let app = self.new_app(node, el, true, true, Some(identity), Some((claim, stale)));
                 format!("app {old} restarted as app {app}, replaying a claim on term {stale}")
             }
+            16 => {
+                let max = self.fault_rng.random_range(1..60);
+                self.nodes[node].queueing = Duration::from_secs(max);
+                format!("API server queues requests up to {max} s")
+            }
             _ => {
                 let n = &mut self.nodes[node];
                 n.partition = Partition::None;
+                n.queueing = Duration::ZERO;
                 n.extra_latency = Duration::ZERO;
                 n.burst = None;
                 n.watch = WatchFault::Ok;
@@ -1103,6 +1185,7 @@ impl World {
             let n = &mut self.nodes[node];
             n.partition = Partition::None;
             n.extra_latency = Duration::ZERO;
+            n.queueing = Duration::ZERO;
             n.burst = None;
             n.watch = WatchFault::Ok;
             self.restart(node);
@@ -1154,4 +1237,3 @@ impl World {
         self.queue.clear();
     }
 }
-
