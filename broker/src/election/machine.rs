@@ -843,13 +843,11 @@ impl<Raw: Clone> Contender<Raw> {
         let mut refused = Vec::new();
         for c in self.candidates.iter_mut() {
             let Some(claim) = c.claim else { continue };
-            let matches = record
-                .as_ref()
-                .is_some_and(|r| {
-                    r.holder_identity == c.identity
-                        && (r.leader_transitions == claim.term
-                            || mutation::active(mutation::Mutation::ResumeAnyTerm))
-                });
+            let matches = record.as_ref().is_some_and(|r| {
+                r.holder_identity == c.identity
+                    && (r.leader_transitions == claim.term
+                        || mutation::active(mutation::Mutation::ResumeAnyTerm))
+            });
             if matches && adopt.is_none() {
                 adopt = Some(c.identity.clone());
             } else {
@@ -954,7 +952,9 @@ pub mod mutation {
         if !active(Mutation::WallClockExpiry) {
             return None;
         }
-        let LockState::Present(o) = &c.lock else { return None };
+        let LockState::Present(o) = &c.lock else {
+            return None;
+        };
         let r = o.record.as_ref()?;
         if r.is_released() || c.has_identity(&r.holder_identity) {
             return None;
