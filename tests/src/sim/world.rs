@@ -517,8 +517,8 @@ impl World {
                 app,
                 party,
                 msg,
-            } => self.to_broker(node, inc, app, party, msg),
-            Ev::ToApp { app, party, n } => self.to_app(app, party, n),
+            } => self.broker_receives(node, inc, app, party, msg),
+            Ev::ToApp { app, party, n } => self.app_receives(app, party, n),
             Ev::Eof { app, party } => self.eof(app, party),
             Ev::Reconnect { app } => self.reconnect(app),
             Ev::Fault => self.fault(),
@@ -797,7 +797,7 @@ impl World {
         self.at(delay, Ev::ToApp { app, party, n });
     }
 
-    fn to_broker(&mut self, node: usize, inc: u64, app: usize, party: PartyId, msg: AppMsg) {
+    fn broker_receives(&mut self, node: usize, inc: u64, app: usize, party: PartyId, msg: AppMsg) {
         if self.nodes[node].broker != Some(inc) {
             return;
         }
@@ -845,7 +845,7 @@ impl World {
         self.drive(node, el);
     }
 
-    fn to_app(&mut self, app: usize, party: PartyId, n: Notification) {
+    fn app_receives(&mut self, app: usize, party: PartyId, n: Notification) {
         let a = &self.apps[app];
         if !a.alive || a.conn.map(|c| c.0) != Some(party) {
             return;
