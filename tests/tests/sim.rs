@@ -14,7 +14,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 fn report(what: &str, s: &Stats, cpu: std::time::Duration) {
     println!(
-        "sim {what}: {} schedules, {:.1} virtual hours, {} leadership transitions checked, {} oracle checks, {} fault actions, {} events, {:.1} s CPU",
+        "sim {what}: {} schedules, {:.1} virtual hours, {} leadership transitions checked, {} oracle checks, {} fault actions, {} events, {:.1} s elapsed (one thread)",
         s.schedules,
         hours(s.virtual_time),
         s.transitions,
