@@ -5,6 +5,7 @@ pub mod harness;
 pub mod kube_api;
 pub mod manifests;
 pub mod raw;
+pub mod sim;
 
 pub use raw::RawClient;
 

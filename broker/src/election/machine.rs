@@ -784,6 +784,7 @@ impl<Raw: Clone> Contender<Raw> {
         // The renew deadline is checked first, even while a request is in flight.
         if let Some(h) = &self.held
             && now >= self.deadline_of(h)
+            && !mutation::active(mutation::Mutation::RenewPastDeadline)
         {
             self.step_down(StepDown::RenewFailed);
         }
@@ -820,7 +821,8 @@ impl<Raw: Clone> Contender<Raw> {
         let Some(first) = self.candidates.first() else {
             return Action::Wait(self.free_at().filter(|f| *f > now));
         };
-        match self.free_at() {
+        let free = mutation::free_by_wall_clock(self, now, now_wall).unwrap_or_else(|| self.free_at());
+        match free {
             Some(free) if now >= free => Action::Write(Write {
                 purpose: WritePurpose::Acquire,
                 record: self.make_record(&first.identity, now_wall, true),
@@ -841,9 +843,11 @@ impl<Raw: Clone> Contender<Raw> {
         let mut refused = Vec::new();
         for c in self.candidates.iter_mut() {
             let Some(claim) = c.claim else { continue };
-            let matches = record
-                .as_ref()
-                .is_some_and(|r| r.holder_identity == c.identity && r.leader_transitions == claim.term);
+            let matches = record.as_ref().is_some_and(|r| {
+                r.holder_identity == c.identity
+                    && (r.leader_transitions == claim.term
+                        || mutation::active(mutation::Mutation::ResumeAnyTerm))
+            });
             if matches && adopt.is_none() {
                 adopt = Some(c.identity.clone());
             } else {
@@ -904,6 +908,83 @@ impl<Raw: Clone> Contender<Raw> {
                 }
             }
         }
+    }
+}
+
+/// Deliberate bugs, for the simulator (`elector-tests`, `tests/src/sim/`) to show that its
+/// oracle finds them. Compiled only with the `sim-mutations` feature (never in the shipped
+/// binaries); without it every check below is a constant `false` / `None`.
+#[cfg(any(test, feature = "sim-mutations"))]
+pub mod mutation {
+    use super::*;
+    use std::cell::Cell;
+
+    /// A bug class the simulator must catch.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Mutation {
+        /// The leader is not told `lost` at its renew deadline; it goes on renewing.
+        RenewPastDeadline,
+        /// A foreign record expires at its `renewTime + leaseDurationSeconds`, judged against
+        /// the local wall clock.
+        WallClockExpiry,
+        /// A claim is confirmed whatever term the record carries.
+        ResumeAnyTerm,
+    }
+
+    thread_local! {
+        static ACTIVE: Cell<Option<Mutation>> = const { Cell::new(None) };
+    }
+
+    /// Turns a mutation on (or all off) for the machines of this thread.
+    pub fn set(mutation: Option<Mutation>) {
+        ACTIVE.with(|a| a.set(mutation));
+    }
+
+    pub(super) fn active(m: Mutation) -> bool {
+        ACTIVE.with(|a| a.get() == Some(m))
+    }
+
+    pub(super) fn free_by_wall_clock<Raw: Clone>(
+        c: &Contender<Raw>,
+        now: Instant,
+        now_wall: chrono::DateTime<chrono::Utc>,
+    ) -> Option<Option<Instant>> {
+        if !active(Mutation::WallClockExpiry) {
+            return None;
+        }
+        let LockState::Present(o) = &c.lock else {
+            return None;
+        };
+        let r = o.record.as_ref()?;
+        if r.is_released() || c.has_identity(&r.holder_identity) {
+            return None;
+        }
+        let expires = r.renew_time? + chrono::TimeDelta::seconds(i64::from(r.lease_duration_seconds));
+        Some(Some(now + (expires - now_wall).to_std().unwrap_or_default()))
+    }
+}
+
+#[cfg(not(any(test, feature = "sim-mutations")))]
+mod mutation {
+    use super::*;
+
+    pub(super) enum Mutation {
+        RenewPastDeadline,
+        ResumeAnyTerm,
+    }
+
+    #[inline(always)]
+    pub(super) fn active(_: Mutation) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    pub(super) fn free_by_wall_clock<Raw>(
+        _: &Contender<Raw>,
+        _: Instant,
+        _: chrono::DateTime<chrono::Utc>,
+    ) -> Option<Option<Instant>> {
+        None
     }
 }
 
