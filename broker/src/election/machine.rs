@@ -702,7 +702,11 @@ impl<Raw: Clone> Contender<Raw> {
     /// (the leader is told `lost` then, not when the request finally fails), and when a first
     /// read has gone unanswered long enough to say so.
     pub fn wake_while_in_flight(&self) -> Option<Instant> {
-        earliest(self.renew_deadline_at(), self.first_read_patience())
+        // Once parties were told the state is unknown, the first read's patience is spent:
+        // waking for it again would spin until the read ends.
+        let told_unknown = self.view.as_ref().is_some_and(|v| v.unknown.is_some());
+        let patience = self.first_read_patience().filter(|_| !told_unknown);
+        earliest(self.renew_deadline_at(), patience)
     }
 
     fn update_view(&mut self, now: Instant) {
@@ -1356,6 +1360,11 @@ mod tests {
                 .as_deref()
                 .unwrap()
                 .contains("not answered")
+        );
+        assert_eq!(
+            c.wake_while_in_flight(),
+            None,
+            "told once: no more wake-ups for it"
         );
     }
 
