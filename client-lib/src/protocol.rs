@@ -254,6 +254,14 @@ pub enum ErrorCode {
     TooManyErrors,
     /// The client did not read its events: the connection is closed.
     SlowConsumer,
+    /// The Kubernetes API refused the broker (403) for this election's lock: RBAC or the
+    /// admission policy (typically: the namespace is not enabled for elector). Sent once, not
+    /// tied to a request; the message names the missing permission. The campaign stays, and
+    /// the broker tries again every 30 s.
+    ApiForbidden,
+    /// The election's Endpoints object serves a live Service (it has subsets): the broker never
+    /// writes it. Pick another name, or a Lease lock. Sent once, like `api_forbidden`.
+    NotALock,
     ShuttingDown,
     Internal,
 }
@@ -282,6 +290,8 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::TooManyErrors => "too_many_errors",
             ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::ApiForbidden => "api_forbidden",
+            ErrorCode::NotALock => "not_a_lock",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
         }

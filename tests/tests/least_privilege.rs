@@ -529,6 +529,53 @@ async fn a_live_services_endpoints_and_a_namespace_not_enabled_are_never_written
         .filter(|r| r.namespace.as_deref() == Some(NOT_ENABLED) && r.is_write())
         .collect();
     assert!(there.iter().all(|r| r.status == 403), "{there:?}");
+    // Not a hot loop: one refused request, then a retry every 30 s at most.
+    assert!(
+        there.len() <= 2,
+        "{} requests to a namespace that refuses",
+        there.len()
+    );
+
+    // The app is told, once each, with a code and the missing permission: through the socket.
+    let mut app = elector_tests::RawClient::open(&broker.socket).await;
+    let timing = json!({"lease_duration":2,"renew_deadline":1.5,"retry_period":0.25});
+    app.send(
+        json!({"op":"campaign","election":"job2","namespace":NOT_ENABLED,"identity":"pod-b","timing":timing}),
+    )
+    .await;
+    app.send(
+        json!({"op":"campaign","election":"web","namespace":ENABLED,"identity":"pod-b",
+        "lock":"endpoints","timing":timing}),
+    )
+    .await;
+    let mut errors = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(e)) = app
+        .next_within(until.saturating_duration_since(tokio::time::Instant::now()))
+        .await
+    {
+        if e["event"] == "error" {
+            errors.push(e);
+        }
+    }
+    let codes: Vec<&str> = errors.iter().map(|e| e["code"].as_str().unwrap()).collect();
+    assert_eq!(
+        codes.iter().filter(|c| **c == "api_forbidden").count(),
+        1,
+        "{errors:?}"
+    );
+    assert_eq!(
+        codes.iter().filter(|c| **c == "not_a_lock").count(),
+        1,
+        "{errors:?}"
+    );
+    let forbidden = errors.iter().find(|e| e["code"] == "api_forbidden").unwrap();
+    let message = forbidden["message"].as_str().unwrap();
+    assert!(
+        message.contains(NOT_ENABLED) && message.contains("leases"),
+        "{message}"
+    );
+    app.ping_ok().await;
     drop((on_service, not_enabled, fine));
     broker.shutdown();
 }

@@ -87,9 +87,27 @@ pub enum Notification {
         term: u64,
         valid_until: Instant,
     },
+    /// The broker may not act on this lock (a 403, or an Endpoints object that serves a live
+    /// Service): every candidate is told once, with why; the machine then retries only
+    /// slowly ([`REFUSAL_RETRY`]).
+    Refused { refusal: Refusal, message: String },
     /// The leader view changed (sent to every party).
     View(LeaderView),
 }
+
+/// Why the broker may not act on a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The API server refused (403): RBAC or the admission policy (the namespace is not
+    /// enabled, for one).
+    Forbidden,
+    /// The object is not a lock: an Endpoints object with subsets (a live Service).
+    NotALock,
+}
+
+/// How long a refused lock is left alone before the broker tries again (an admin may enable
+/// the namespace meanwhile): long enough never to be a hot loop.
+pub const REFUSAL_RETRY: Duration = Duration::from_secs(30);
 
 /// What a write is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,6 +224,8 @@ pub struct Contender<Raw> {
     failures: u32,
     /// Why the last request failed, while failures go on.
     last_failure: Option<String>,
+    /// The refusal candidates were told of, until a request succeeds.
+    refusal_told: Option<(Refusal, String)>,
     /// `None` until the lock was first read (or could not be): nothing is claimed before.
     view: Option<LeaderView>,
     notifications: Vec<Notification>,
@@ -225,6 +245,7 @@ impl<Raw: Clone> Contender<Raw> {
             not_before: None,
             failures: 0,
             last_failure: None,
+            refusal_told: None,
             view: None,
             notifications: Vec::new(),
         }
@@ -318,6 +339,12 @@ impl<Raw: Clone> Contender<Raw> {
             self.read_before_deciding();
         }
         Ok(())
+    }
+
+    /// The refusal in force, if the broker may not act on this lock (a candidate that joins
+    /// now is told it too).
+    pub fn refusal(&self) -> Option<(Refusal, &str)> {
+        self.refusal_told.as_ref().map(|(r, m)| (*r, m.as_str()))
     }
 
     /// Whether a local candidate already uses this identity.
@@ -596,6 +623,7 @@ impl<Raw: Clone> Contender<Raw> {
     fn succeeded(&mut self) {
         self.failures = 0;
         self.last_failure = None;
+        self.refusal_told = None;
     }
 
     fn backoff(&mut self, now: Instant, failure: LockFailure) {
@@ -612,14 +640,29 @@ impl<Raw: Clone> Contender<Raw> {
             .mul_f64(0.25 * f64::from(1u32 << self.failures.min(4)));
         // Exponential from a quarter of the retry period, capped at it; the server's
         // Retry-After wins when it asks for longer.
-        let wait = match failure {
+        let wait = match &failure {
             LockFailure::Transient {
                 retry_after: Some(after),
                 ..
-            } => after.max(base.min(self.timing.retry_period)),
+            } => (*after).max(base.min(self.timing.retry_period)),
+            LockFailure::Forbidden { message } => self.refused(Refusal::Forbidden, message),
+            LockFailure::NotALock { message } => self.refused(Refusal::NotALock, message),
             _ => base.min(self.timing.retry_period),
         };
         self.not_before = Some(now + wait);
+    }
+
+    /// Tells the candidates of a refusal (once per distinct refusal); returns how long to wait.
+    fn refused(&mut self, refusal: Refusal, message: &str) -> Duration {
+        if self.refusal_told.as_ref().map(|(_, m)| m.as_str()) != Some(message) && !self.candidates.is_empty()
+        {
+            self.refusal_told = Some((refusal, message.to_string()));
+            self.notifications.push(Notification::Refused {
+                refusal,
+                message: message.to_string(),
+            });
+        }
+        REFUSAL_RETRY.max(self.timing.retry_period)
     }
 
     fn make_record(

@@ -34,5 +34,5 @@ pub mod record;
 pub mod timing;
 
 pub use lock_state::{LockFailure, LockState, Observed};
-pub use machine::{Claim, Contender, JoinError, LeaderView, Notification, PartyId, StepDown};
+pub use machine::{Claim, Contender, JoinError, LeaderView, Notification, PartyId, Refusal, StepDown};
 pub use timing::{ElectionTiming, TimingError};

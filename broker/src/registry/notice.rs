@@ -92,6 +92,11 @@ pub enum PartyEvent {
         term: u64,
         reason: LostReason,
     },
+    /// The broker may not act on this election's lock (see [`crate::election::Refusal`]).
+    Refused {
+        code: elector_client::protocol::ErrorCode,
+        message: String,
+    },
     /// The broker goes away without releasing, for a successor to resume the leadership:
     /// the party may act until `valid_until`, no longer, unless a successor confirms it.
     Jeopardy {

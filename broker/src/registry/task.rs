@@ -14,10 +14,20 @@ use super::{
     PartyEvent, PartySink, ShutdownMode,
 };
 use crate::election::machine::{Action, WritePurpose};
-use crate::election::{Contender, LeaderView, LockFailure, LockState, Notification, PartyId, StepDown};
+use crate::election::{
+    Contender, LeaderView, LockFailure, LockState, Notification, PartyId, Refusal, StepDown,
+};
 use crate::lock::{LockObject, RawObject};
 use crate::metrics::Metrics;
-use elector_client::protocol::{ElectionName, LostReason};
+use elector_client::protocol::{ElectionName, ErrorCode, LostReason};
+
+/// The wire's code for a refusal.
+fn refusal_code(r: Refusal) -> ErrorCode {
+    match r {
+        Refusal::Forbidden => ErrorCode::ApiForbidden,
+        Refusal::NotALock => ErrorCode::NotALock,
+    }
+}
 
 /// The wire's reason for a step-down.
 pub(super) fn lost_reason(s: StepDown) -> LostReason {
@@ -181,6 +191,20 @@ impl ElectionTask {
                         },
                     );
                 }
+                Notification::Refused { refusal, message } => {
+                    let code = refusal_code(refusal);
+                    tracing::warn!(election = %self.name, %code, "the broker may not act on this lock: {message}");
+                    self.metrics().rejected(code.as_str());
+                    for p in self.parties.values().filter(|p| p.candidate.is_some()) {
+                        p.sink.deliver(
+                            &self.name,
+                            PartyEvent::Refused {
+                                code,
+                                message: message.clone(),
+                            },
+                        );
+                    }
+                }
                 Notification::Jeopardy {
                     party,
                     identity,
@@ -292,6 +316,17 @@ impl ElectionTask {
                 }
                 self.metrics().candidates.inc();
                 self.tell_current_leader(sink.as_ref());
+                if let Some((refusal, message)) = self.machine.refusal() {
+                    let code = refusal_code(refusal);
+                    self.metrics().rejected(code.as_str());
+                    sink.deliver(
+                        &self.name,
+                        PartyEvent::Refused {
+                            code,
+                            message: message.to_string(),
+                        },
+                    );
+                }
                 self.parties.insert(
                     party,
                     Party {

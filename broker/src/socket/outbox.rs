@@ -261,6 +261,10 @@ impl PartySink for MembershipSink {
                 term,
                 valid_until,
             } => Outgoing::Event(Event::Jeopardy(guarantee(name, identity, term, valid_until))),
+            PartyEvent::Refused { code, message } => Outgoing::Event(
+                elector_client::protocol::RequestError::new(None, code, format!("{name}: {message}"))
+                    .into_event(),
+            ),
             PartyEvent::Lost {
                 identity,
                 term,

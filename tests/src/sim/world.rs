@@ -769,7 +769,8 @@ impl World {
         let parties = d.parties.clone();
         for n in notes {
             let to: Vec<(PartyId, usize)> = match &n {
-                Notification::View(_) => parties.clone(),
+                // The simulated API never refuses (no RBAC here).
+                Notification::View(_) | Notification::Refused { .. } => parties.clone(),
                 Notification::Elected { party, .. }
                 | Notification::Resumed { party, .. }
                 | Notification::Renewed { party, .. }
@@ -891,7 +892,7 @@ impl World {
                 self.oracle.cap(app, until);
                 Ok(())
             }
-            Notification::View(_) => Ok(()),
+            Notification::View(_) | Notification::Refused { .. } => Ok(()),
         };
         if let Err(v) = result {
             self.violation = Some(v);
