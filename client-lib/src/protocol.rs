@@ -433,6 +433,10 @@ pub struct ElectionStatus {
     pub leader: Option<String>,
     pub term: Option<u64>,
     pub is_me: bool,
+    /// As on `leader` events: why the broker cannot tell who leads, when it cannot (the lock
+    /// cannot be read: the API is unreachable, refuses, or has not answered yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<String>,
 }
 
 /// `{"event":"status", ...}`: reply to `status`.

@@ -203,6 +203,10 @@ async fn an_api_that_does_not_answer_is_reported_as_unknown() {
         .as_str()
         .unwrap_or_else(|| panic!("unknown, not null: {leader}"));
     assert!(why.contains("not answered"), "{why}");
+    // And the `status` op says so too.
+    c.send(json!({"op":"status","id":"s"})).await;
+    let status = c.until("status").await;
+    assert!(status["campaigns"][0]["unknown"].as_str().is_some(), "{status}");
     // Generous bound: the broker says so after a retry period (0.25 s), long before the renew
     // deadline of even the default timing.
     assert!(waited < Duration::from_secs(10), "{waited:?}");

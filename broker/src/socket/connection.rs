@@ -397,6 +397,10 @@ impl Conn {
                 leader: view.as_ref().and_then(|v| v.leader.clone()),
                 term: view.as_ref().and_then(|v| v.term),
                 is_me: m.identity.is_some() && view.as_ref().is_some_and(|v| v.is_me),
+                unknown: match &view {
+                    Some(v) => v.unknown.clone(),
+                    None => Some("the lock has not been read yet".into()),
+                },
             }
         };
         let (campaigns, observations): (Vec<_>, Vec<_>) =
