@@ -535,14 +535,18 @@ fn images(docs: &[serde_json::Value]) -> Vec<String> {
 #[test]
 fn deploy_renders_with_kubectl_kustomize_and_its_image_can_be_overridden() {
     let docs = kustomize("deploy/");
-    for k in [
-        "Namespace",
-        "ServiceAccount",
-        "ClusterRole",
-        "ClusterRoleBinding",
-        "DaemonSet",
+    // Two ClusterRoles: the lock role (bound per enabled namespace, not here) and the
+    // attestation role (bound cluster-wide); the admission policy and its binding.
+    for (k, n) in [
+        ("Namespace", 1),
+        ("ServiceAccount", 1),
+        ("ClusterRole", 2),
+        ("ClusterRoleBinding", 1),
+        ("ValidatingAdmissionPolicy", 1),
+        ("ValidatingAdmissionPolicyBinding", 1),
+        ("DaemonSet", 1),
     ] {
-        assert_eq!(kind(&docs, k).len(), 1, "{k}");
+        assert_eq!(kind(&docs, k).len(), n, "{k}");
     }
     // The `images:` entry names the image the DaemonSet uses, so overriding it takes effect.
     let kustomization: serde_json::Value =
