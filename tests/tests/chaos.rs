@@ -1,7 +1,8 @@
 //! Chaos with an oracle: 3 brokers × 2 candidates each × 2 elections (Lease and Endpoints)
 //! against the test API server, under a seeded schedule of per-broker partitions, latency
-//! spikes, 5xx/429 bursts, watch cuts, broker kills and restarts (leaders ride them out in
-//! jeopardy and resume, protocol 1.1), and client kills and
+//! spikes, 5xx/429 bursts, watch cuts, broker kills and restarts and rolling upgrades (a
+//! successor takes the socket over while the old broker runs, which hands off; leaders ride both
+//! out in jeopardy and resume, protocol 1.1), and client kills and
 //! reconnects. The brokers' wall clocks are skewed apart by up to an hour (the timestamps they
 //! write into lock records disagree), and slow readers (raw socket clients that read one line
 //! now and then) campaign and observe alongside.
@@ -119,6 +120,33 @@ async fn restart(
             elector_tests::harness::Backend::Kube(kubeconfig),
             settings,
             true,
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// A rolling upgrade of a node's broker (DaemonSet surge): a successor binds a fresh socket and
+/// renames it over the path while the old broker runs; the old one sees it, tells its clients
+/// `reconnect` and hands off (exits without releasing). Returns the successor; the caller keeps
+/// the old broker until the end (dropping it early would kill it instead of letting it hand off).
+async fn upgrade(
+    server: &TestApiServer,
+    user: &User,
+    node: &str,
+    dir: &std::path::Path,
+    settings: Defaults,
+) -> TestBroker {
+    let (kubeconfig, node, dir) = (server.kubeconfig_path(user), node.to_string(), dir.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        TestBroker::start_configured(
+            &node,
+            &dir,
+            elector_tests::harness::Backend::Kube(kubeconfig),
+            settings,
+            true,
+            None,
+            |c| c.socket.takeover = true,
         )
     })
     .await
@@ -401,10 +429,12 @@ async fn chaos_never_elects_two_leaders() {
 
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut actions = Vec::new();
+    // Brokers that were upgraded away: they hand off and exit on their own; dropped at the end.
+    let mut retired: Vec<TestBroker> = Vec::new();
     while Instant::now() < end {
         let i = rng.random_range(0..3);
         let user = &users[i];
-        let action = rng.random_range(0..8);
+        let action = rng.random_range(0..9);
         match action {
             0 => server.faults(user).partition(true),
             1 => server.faults(user).partition(false),
@@ -460,6 +490,13 @@ async fn chaos_never_elects_two_leaders() {
                 .await
                 {
                     cands.push(c);
+                }
+            }
+            7 => {
+                // Roll the node's broker: the successor takes over while the old one runs.
+                if brokers[i].is_some() {
+                    let new = upgrade(&server, user, nodes[i], dir.path(), settings[i]).await;
+                    retired.extend(brokers[i].replace(new));
                 }
             }
             _ => server.faults(user).clear(),
@@ -564,7 +601,9 @@ async fn chaos_never_elects_two_leaders() {
         })
         .sum();
     println!(
-        "chaos: seed {seed}: {} actions, {elected} elections won by clients and {slow_elected} by slow readers, no violation",
-        actions.len()
+        "chaos: seed {seed}: {} actions ({} broker kills/restarts, {} rolling upgrades), {elected} elections won by clients and {slow_elected} by slow readers, no violation",
+        actions.len(),
+        actions.iter().filter(|a| a.1 == 5).count(),
+        actions.iter().filter(|a| a.1 == 7).count(),
     );
 }
