@@ -268,3 +268,122 @@ async fn callers_are_attested_through_the_real_socket() {
         );
     }
 }
+
+/// Under attestation a leadership survives a broker restart only for the pod that led
+/// (protocol 1.1 `resume`, issue #13): the record names the holder's pod UID
+/// (`elector.dev/holder-pod`). Another pod cannot claim the identity at all; a pod recreated
+/// under the same name has its claim refused (`lost`) and campaigns anew, in a new term; the
+/// pod that led resumes in its term. Nobody else's resume writes anything.
+#[tokio::test]
+async fn only_the_pod_that_led_resumes_after_a_broker_restart() {
+    use elector_tests::raw::RawClient;
+    use k8s_openapi::api::coordination::v1::Lease;
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proc = FakeProc::new(dir.path());
+    let uid = create_pod(&server, "team-a", "app-0", "node-a", &[CID]).await;
+    create_pod(&server, "team-a", "app-1", "node-a", &[OTHER_CID]).await;
+    let user = server.add_user("node-a", vec![elector_tests::kube_api::Rule::all()]);
+    let start = || {
+        TestBroker::start_attested(
+            "node-a",
+            dir.path(),
+            Backend::Kube(server.kubeconfig_path(&user)),
+            fast_timing(),
+            false,
+            Some(proc.root.clone()),
+        )
+    };
+    let as_pod = |cid: &str| proc.set_cgroup(&format!("0::/../cri-containerd-{cid}.scope\n"));
+    let leases: kube::Api<Lease> =
+        kube::Api::namespaced(server.client(server.admin()).await.unwrap(), "team-a");
+    let holder_pod = |l: &Lease| {
+        l.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("elector.dev/holder-pod").cloned())
+    };
+    let timing = json!({"lease_duration":8,"renew_deadline":6,"retry_period":0.5});
+
+    // app-0 leads; the record names its pod.
+    as_pod(CID);
+    let broker = start();
+    let mut app = RawClient::open(&broker.socket).await;
+    assert_eq!(app.hello["caller"]["pod"], "app-0");
+    app.send(json!({"op":"campaign","election":"job","timing":timing}))
+        .await;
+    let elected = app.until("elected").await;
+    let (term, valid_until) = (elected["term"].as_u64().unwrap(), elected["valid_until"].clone());
+    assert_eq!(
+        holder_pod(&leases.get("job").await.unwrap()).as_deref(),
+        Some(uid.as_str())
+    );
+    broker.kill();
+    drop(app);
+
+    // Another pod claims app-0's leadership: it may not even use the identity.
+    let broker = start();
+    server.clear_requests();
+    as_pod(OTHER_CID);
+    let mut other = RawClient::open(&broker.socket).await;
+    assert_eq!(other.hello["caller"]["pod"], "app-1");
+    other
+        .send(
+            json!({"op":"resume","election":"job","identity":"app-0","timing":timing,
+            "term":term,"valid_until":valid_until}),
+        )
+        .await;
+    assert_eq!(other.error_code().await, "forbidden_identity");
+    // The pod that led resumes: same term, confirmed by its own renewal.
+    as_pod(CID);
+    let mut app = RawClient::open(&broker.socket).await;
+    app.send(json!({"op":"resume","id":1,"election":"job","timing":timing,
+        "term":term,"valid_until":valid_until}))
+        .await;
+    let safe = app.until("safe").await;
+    assert_eq!(safe["term"].as_u64(), Some(term), "{safe}");
+    let lease = leases.get("job").await.unwrap();
+    assert_eq!(
+        lease.spec.as_ref().unwrap().holder_identity.as_deref(),
+        Some("app-0")
+    );
+    assert_eq!(holder_pod(&lease).as_deref(), Some(uid.as_str()));
+    broker.kill();
+    drop((app, other));
+
+    // app-0 is deleted and recreated on the node while the broker is down: a new pod (new UID,
+    // new container) under the old name. Its claim to the old term is refused; it campaigns and
+    // leads in a new term.
+    server
+        .store()
+        .delete(
+            &PODS,
+            ObjectKey {
+                resource: "pods",
+                namespace: "team-a".into(),
+                name: "app-0".into(),
+            },
+        )
+        .unwrap();
+    let new_cid = "ab".repeat(32);
+    let new_uid = create_pod(&server, "team-a", "app-0", "node-a", &[&new_cid]).await;
+    assert_ne!(new_uid, uid);
+    let broker = start();
+    server.clear_requests();
+    as_pod(&new_cid);
+    let mut reborn = RawClient::open(&broker.socket).await;
+    reborn
+        .send(json!({"op":"resume","id":2,"election":"job","timing":timing,
+            "term":term,"valid_until":valid_until}))
+        .await;
+    let lost = reborn.until("lost").await;
+    assert_eq!(
+        (lost["reason"].as_str(), lost["term"].as_u64()),
+        (Some("preempted"), Some(term))
+    );
+    let elected = reborn.until("elected").await;
+    assert!(elected["term"].as_u64().unwrap() > term, "a new term: {elected}");
+    let lease = leases.get("job").await.unwrap();
+    assert_eq!(holder_pod(&lease).as_deref(), Some(new_uid.as_str()));
+    drop(broker);
+}

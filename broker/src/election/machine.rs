@@ -163,6 +163,51 @@ pub struct Claim {
     pub valid_until: Instant,
 }
 
+/// A local candidate as it joins: the identity it writes into the lock, its priority among the
+/// node's candidates (higher first), the pod it was attested as, and a claim to resume.
+///
+/// ```
+/// use elector_broker::election::Candidacy;
+/// let c = Candidacy::new("web-0").priority(5).pod(Some("7d3c…".into()));
+/// assert_eq!((c.identity.as_str(), c.priority), ("web-0", 5));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidacy {
+    pub identity: String,
+    pub priority: i32,
+    /// The UID of the pod the caller was attested as (attestation on). Written with the record
+    /// (the `elector.dev/holder-pod` annotation), and a claim is confirmed only for that same
+    /// pod: a pod recreated under the same name is a new candidate, not the old leader.
+    pub pod: Option<String>,
+    pub claim: Option<Claim>,
+}
+
+impl Candidacy {
+    pub fn new(identity: impl Into<String>) -> Self {
+        Candidacy {
+            identity: identity.into(),
+            priority: 0,
+            pod: None,
+            claim: None,
+        }
+    }
+
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    pub fn pod(mut self, pod: Option<String>) -> Self {
+        self.pod = pod;
+        self
+    }
+
+    pub fn claim(mut self, claim: Option<Claim>) -> Self {
+        self.claim = claim;
+        self
+    }
+}
+
 /// The machine's phase: what it waits for before it can decide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -193,6 +238,7 @@ struct Candidate {
     identity: String,
     priority: i32,
     seq: u64,
+    pod: Option<String>,
     claim: Option<Claim>,
 }
 
@@ -300,16 +346,20 @@ impl<Raw: Clone> Contender<Raw> {
     /// runs with (the first candidate of an election not held sets it). With a `claim`, the
     /// candidate says it led in `claim.term` through a broker that went away: the lock is read
     /// afresh, and the claim is confirmed by a renewal (`Resumed`) only if the record still
-    /// names this identity in that term, else refused (`Lost`, reason `Preempted`); either way
-    /// the candidate then campaigns as usual.
+    /// names this identity in that term (and, for an attested candidate, its pod), else refused
+    /// (`Lost`, reason `Preempted`); either way the candidate then campaigns as usual.
     pub fn join(
         &mut self,
         party: PartyId,
-        identity: String,
-        priority: i32,
+        candidacy: Candidacy,
         timing: Option<ElectionTiming>,
-        claim: Option<Claim>,
     ) -> Result<(), JoinError> {
+        let Candidacy {
+            identity,
+            priority,
+            pod,
+            claim,
+        } = candidacy;
         if self.has_identity(&identity) {
             return Err(JoinError::IdentityInUse(identity));
         }
@@ -331,6 +381,7 @@ impl<Raw: Clone> Contender<Raw> {
             identity,
             priority,
             seq,
+            pod,
             claim,
         });
         self.candidates
@@ -529,13 +580,7 @@ impl<Raw: Clone> Contender<Raw> {
     ) {
         self.succeeded();
         self.not_before = None;
-        let record = obs.record.clone().unwrap_or_else(|| LeaderRecord {
-            holder_identity: String::new(),
-            lease_duration_seconds: 0,
-            acquire_time: None,
-            renew_time: None,
-            leader_transitions: 0,
-        });
+        let record = obs.record.clone().unwrap_or_default();
         self.note_term(record.leader_transitions);
         self.seen_at = Some(now);
         self.lock = LockState::Present(obs);
@@ -668,6 +713,7 @@ impl<Raw: Clone> Contender<Raw> {
     fn make_record(
         &self,
         identity: &str,
+        pod: Option<String>,
         now_wall: chrono::DateTime<chrono::Utc>,
         acquire: bool,
     ) -> LeaderRecord {
@@ -691,6 +737,7 @@ impl<Raw: Clone> Contender<Raw> {
             },
             renew_time: Some(now_wall),
             leader_transitions: transitions,
+            holder_pod: pod,
         }
     }
 
@@ -872,7 +919,7 @@ impl<Raw: Clone> Contender<Raw> {
         match free {
             Some(free) if now >= free => Action::Write(Write {
                 purpose: WritePurpose::Acquire,
-                record: self.make_record(&first.identity, now_wall, true),
+                record: self.make_record(&first.identity, first.pod.clone(), now_wall, true),
                 base: self.base(),
             }),
             other => Action::Wait(other),
@@ -890,13 +937,16 @@ impl<Raw: Clone> Contender<Raw> {
         let mut refused = Vec::new();
         for c in self.candidates.iter_mut() {
             let Some(claim) = c.claim else { continue };
+            // Under attestation the record must also name the claimant's pod: a pod recreated
+            // under the same name (same identity) did not lead.
             let matches = record.as_ref().is_some_and(|r| {
                 r.holder_identity == c.identity
+                    && (c.pod.is_none() || r.holder_pod == c.pod)
                     && (r.leader_transitions == claim.term
                         || mutation::active(mutation::Mutation::ResumeAnyTerm))
             });
             if matches && adopt.is_none() {
-                adopt = Some(c.identity.clone());
+                adopt = Some((c.identity.clone(), c.pod.clone()));
             } else {
                 c.claim = None;
                 refused.push((c.party, c.identity.clone(), claim.term));
@@ -910,10 +960,10 @@ impl<Raw: Clone> Contender<Raw> {
                 reason: StepDown::Preempted,
             });
         }
-        let identity = adopt?;
+        let (identity, pod) = adopt?;
         Some(Action::Write(Write {
             purpose: WritePurpose::Adopt,
-            record: self.make_record(&identity, now_wall, false),
+            record: self.make_record(&identity, pod, now_wall, false),
             base: self.base(),
         }))
     }
@@ -928,7 +978,7 @@ impl<Raw: Clone> Contender<Raw> {
         match desired {
             None => {
                 // Nobody local wants it any more: release as client-go does.
-                let mut record = self.make_record("", now_wall, false);
+                let mut record = self.make_record("", None, now_wall, false);
                 record.lease_duration_seconds = 1;
                 Action::Write(Write {
                     purpose: WritePurpose::Release,
@@ -939,7 +989,7 @@ impl<Raw: Clone> Contender<Raw> {
             Some(c) if held.party != Some(c.party) => Action::Write(Write {
                 // Hand over to the next local candidate in one write.
                 purpose: WritePurpose::Handover,
-                record: self.make_record(&c.identity, now_wall, true),
+                record: self.make_record(&c.identity, c.pod.clone(), now_wall, true),
                 base,
             }),
             Some(c) => {
@@ -947,7 +997,7 @@ impl<Raw: Clone> Contender<Raw> {
                 if now >= renew_at || base.is_none() {
                     Action::Write(Write {
                         purpose: WritePurpose::Renew,
-                        record: self.make_record(&c.identity, now_wall, base.is_none()),
+                        record: self.make_record(&c.identity, c.pod.clone(), now_wall, base.is_none()),
                         base,
                     })
                 } else {
@@ -1070,6 +1120,7 @@ mod tests {
                 acquire_time: None,
                 renew_time: None,
                 leader_transitions: transitions,
+                ..Default::default()
             }),
             version: version.to_string(),
             raw: (),
@@ -1087,7 +1138,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn creates_when_missing_and_renews_each_retry_period() {
         let mut c = C::new(timing());
-        c.join(1, "a".into(), 0, None, None).unwrap();
+        c.join(1, Candidacy::new("a"), None).unwrap();
         assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
         c.read_done(Instant::now(), Ok(LockState::Missing));
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
@@ -1130,10 +1181,92 @@ mod tests {
         assert_eq!(w.record.leader_transitions, 0);
     }
 
+    /// The record as an attesting broker wrote it for pod `uid-1`, holder `a` in term 4.
+    fn attested_obs(version: u64) -> LockState<()> {
+        let LockState::Present(mut o) = obs("a", version, 4) else {
+            unreachable!()
+        };
+        o.record.as_mut().unwrap().holder_pod = Some("uid-1".into());
+        LockState::Present(o)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attested_claim_is_confirmed_only_for_the_pod_that_led() {
+        let claim = Some(Claim {
+            term: 4,
+            valid_until: Instant::now() + Duration::from_secs(5),
+        });
+        // A pod recreated under the same name (same identity, same term claimed): its claim is
+        // refused; it then campaigns as usual and, the identity being its own (the old pod is
+        // gone: a pod name is unique while the pod lives), takes the lock in a new term.
+        let mut c = C::new(timing());
+        c.join(
+            1,
+            Candidacy::new("a").pod(Some("uid-2".into())).claim(claim),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
+        c.read_done(Instant::now(), Ok(attested_obs(7)));
+        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+            panic!("campaigns")
+        };
+        assert_eq!(
+            (
+                w.purpose,
+                w.record.leader_transitions,
+                w.record.holder_pod.as_deref()
+            ),
+            (WritePurpose::Acquire, 5, Some("uid-2")),
+            "a new term, never the old pod's"
+        );
+        assert!(
+            c.take_notifications().iter().any(|n| matches!(
+                n,
+                Notification::Lost {
+                    party: 1,
+                    term: 4,
+                    reason: StepDown::Preempted,
+                    ..
+                }
+            )),
+            "the impostor is told lost"
+        );
+
+        // The pod that led: adopted by a renewal that names it again.
+        let mut c = C::new(timing());
+        c.join(
+            1,
+            Candidacy::new("a").pod(Some("uid-1".into())).claim(claim),
+            None,
+        )
+        .unwrap();
+        let _ = c.poll(Instant::now(), wall());
+        c.read_done(Instant::now(), Ok(attested_obs(7)));
+        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+            panic!("adopt")
+        };
+        assert_eq!(w.purpose, WritePurpose::Adopt);
+        assert_eq!(
+            (w.record.leader_transitions, w.record.holder_pod.as_deref()),
+            (4, Some("uid-1"))
+        );
+
+        // An unattested broker (no pod known) judges by identity and term, as before.
+        let mut c = C::new(timing());
+        c.join(1, Candidacy::new("a").claim(claim), None).unwrap();
+        let _ = c.poll(Instant::now(), wall());
+        c.read_done(Instant::now(), Ok(attested_obs(7)));
+        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+            panic!("adopt")
+        };
+        assert_eq!((w.purpose, w.record.holder_pod), (WritePurpose::Adopt, None));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn foreign_holder_is_waited_out_from_when_seen() {
         let mut c = C::new(timing());
-        c.join(1, "a".into(), 0, None, None).unwrap();
+        c.join(1, Candidacy::new("a"), None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(obs("other", 5, 3)));
         let seen = Instant::now();
@@ -1160,7 +1293,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn released_record_is_taken_at_once_and_conflict_rereads() {
         let mut c = C::new(timing());
-        c.join(1, "a".into(), 0, None, None).unwrap();
+        c.join(1, Candidacy::new("a"), None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(obs("", 5, 3)));
         let Action::Write(_) = c.poll(Instant::now(), wall()) else {
@@ -1180,7 +1313,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn leader_is_told_lost_at_the_renew_deadline_even_with_a_write_in_flight() {
         let mut c = C::new(timing());
-        c.join(1, "a".into(), 0, None, None).unwrap();
+        c.join(1, Candidacy::new("a"), None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(LockState::Missing));
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
@@ -1219,7 +1352,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_renewal_that_lands_after_lost_does_not_resurrect_the_same_term() {
         let mut c = C::new(timing());
-        c.join(1, "a".into(), 0, None, None).unwrap();
+        c.join(1, Candidacy::new("a"), None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(LockState::Missing));
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
@@ -1256,9 +1389,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn handover_in_one_write_then_release() {
         let mut c = C::new(timing());
-        c.join(1, "a".into(), 0, None, None).unwrap();
-        c.join(2, "b".into(), 0, None, None).unwrap();
-        c.join(3, "c".into(), 5, None, None).unwrap();
+        c.join(1, Candidacy::new("a"), None).unwrap();
+        c.join(2, Candidacy::new("b"), None).unwrap();
+        c.join(3, Candidacy::new("c").priority(5), None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(LockState::Missing));
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
@@ -1266,7 +1399,7 @@ mod tests {
         };
         assert_eq!(w.record.holder_identity, "c", "highest priority first");
         c.write_done(Instant::now(), Instant::now(), Ok(written(&w, 1)));
-        c.join(4, "d".into(), 9, None, None).unwrap();
+        c.join(4, Candidacy::new("d").priority(9), None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         assert_eq!(
             c.view().unwrap().leader.as_deref(),
@@ -1329,7 +1462,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn foreign_write_preempts_at_once() {
         let mut c = C::new(timing());
-        c.join(1, "a".into(), 0, None, None).unwrap();
+        c.join(1, Candidacy::new("a"), None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Ok(LockState::Missing));
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
@@ -1354,7 +1487,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn nothing_is_claimed_before_the_lock_is_read() {
         let mut c = C::new(timing());
-        c.join(1, "a".into(), 0, None, None).unwrap();
+        c.join(1, Candidacy::new("a"), None).unwrap();
         assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
         assert_eq!(c.view(), None);
         assert!(c.take_notifications().is_empty(), "no view before the read");
@@ -1371,7 +1504,7 @@ mod tests {
     async fn an_unreadable_lock_is_unknown_not_free() {
         // The first read fails: parties are told why, not that nobody leads.
         let mut c = C::new(timing());
-        c.join(1, "a".into(), 0, None, None).unwrap();
+        c.join(1, Candidacy::new("a"), None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(Instant::now(), Err(LockFailure::transient("connection refused")));
         let _ = c.poll(Instant::now(), wall());
@@ -1414,7 +1547,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn backoff_honours_retry_after() {
         let mut c = C::new(timing());
-        c.join(1, "a".into(), 0, None, None).unwrap();
+        c.join(1, Candidacy::new("a"), None).unwrap();
         let _ = c.poll(Instant::now(), wall());
         c.read_done(
             Instant::now(),

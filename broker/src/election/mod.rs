@@ -34,5 +34,7 @@ pub mod record;
 pub mod timing;
 
 pub use lock_state::{LockFailure, LockState, Observed};
-pub use machine::{Claim, Contender, JoinError, LeaderView, Notification, PartyId, Refusal, StepDown};
+pub use machine::{
+    Candidacy, Claim, Contender, JoinError, LeaderView, Notification, PartyId, Refusal, StepDown,
+};
 pub use timing::{ElectionTiming, TimingError};

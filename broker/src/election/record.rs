@@ -19,11 +19,16 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// The value of [`MANAGED_BY_LABEL`] on elector's objects.
 pub const MANAGED_BY: &str = "elector";
 
+/// The annotation naming the UID of the pod an attesting broker wrote the record for (absent
+/// when the broker does not attest its callers, or when someone else wrote the record). A
+/// leadership is resumed after a broker restart only by that same pod.
+pub const HOLDER_POD_ANNOTATION: &str = "elector.dev/holder-pod";
+
 /// Who holds an election, as stored in the lock object.
 ///
 /// The wall-clock times are informational only: expiry is judged on the local monotonic clock
 /// from when a record was last seen to change, never from these timestamps.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LeaderRecord {
     /// Empty when released.
     pub holder_identity: String,
@@ -32,6 +37,9 @@ pub struct LeaderRecord {
     pub renew_time: Option<DateTime<Utc>>,
     /// Grows by one on every change of holder: the term handed to applications.
     pub leader_transitions: u64,
+    /// Not part of client-go's record: the holder's pod UID when an attesting broker wrote it,
+    /// kept in the object's [`HOLDER_POD_ANNOTATION`].
+    pub holder_pod: Option<String>,
 }
 
 impl LeaderRecord {
@@ -70,6 +78,7 @@ impl LeaderRecord {
             acquire_time: parse(wire.acquire_time),
             renew_time: parse(wire.renew_time),
             leader_transitions: wire.leader_transitions.max(0) as u64,
+            holder_pod: None,
         })
     }
 }

@@ -37,7 +37,7 @@ use serde::de::DeserializeOwned;
 
 use super::{LockBackend, LockObject, RawObject, WatchEvent};
 use crate::election::record::{
-    LEADER_ANNOTATION, LeaderRecord, MANAGED_BY, MANAGED_BY_LABEL, NODE_ANNOTATION,
+    HOLDER_POD_ANNOTATION, LEADER_ANNOTATION, LeaderRecord, MANAGED_BY, MANAGED_BY_LABEL, NODE_ANNOTATION,
 };
 use crate::election::{LockFailure, LockState, Observed};
 use crate::metrics::Metrics;
@@ -74,11 +74,14 @@ impl LockResource for Endpoints {
     const PLURAL: &'static str = "endpoints";
 
     fn record(&self) -> Option<LeaderRecord> {
-        self.metadata
+        let mut record = self
+            .metadata
             .annotations
             .as_ref()?
             .get(LEADER_ANNOTATION)
-            .and_then(|v| LeaderRecord::from_annotation(v))
+            .and_then(|v| LeaderRecord::from_annotation(v))?;
+        record.holder_pod = holder_pod(&self.metadata);
+        Some(record)
     }
 
     fn with_record(base: Option<&Self>, name: &str, record: &LeaderRecord, node: &str) -> Self {
@@ -94,7 +97,7 @@ impl LockResource for Endpoints {
             .annotations
             .get_or_insert_with(Default::default)
             .insert(LEADER_ANNOTATION.to_string(), record.to_annotation());
-        stamp(&mut ep.metadata, node, base.is_none());
+        stamp(&mut ep.metadata, node, record, base.is_none());
         ep
     }
 
@@ -121,18 +124,26 @@ impl LockResource for Endpoints {
     }
 }
 
-/// The metadata every write sets: the writing node, and on objects the broker creates, elector's
-/// managed-by label. `managedFields` are the server's and are not sent back.
-fn stamp(meta: &mut ObjectMeta, node: &str, created: bool) {
-    meta.annotations
-        .get_or_insert_with(Default::default)
-        .insert(NODE_ANNOTATION.to_string(), node.to_string());
+/// The metadata every write sets: the writing node, the holder's pod when the broker attested it
+/// (removed otherwise, so that it never outlives the holder it names), and on objects the broker
+/// creates, elector's managed-by label. `managedFields` are the server's and are not sent back.
+fn stamp(meta: &mut ObjectMeta, node: &str, record: &LeaderRecord, created: bool) {
+    let annotations = meta.annotations.get_or_insert_with(Default::default);
+    annotations.insert(NODE_ANNOTATION.to_string(), node.to_string());
+    match &record.holder_pod {
+        Some(uid) => annotations.insert(HOLDER_POD_ANNOTATION.to_string(), uid.clone()),
+        None => annotations.remove(HOLDER_POD_ANNOTATION),
+    };
     if created {
         meta.labels
             .get_or_insert_with(Default::default)
             .insert(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string());
     }
     meta.managed_fields = None;
+}
+
+fn holder_pod(meta: &ObjectMeta) -> Option<String> {
+    meta.annotations.as_ref()?.get(HOLDER_POD_ANNOTATION).cloned()
 }
 
 fn to_micro(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<MicroTime> {
@@ -159,6 +170,7 @@ impl LockResource for Lease {
             acquire_time: from_micro(&spec.acquire_time),
             renew_time: from_micro(&spec.renew_time),
             leader_transitions: spec.lease_transitions.unwrap_or(0).max(0) as u64,
+            holder_pod: holder_pod(&self.metadata),
         })
     }
 
@@ -177,7 +189,7 @@ impl LockResource for Lease {
         spec.acquire_time = to_micro(record.acquire_time);
         spec.renew_time = to_micro(record.renew_time);
         spec.lease_transitions = Some(record.leader_transitions.min(i32::MAX as u64) as i32);
-        stamp(&mut lease.metadata, node, base.is_none());
+        stamp(&mut lease.metadata, node, record, base.is_none());
         lease
     }
 
@@ -421,6 +433,7 @@ mod tests {
             acquire_time: None,
             renew_time: None,
             leader_transitions: 2,
+            ..Default::default()
         };
         let ep = Endpoints::with_record(Some(&base), "e", &rec, "n1");
         let ann = ep.metadata.annotations.as_ref().unwrap();
@@ -438,6 +451,53 @@ mod tests {
         let created = Endpoints::with_record(None, "e", &rec, "n2");
         assert_eq!(created.metadata.labels.unwrap()[MANAGED_BY_LABEL], MANAGED_BY);
         assert_eq!(created.metadata.annotations.unwrap()[NODE_ANNOTATION], "n2");
+    }
+
+    #[test]
+    fn the_holder_pod_is_written_for_an_attested_holder_and_removed_for_any_other() {
+        let attested = LeaderRecord {
+            holder_identity: "web-0".into(),
+            lease_duration_seconds: 15,
+            leader_transitions: 4,
+            holder_pod: Some("uid-1".into()),
+            ..Default::default()
+        };
+        let lease = Lease::with_record(None, "l", &attested, "n1");
+        assert_eq!(
+            lease.metadata.annotations.as_ref().unwrap()[HOLDER_POD_ANNOTATION],
+            "uid-1"
+        );
+        assert_eq!(lease.record().unwrap(), attested);
+        let ep = Endpoints::with_record(None, "e", &attested, "n1");
+        assert_eq!(ep.record().unwrap(), attested, "read back from the annotation");
+        // The next holder was not attested (or the record is released): the pod goes with it.
+        let plain = LeaderRecord {
+            holder_pod: None,
+            ..attested.clone()
+        };
+        for (name, ann) in [
+            (
+                "lease",
+                Lease::with_record(Some(&lease), "l", &plain, "n1")
+                    .metadata
+                    .annotations,
+            ),
+            (
+                "endpoints",
+                Endpoints::with_record(Some(&ep), "e", &plain, "n1")
+                    .metadata
+                    .annotations,
+            ),
+        ] {
+            assert!(!ann.unwrap().contains_key(HOLDER_POD_ANNOTATION), "{name}");
+        }
+        assert_eq!(
+            LeaderRecord::from_annotation(&attested.to_annotation())
+                .unwrap()
+                .holder_pod,
+            None,
+            "client-go's record format carries no pod"
+        );
     }
 
     #[test]
@@ -485,6 +545,7 @@ mod tests {
             acquire_time: Some(now),
             renew_time: Some(now),
             leader_transitions: 1,
+            ..Default::default()
         };
         let l = Lease::with_record(Some(&base), "l", &rec, "n1");
         assert_eq!(l.metadata.annotations.as_ref().unwrap()[NODE_ANNOTATION], "n1");

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::election::{Claim, ElectionTiming, PartyId, StepDown};
+use crate::election::{Candidacy, ElectionTiming, PartyId, StepDown};
 use crate::lock::Backends;
 use crate::lock::hub::WatchHub;
 use crate::metrics::Metrics;
@@ -92,10 +92,8 @@ impl From<ElectionTiming> for Defaults {
 enum Command {
     Campaign {
         party: PartyId,
-        identity: String,
-        priority: i32,
+        candidacy: Candidacy,
         timing: Option<ElectionTiming>,
-        claim: Option<Claim>,
         sink: Arc<dyn PartySink>,
         reply: oneshot::Sender<Result<(), JoinError>>,
     },
@@ -215,17 +213,15 @@ impl Elections {
 
     /// Adds a candidate. Its events (a `leader` event once the lock was read, later `elected`,
     /// `renewed`, `lost`) go to `sink`. `timing` applies when the election has no candidates
-    /// yet. With a `claim` the candidate resumes a leadership: `Resumed` if the lock still
-    /// names it in that term (confirmed by a renewal), else `Lost`; then it campaigns as usual.
-    #[allow(clippy::too_many_arguments)]
+    /// yet. With a claim the candidate resumes a leadership: `Resumed` if the lock still
+    /// names it in that term (and pod, under attestation; confirmed by a renewal), else `Lost`;
+    /// then it campaigns as usual.
     pub async fn campaign(
         &self,
         name: &ElectionName,
         party: PartyId,
-        identity: String,
-        priority: i32,
+        candidacy: Candidacy,
         timing: Option<ElectionTiming>,
-        claim: Option<Claim>,
         sink: Arc<dyn PartySink>,
     ) -> Result<(), JoinError> {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
@@ -236,10 +232,8 @@ impl Elections {
             name,
             Command::Campaign {
                 party,
-                identity,
-                priority,
+                candidacy,
                 timing,
-                claim,
                 sink,
                 reply,
             },

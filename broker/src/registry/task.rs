@@ -296,10 +296,8 @@ impl ElectionTask {
         match cmd {
             Command::Campaign {
                 party,
-                identity,
-                priority,
+                candidacy,
                 timing,
-                claim,
                 sink,
                 reply,
             } => {
@@ -307,10 +305,8 @@ impl ElectionTask {
                     let _ = reply.send(Err(JoinError::ShuttingDown));
                     return;
                 }
-                if let Err(e) = self
-                    .machine
-                    .join(party, identity.clone(), priority, timing, claim)
-                {
+                let (identity, priority) = (candidacy.identity.clone(), candidacy.priority);
+                if let Err(e) = self.machine.join(party, candidacy, timing) {
                     let _ = reply.send(Err(e.into()));
                     return;
                 }

@@ -13,7 +13,7 @@ use tokio_util::codec::FramedRead;
 use super::ServerShared;
 use super::outbox::{MembershipSink, Outbox};
 use crate::attest::Caller;
-use crate::election::{Claim, JoinError as RefusedJoin, StepDown};
+use crate::election::{Candidacy, Claim, JoinError as RefusedJoin, StepDown};
 use crate::election::{ElectionTiming, PartyId};
 use crate::registry::{Farewell, JoinError};
 use elector_client::clock::{from_monotonic_ns, monotonic_now_ns};
@@ -266,10 +266,11 @@ impl Conn {
             .campaign(
                 &name,
                 party,
-                identity.clone(),
-                req.priority.unwrap_or(0),
+                Candidacy::new(identity.clone())
+                    .priority(req.priority.unwrap_or(0))
+                    .pod(self.caller.as_ref().map(|c| c.pod.uid.clone()))
+                    .claim(claim),
                 timing,
-                claim,
                 sink.clone(),
             )
             .await;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use elector_broker::election::machine::{Action, WritePurpose};
 use elector_broker::election::record::LeaderRecord;
 use elector_broker::election::{
-    Claim, Contender, ElectionTiming, LockFailure, LockState, Notification, Observed, PartyId, StepDown,
+    Candidacy, Claim, Contender, ElectionTiming, LockFailure, LockState, Notification, Observed, PartyId,
+    StepDown,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -817,7 +818,10 @@ impl World {
         let d = self.nodes[node].drivers[el].as_mut().expect("just made");
         match msg {
             AppMsg::Join { claim } => {
-                if d.machine.join(party, identity, 0, None, claim).is_err() {
+                if d.machine
+                    .join(party, Candidacy::new(identity).claim(claim), None)
+                    .is_err()
+                {
                     // Identity in use (a restarted container racing its predecessor's close):
                     // the app tries again later.
                     self.at(ms(500), Ev::Reconnect { app });
