@@ -11,18 +11,28 @@ pub use raw::RawClient;
 
 /// The path of a binary of this workspace (`electord`, `elector-shim`, an example...), as
 /// `cargo nextest run --workspace` builds them next to the test executables. When a test runs
-/// without them (e.g. `-p elector-tests` alone), the binary is built first.
+/// without them (e.g. `-p elector-tests` alone), the binary is built first, in the same profile
+/// (the bench, run with `--release`, measures release binaries).
 pub fn workspace_bin(package: &str, name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    // target/<profile>/deps/<test> (a test) or target/<profile>/<bin> (the bench)
+    // -> target/<profile>/<name>
     let dir = exe
         .parent()
-        .and_then(|d| d.parent())
-        .expect("test executable in target/<profile>/deps");
+        .map(|d| {
+            if d.ends_with("deps") {
+                d.parent().unwrap_or(d)
+            } else {
+                d
+            }
+        })
+        .expect("executable in target/<profile>");
     let bin = dir.join(name);
     if !bin.exists() {
+        let release = dir.file_name().is_some_and(|p| p == "release");
         let status = std::process::Command::new(env!("CARGO"))
             .args(["build", "-q", "-p", package, "--bin", name])
+            .args(release.then_some("--release"))
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .status()
             .expect("cargo build");

@@ -365,6 +365,69 @@ async fn a_handoff_shutdown_releases_nothing_and_the_successor_resumes() {
     );
 }
 
+/// A leader whose connection the broker cuts while the broker lives on (here: it sent nothing
+/// but bad requests; likewise a client that stopped reading) may still be leading in jeopardy
+/// until its guarantee: the broker releases nothing, so another candidate is elected only after
+/// that guarantee has passed; or the app comes back in time and resumes, same term.
+#[tokio::test]
+async fn a_leader_cut_off_by_the_broker_keeps_its_guarantee() {
+    use elector_client::clock::monotonic_now_ns;
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, _user) = TestBroker::on_server(&server, "n1", dir.path(), fast_timing());
+    let timing = json!({"lease_duration":3,"renew_deadline":2,"retry_period":0.25});
+    // Sends bad requests until the broker closes the connection; returns the latest guarantee
+    // the leader was given (`elected`, `renewed` or `safe`), as read up to the close.
+    let cut_off = async |c: &mut RawClient, mut valid_until: u64| {
+        for _ in 0..16 {
+            c.send_raw(b"not json\n").await;
+        }
+        let mut errors = 0;
+        while let Some(v) = c.next().await {
+            valid_until = valid_until.max(v["valid_until"].as_u64().unwrap_or(0));
+            errors += usize::from(v["event"] == "error");
+        }
+        assert!(
+            errors >= 16,
+            "the broker closed the connection after the bad requests"
+        );
+        valid_until
+    };
+
+    // Cut off, and back in time: resumed in the same term.
+    let mut a = RawClient::open(&n1.socket).await;
+    a.send(json!({"op":"campaign","election":"cut","identity":"app-a","timing":timing}))
+        .await;
+    let e = a.until("elected").await;
+    let term = e["term"].as_u64().unwrap();
+    let mut b = RawClient::open(&n1.socket).await;
+    b.send(json!({"op":"campaign","election":"cut","identity":"app-b","timing":timing}))
+        .await;
+    b.until("ok").await;
+    let valid_until = cut_off(&mut a, e["valid_until"].as_u64().unwrap()).await;
+    let mut a = RawClient::open(&n1.socket).await;
+    a.send(
+        json!({"op":"resume","election":"cut","identity":"app-a","timing":timing,
+        "term":term,"valid_until":valid_until}),
+    )
+    .await;
+    let safe = a.until("safe").await;
+    assert_eq!(safe["term"].as_u64(), Some(term));
+
+    // Cut off for good: the other candidate leads only once the guarantee has passed.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let valid_until = cut_off(&mut a, safe["valid_until"].as_u64().unwrap()).await;
+    let elected = b.until("elected").await;
+    let at = monotonic_now_ns();
+    assert!(
+        at >= valid_until,
+        "app-b elected {} ms before app-a's guarantee ended: {elected}",
+        (valid_until - at) / 1_000_000
+    );
+    assert!(elected["term"].as_u64().unwrap() > term);
+    drop(n1);
+}
+
 /// The 2016 sidecar's drop-in rides out a broker restart: it keeps answering with its own name
 /// (it still leads) and never names anyone else.
 #[tokio::test]

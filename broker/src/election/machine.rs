@@ -431,6 +431,21 @@ impl<Raw: Clone> Contender<Raw> {
         }
     }
 
+    /// Removes a local candidate whose app may live on and go on leading until its guarantee
+    /// (`last_renew_start + renew_deadline`): the broker cut its connection (the app stopped
+    /// reading, or sent nothing but bad requests), so the app never saw a `lost`. If it led,
+    /// the lock is neither released nor handed over nor renewed: the record, which names it,
+    /// is waited out like anyone else's, from this broker's last write, which is after the
+    /// guarantee's start, by the lease duration, which exceeds the renew deadline. So the app's
+    /// guarantee ends before anyone, here or elsewhere, can take over. Until then the app may
+    /// come back and resume (a claim in the same term).
+    pub fn abandon_candidate(&mut self, party: PartyId) {
+        self.candidates.retain(|c| c.party != party);
+        if self.held.as_ref().is_some_and(|h| h.party == Some(party)) {
+            self.held = None;
+        }
+    }
+
     /// Stop and release: the local leader is told `broker_shutdown`, then (see
     /// [`Self::poll`]) the lock is released, as client-go does on shutdown.
     pub fn shut_down(&mut self) {
@@ -1179,6 +1194,37 @@ mod tests {
         };
         assert_eq!(w.purpose, WritePurpose::Renew);
         assert_eq!(w.record.leader_transitions, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_leader_is_waited_out_not_released_nor_handed_over() {
+        let mut c = C::new(timing());
+        c.join(1, Candidacy::new("a"), None).unwrap();
+        c.join(2, Candidacy::new("b"), None).unwrap();
+        let _ = c.poll(Instant::now(), wall());
+        c.read_done(Instant::now(), Ok(LockState::Missing));
+        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+            panic!()
+        };
+        let started = Instant::now();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        c.write_done(Instant::now(), started, Ok(written(&w, 1)));
+        let written_at = Instant::now();
+        c.abandon_candidate(1);
+        // Neither a release nor a handover to `b`: `a` may lead until its guarantee.
+        assert_eq!(
+            c.poll(Instant::now(), wall()),
+            Action::Wait(Some(written_at + Duration::from_secs(15)))
+        );
+        assert!(written_at + Duration::from_secs(15) > started + timing().renew_deadline);
+        tokio::time::advance(Duration::from_secs(15)).await;
+        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+            panic!("b takes over once the record expired")
+        };
+        assert_eq!(
+            (w.purpose, w.record.holder_identity.as_str()),
+            (WritePurpose::Acquire, "b")
+        );
     }
 
     /// The record as an attesting broker wrote it for pod `uid-1`, holder `a` in term 4.

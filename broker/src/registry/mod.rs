@@ -66,6 +66,11 @@ pub enum Farewell {
     Tell,
     /// The party is gone (its connection closed): tell it nothing.
     Silent,
+    /// The broker cut the party's connection (it stopped reading, or sent only bad requests):
+    /// its app may live on, leading until its guarantee without having seen `lost`. Nothing
+    /// is released or handed over; the lock expires unless the app resumes (see
+    /// [`Contender::abandon_candidate`](crate::election::Contender::abandon_candidate)).
+    Abandon,
 }
 
 /// Broker-wide settings of elections.
@@ -268,13 +273,14 @@ impl Elections {
         }
     }
 
-    /// Removes a party without waiting and without telling it (its connection is gone).
-    pub fn leave_nowait(&self, name: &ElectionName, party: PartyId) {
+    /// Removes a party without waiting and without telling it (its connection is gone):
+    /// `Silent` when the app closed it, `Abandon` when the broker cut it.
+    pub fn leave_nowait(&self, name: &ElectionName, party: PartyId, farewell: Farewell) {
         if let Some(h) = self.map().get(name) {
             let _ = h.commands.send(Box::new(Command::Leave {
                 party,
                 reason: StepDown::Resigned,
-                farewell: Farewell::Silent,
+                farewell,
                 reply: None,
             }));
         }

@@ -351,8 +351,13 @@ impl ElectionTask {
             } => {
                 if let Some(p) = self.parties.get(&party) {
                     if p.candidate.is_some() {
-                        self.machine
-                            .remove_candidate(party, reason, farewell == Farewell::Tell);
+                        match farewell {
+                            Farewell::Abandon => self.machine.abandon_candidate(party),
+                            Farewell::Tell | Farewell::Silent => {
+                                self.machine
+                                    .remove_candidate(party, reason, farewell == Farewell::Tell)
+                            }
+                        }
                         self.metrics().candidates.dec();
                     } else {
                         self.metrics().observers.dec();

@@ -458,7 +458,7 @@ impl Conn {
         let elections = &self.shared.elections;
         self.memberships.retain(|m| {
             if m.identity.is_some() {
-                elections.leave_nowait(&m.name, m.party);
+                elections.leave_nowait(&m.name, m.party, Farewell::Silent);
             }
             m.identity.is_none()
         });
@@ -472,9 +472,12 @@ impl Conn {
         }
     }
 
-    fn leave_all(&mut self) {
+    /// Ends every membership: `Silent` when the app closed the connection (a leader's lock is
+    /// released or handed over at once), `Abandon` when the broker cut it (the app may still
+    /// lead until its guarantee: nothing is released, see [`Farewell::Abandon`]).
+    fn leave_all(&mut self, farewell: Farewell) {
         for m in self.memberships.drain(..) {
-            self.shared.elections.leave_nowait(&m.name, m.party);
+            self.shared.elections.leave_nowait(&m.name, m.party, farewell);
         }
     }
 }
@@ -550,6 +553,8 @@ pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<Serv
     let mut consecutive_errors = 0u32;
     let mut writer_done = None;
     let mut half_closed = false;
+    // The broker ends the connection while the app may live on (it sent only bad requests).
+    let mut cut = false;
     loop {
         tokio::select! {
             frame = frames.next() => {
@@ -590,6 +595,7 @@ pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<Serv
                             outbox.push(err(None, ErrorCode::TooManyErrors, format!(
                                 "{consecutive_errors} bad requests in a row: closing the connection"
                             )).into_event());
+                            cut = true;
                             break;
                         }
                     }
@@ -628,8 +634,11 @@ pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<Serv
             _ = shared.shutdown.cancelled() => {}
         }
     }
-    // Resign everything at once: that is how a crashed app hands over in milliseconds.
-    conn.leave_all();
+    // Resign everything at once: that is how a crashed app hands over in milliseconds. A
+    // connection the broker cut (its app stopped reading, or sent only bad requests) is not
+    // evidence that the app is gone: its leaderships are abandoned, not released.
+    let cut = cut || matches!(writer_done, Some(WriterEnd::Stuck));
+    conn.leave_all(if cut { Farewell::Abandon } else { Farewell::Silent });
     outbox.close();
     if writer_done.is_none() {
         match tokio::time::timeout(limits.write_timeout, &mut writer_task).await {

@@ -56,6 +56,12 @@ enum Scenario {
     },
     /// Campaign-to-reply latency, events per second through one socket, shim RSS.
     Protocol,
+    /// Leadership through broker restarts: `electord` killed (-9) and restarted, and a surge
+    /// upgrade, with every election led on that broker. Leadership changes and jeopardy.
+    Restart {
+        #[arg(long, default_value_t = 1_000)]
+        elections: usize,
+    },
     /// Every scenario with its defaults.
     All,
     /// (internal) Run a standalone broker on a socket until killed.
@@ -582,6 +588,205 @@ async fn protocol() -> anyhow::Result<Vec<Value>> {
     ])
 }
 
+/// What the apps of the restart bench saw, in order: (when, which app, event).
+type RestartLog = Arc<Mutex<Vec<(Instant, usize, elector_client::CampaignEvent)>>>;
+
+/// Leadership through broker restarts, as an operator runs them: the shipped `electord` binary
+/// against the test API server (renew deadline 10 s, retry 2 s: the defaults), `elections`
+/// elections each led by its own app (an `elector-client` connection, which rides a broker
+/// restart out in jeopardy and resumes; protocol 1.1). Two events, one after the other:
+/// - `kill -9` of the broker and an immediate restart (a crash, an OOM kill);
+/// - a surge upgrade: a second `electord --takeover` on the same socket while the first runs;
+///   the first hands its leaders off and is then stopped (SIGTERM, `--on-shutdown=handoff`).
+///
+/// Reported per event: leadership changes (`elected`/`lost` seen by any app, and lock writes
+/// that changed a holder, from the API server's request log), each leader's jeopardy (from its
+/// `jeopardy` to its `safe`), and how long until every leader was safe again.
+async fn restart(elections: usize) -> anyhow::Result<Vec<Value>> {
+    use elector_client::CampaignEvent;
+    use futures::StreamExt;
+    let server = TestApiServer::start().await?;
+    let user = server.add_user("bench-node", vec![elector_tests::kube_api::Rule::all()]);
+    let kubeconfig = server.kubeconfig_path(&user);
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("elector.sock");
+    let electord = elector_tests::workspace_bin("elector-broker", "electord");
+    let spawn = |takeover: bool| -> anyhow::Result<std::process::Child> {
+        let mut cmd = std::process::Command::new(&electord);
+        cmd.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "--node-name",
+                "bench-node",
+                "--http-addr",
+                "",
+                "--on-shutdown",
+                "handoff",
+            ])
+            .args(["--max-connections", "20000", "--max-connections-per-uid", "20000"])
+            // The bench's apps are host processes, not pods.
+            .args(["--attest", "none"])
+            .arg("--socket")
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null());
+        if takeover {
+            cmd.arg("--takeover");
+        }
+        Ok(cmd.spawn()?)
+    };
+    let mut broker = spawn(false)?;
+    wait_for_socket(&socket).await?;
+
+    let log: RestartLog = Arc::default();
+    let mut apps = Vec::with_capacity(elections);
+    for i in 0..elections {
+        let client = Client::connect(&socket).await?;
+        let mut campaign = client
+            .campaign(CampaignOptions::new(format!("restart-{i}"), format!("app-{i}")).lock(LockKind::Lease))
+            .await?;
+        let mut events = campaign.events();
+        let log = log.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.next().await {
+                log.lock().unwrap().push((Instant::now(), i, e));
+            }
+        });
+        apps.push((client, campaign));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !apps.iter().all(|(_, c)| c.is_leader()) {
+        anyhow::ensure!(Instant::now() < deadline, "not every app was elected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let terms: Vec<Option<u64>> = apps.iter().map(|(_, c)| c.state().borrow().term).collect();
+    // Who holds each Lease in which term, as the API server has it.
+    async fn holders(
+        server: &TestApiServer,
+    ) -> std::collections::HashMap<String, (Option<String>, Option<i32>)> {
+        let Ok(client) = server.client(server.admin()).await else {
+            return Default::default();
+        };
+        let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+            kube::Api::namespaced(client, "default");
+        let list = leases
+            .list(&Default::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        list.into_iter()
+            .map(|l| {
+                let spec = l.spec.unwrap_or_default();
+                (
+                    l.metadata.name.unwrap_or_default(),
+                    (spec.holder_identity, spec.lease_transitions),
+                )
+            })
+            .collect()
+    }
+    let before = holders(&server).await;
+
+    // Waits until every app that was in jeopardy since `from` is safe (or lost), then reports.
+    let settle = |name: &'static str, from: usize, t0: Instant| {
+        let (log, server, apps, terms, before) = (log.clone(), &server, &apps, &terms, &before);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let done = {
+                    let l = log.lock().unwrap();
+                    let mut open = std::collections::HashSet::new();
+                    let mut seen = 0;
+                    for (_, app, e) in &l[from..] {
+                        match e {
+                            CampaignEvent::Jeopardy { .. } => {
+                                open.insert(*app);
+                                seen += 1;
+                            }
+                            CampaignEvent::Safe { .. } | CampaignEvent::Lost { .. } => {
+                                open.remove(app);
+                            }
+                            _ => {}
+                        }
+                    }
+                    seen >= elections && open.is_empty()
+                };
+                if done || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let holders = holders(server).await;
+            let moved = before.iter().filter(|(k, v)| holders.get(*k) != Some(*v)).count();
+            let l = log.lock().unwrap();
+            let after = &l[from..];
+            let changes = after
+                .iter()
+                .filter(|(_, _, e)| matches!(e, CampaignEvent::Elected { .. } | CampaignEvent::Lost { .. }))
+                .count();
+            let mut started = std::collections::HashMap::new();
+            let mut jeopardy = Vec::new();
+            let mut last_safe = t0;
+            for (at, app, e) in after {
+                match e {
+                    CampaignEvent::Jeopardy { .. } => {
+                        started.insert(*app, *at);
+                    }
+                    CampaignEvent::Safe { .. } => {
+                        if let Some(s) = started.remove(app) {
+                            jeopardy.push(at.duration_since(s).as_secs_f64() * 1e3);
+                        }
+                        last_safe = last_safe.max(*at);
+                    }
+                    _ => {}
+                }
+            }
+            let same_terms = apps
+                .iter()
+                .zip(terms)
+                .filter(|((_, c), t)| c.is_leader() && c.state().borrow().term == **t)
+                .count();
+            let mut row = summary(
+                name,
+                jeopardy,
+                "0 leadership changes; surge: jeopardy p99 <= 50 ms",
+            );
+            row["leadership_changes"] = json!(changes);
+            row["same_leader_same_term"] = json!(format!("{same_terms}/{elections}"));
+            row["lease_holder_or_term_changed"] = json!(moved);
+            row["all_safe_after_ms"] = json!(last_safe.duration_since(t0).as_secs_f64() * 1e3);
+            row
+        }
+    };
+
+    // kill -9, then restart at once.
+    let from = log.lock().unwrap().len();
+    let t0 = Instant::now();
+    broker.kill()?;
+    broker.wait()?;
+    broker = spawn(false)?;
+    let mut rows = vec![settle("restart: kill -9 + restart", from, t0).await];
+
+    // Surge upgrade: the successor takes the socket over while the old broker runs.
+    let from = log.lock().unwrap().len();
+    let t0 = Instant::now();
+    let successor = spawn(true)?;
+    rows.push(settle("restart: surge upgrade (--takeover)", from, t0).await);
+    // The old broker, retired, is stopped as the DaemonSet would (SIGTERM; handoff releases nothing).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(broker.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    broker.wait()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = apps.iter().filter(|(_, c)| c.is_leader()).count();
+    rows.last_mut().expect("row")["leading_after_old_broker_stopped"] = json!(format!("{still}/{elections}"));
+    drop(apps);
+    let mut successor = successor;
+    successor.kill()?;
+    successor.wait()?;
+    Ok(rows)
+}
+
 fn print_table(rows: &[Value]) {
     for r in rows {
         let mut fields: Vec<String> = Vec::new();
@@ -642,11 +847,13 @@ fn main() -> anyhow::Result<()> {
                 rounds,
             } => scale(clients, observers, rounds).await?,
             Scenario::Protocol => protocol().await?,
+            Scenario::Restart { elections } => restart(elections).await?,
             Scenario::All => {
                 let mut rows = failover(30).await?;
                 rows.extend(api_load(100, 20).await?);
                 rows.extend(scale(10_000, 1_000, 50).await?);
                 rows.extend(protocol().await?);
+                rows.extend(restart(1_000).await?);
                 rows
             }
         };
