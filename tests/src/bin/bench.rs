@@ -745,11 +745,26 @@ async fn restart(elections: usize) -> anyhow::Result<Vec<Value>> {
                 .zip(terms)
                 .filter(|((_, c), t)| c.is_leader() && c.state().borrow().term == **t)
                 .count();
+            let starts: Vec<Instant> = after
+                .iter()
+                .filter(|(_, _, e)| matches!(e, CampaignEvent::Jeopardy { .. }))
+                .map(|(at, _, _)| *at)
+                .collect();
+            let first_safe = after
+                .iter()
+                .find(|(_, _, e)| matches!(e, CampaignEvent::Safe { .. }))
+                .map(|(at, _, _)| *at);
+            let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
             let mut row = summary(
                 name,
                 jeopardy,
                 "0 leadership changes; surge: jeopardy p99 <= 50 ms",
             );
+            if let (Some(first), Some(last), Some(safe)) = (starts.first(), starts.last(), first_safe) {
+                row["jeopardies_began_within_ms"] = json!(ms(*first, *last));
+                row["first_safe_after_first_jeopardy_ms"] = json!(ms(*first, safe));
+                row["first_jeopardy_after_event_ms"] = json!(ms(t0, *first));
+            }
             row["leadership_changes"] = json!(changes);
             row["same_leader_same_term"] = json!(format!("{same_terms}/{elections}"));
             row["lease_holder_or_term_changed"] = json!(moved);
