@@ -243,7 +243,9 @@ async fn eventually_serves(port: u16, prefix: &str) -> String {
 
 /// The 2016 app ported to the native client: two instances; the first leads and both serve
 /// "Master is pod-a"; when it is killed the other is pushed the change at once and serves
-/// itself as master, with a higher term.
+/// itself as master, with a higher term. When the broker dies, that master stays the master in
+/// jeopardy until its guarantee runs out (the standalone broker is not restarted), then serves
+/// "unknown".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_native_example_fails_over_by_push() {
     let electord = electord();
@@ -286,6 +288,10 @@ async fn node_native_example_fails_over_by_push() {
     let second = eventually_serves(port_b, "Master is pod-b").await;
     let term = |body: &str| -> u64 { body.rsplit(' ').next().unwrap().trim().parse().expect("term") };
     assert!(term(&second) > term(&first), "{second:?} after {first:?}");
-    let _ = b.child.kill().await;
     let _ = broker.kill().await;
+    b.expect("jeopardy: the broker went away; still the master").await;
+    assert_eq!(master(port_b).await, second, "a master in jeopardy stays the master");
+    b.expect("lost: broker_unavailable").await;
+    eventually_serves(port_b, "Master is unknown").await;
+    let _ = b.child.kill().await;
 }
