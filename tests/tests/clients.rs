@@ -290,7 +290,11 @@ async fn node_native_example_fails_over_by_push() {
     assert!(term(&second) > term(&first), "{second:?} after {first:?}");
     let _ = broker.kill().await;
     b.expect("jeopardy: the broker went away; still the master").await;
-    assert_eq!(master(port_b).await, second, "a master in jeopardy stays the master");
+    assert_eq!(
+        master(port_b).await,
+        second,
+        "a master in jeopardy stays the master"
+    );
     b.expect("lost: broker_unavailable").await;
     eventually_serves(port_b, "Master is unknown").await;
     let _ = b.child.kill().await;
