@@ -252,9 +252,13 @@ class LeaderOnly(BrokerTest):
                     finally:
                         cancelled_at.append(time.monotonic())
 
-                asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(campaign.resign()))
+                # The broker's lost (resigned) comes before its ok: the resign is awaited below,
+                # before the client closes.
+                resigned: List["asyncio.Future[None]"] = []
+                asyncio.get_running_loop().call_later(0.3, lambda: resigned.append(asyncio.ensure_future(campaign.resign())))
                 with self.assertRaises(LeadershipLost) as lost:
                     await asyncio.wait_for(work(), WAIT)
+                await asyncio.wait_for(resigned[0], WAIT)
                 assert lost.exception.event is not None
                 self.assertEqual(lost.exception.event.reason, "resigned")
                 self.assertLess(cancelled_at[0] - lost.exception.lost_at, 0.1)
@@ -300,8 +304,15 @@ class BrokerSurvival(unittest.TestCase):
             self.assertTrue(campaign.is_leader)
             self.assertFalse(campaign.jeopardy)
         self.assertEqual(campaign.term, elected.term)
-        status = client.status()
-        self.assertEqual([(c.identity, c.is_me, c.term) for c in status.campaigns], [("pod-a", True, elected.term)])
+        # The broker's view (status, leader events) follows its safe: wait for it, bounded.
+        deadline = time.monotonic() + WAIT
+        while True:
+            seen_by_broker = [(c.identity, c.is_me, c.term) for c in client.status().campaigns]
+            if seen_by_broker == [("pod-a", True, elected.term)] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertEqual(seen_by_broker, [("pod-a", True, elected.term)])
+        self.assertTrue(campaign.is_leader and not campaign.jeopardy)
 
 
 class AsyncApi(BrokerTest):

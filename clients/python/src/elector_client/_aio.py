@@ -600,6 +600,9 @@ class AsyncClient:
         except asyncio.TimeoutError:
             writer.close()
             raise ConnectError(f"no greeting from {self.socket_path} within {self.connect_timeout}s") from None
+        except BaseException:  # cancelled (the client closes) while waiting for the greeting
+            writer.close()
+            raise
         if first is None:
             writer.close()
             raise ConnectError(f"the broker at {self.socket_path} closed before greeting")
