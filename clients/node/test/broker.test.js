@@ -45,6 +45,18 @@ test('ESM and CommonJS entry points are the same module', BOUNDED, async () => {
   assert.strictEqual(esm.default.InvalidElectionError, elector.InvalidElectionError);
 });
 
+test("process.hrtime.bigint() reads electord's CLOCK_MONOTONIC", BOUNDED, async (t) => {
+  const { broker } = await setup(t);
+  const before = elector.monotonicNs();
+  const c = await Client.connect({ socket: broker.socketPath });
+  const after = elector.monotonicNs();
+  t.after(() => c.close());
+  assert.strictEqual(c.hello.protocolMinor, 1);
+  // electord reads clock_gettime(CLOCK_MONOTONIC) as it greets, between our two readings.
+  const theirs = BigInt(c.hello.monotonicNow);
+  assert.ok(before <= theirs + 1000n && theirs <= after + 1000n, `${before} <= ${theirs} <= ${after}`);
+});
+
 test('campaign: elected, then lost on resign, then the iteration ends', BOUNDED, async (t) => {
   const { client } = await setup(t);
   const c = await client();
