@@ -669,7 +669,21 @@ async fn manage(
             }
             wait = backoff;
             backoff = (backoff * 2).min(Duration::from_secs(5));
-            if let Ok((l, w, h)) = dial(&path).await {
+            // A broker that accepts but is slow to greet must not hold up the end of a
+            // jeopardy: `lost` comes at `valid_until`, never later.
+            let dialing = dial(&path);
+            tokio::pin!(dialing);
+            let dialed = loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    dialed = &mut dialing => break dialed,
+                    _ = sleep_until_opt(next_expiry(&regs)) => {
+                        let now = tokio::time::Instant::now();
+                        regs.values().for_each(|r| r.expire(now));
+                    }
+                }
+            };
+            if let Ok((l, w, h)) = dialed {
                 lines = l;
                 writer = w;
                 shared_clock = shares_clock(&h);

@@ -3,8 +3,15 @@
 // (electord), over its Unix socket (PROTOCOL.md). No runtime dependencies.
 //
 // Guarantees (the same as the Rust and Python clients'):
-// - any disconnect means "not leader" at once: a leading campaign gets a `lost` event with
-//   reason `disconnected` before the client tries to reconnect;
+// - a leader whose broker goes away keeps leading only on a guarantee it can check: a protocol
+//   1.1 broker states `valid_until` on CLOCK_MONOTONIC with `elected` and every `renewed`, and
+//   the greeting's `monotonic_now` shows whether this process reads the same clock. Then a
+//   disconnect is a `jeopardy`: the campaign goes on leading, the client reconnects with
+//   back-off and sends `resume`, and the jeopardy ends in `safe` (same term, fresh guarantee)
+//   or `lost`: `broker_unavailable` exactly at `valid_until` (never later) if no broker
+//   confirmed it, `preempted` if the broker refused. Without that guarantee (a 1.0 broker, a
+//   clock of another time namespace, a guarantee already past) any disconnect means "not
+//   leader" at once: `lost` with reason `disconnected` before the client tries to reconnect;
 // - the client reconnects with exponential back-off and campaigns / observes again by itself;
 // - events of one campaign or observation arrive in the broker's order;
 // - fields and events this version does not know are ignored.
@@ -14,6 +21,7 @@ const { EventEmitter } = require('node:events');
 const { performance } = require('node:perf_hooks');
 
 const PROTOCOL_VERSION = 1;
+const PROTOCOL_MINOR = 1;
 const MAX_LINE_BYTES = 64 * 1024;
 const DEFAULT_SOCKET_PATH = '/var/run/elector/elector.sock';
 
@@ -48,6 +56,7 @@ const ERROR_CODES = [
   'already_campaigning', 'not_campaigning', 'not_observing', 'identity_in_use',
   'too_many_campaigns', 'too_many_connections', 'forbidden_namespace', 'forbidden_identity',
   'unattested', 'timeout', 'too_many_errors', 'slow_consumer', 'shutting_down', 'internal',
+  'api_forbidden', 'not_a_lock',
 ];
 
 /** `invalid_election` -> `InvalidElectionError` (`timeout` -> `BrokerTimeoutError`). */
@@ -77,12 +86,45 @@ function brokerError(code, message) {
   return cls ? new cls(message) : new BrokerError(String(code), message);
 }
 
+// --- the node's monotonic clock ----------------------------------------------------------
+
+/**
+ * CLOCK_MONOTONIC now, in nanoseconds (a BigInt): the clock `valid_until` is stated on.
+ * `process.hrtime.bigint()` is libuv's `uv_hrtime()`, which on Linux reads
+ * `clock_gettime(CLOCK_MONOTONIC)` (src/unix/linux.c, `uv__hrtime` with UV_CLOCK_PRECISE); the
+ * greeting's `monotonic_now` checks it against the broker's reading at every connect.
+ */
+function monotonicNs() {
+  return process.hrtime.bigint();
+}
+
+/** How far the broker's greeting may read behind our clock and still be the same clock (as
+ * client-lib/src/clock.rs): a clock of another time namespace is off by far more. */
+const SHARED_CLOCK_TOLERANCE_NS = 1000000000n;
+
+/** Whether this process reads the broker's CLOCK_MONOTONIC (not so for a 1.0 broker). */
+function sharesClock(hello) {
+  if (!hello || hello.monotonicNow === null) return false;
+  const diff = monotonicNs() - BigInt(hello.monotonicNow);
+  return diff >= 0n && diff <= SHARED_CLOCK_TOLERANCE_NS;
+}
+
+/** A guarantee (CLOCK_MONOTONIC ns, a JSON number) as a deadline on `monotonicNs()`. Beyond
+ * 2^53 ns (104 days of uptime) JSON numbers are rounded to a few ns: the deadline is taken a
+ * microsecond early so that it never falls after the broker's. */
+function deadlineOf(validUntil) {
+  const ns = BigInt(Math.trunc(validUntil));
+  return validUntil > Number.MAX_SAFE_INTEGER ? ns - 1000n : ns;
+}
+
 // --- parsing -----------------------------------------------------------------------------
 
 const str = (v) => (typeof v === 'string' ? v : null);
 const int = (v) => (Number.isInteger(v) ? v : null);
+const nonneg = (v) => (Number.isInteger(v) && v >= 0 ? v : null);
 
-/** A leader / elected / lost event as a plain object, or null for anything else. */
+/** A leader / elected / lost / renewed / jeopardy / safe event as a plain object, or null for
+ * anything else. */
 function parseElectionEvent(msg) {
   const election = str(msg.election);
   const namespace = str(msg.namespace);
@@ -96,9 +138,15 @@ function parseElectionEvent(msg) {
   const identity = str(msg.identity);
   const term = int(msg.term);
   if (identity === null || term === null) return null;
-  if (msg.event === 'elected') return { type: 'elected', election, namespace, lock, identity, term };
+  if (msg.event === 'elected') {
+    return { type: 'elected', election, namespace, lock, identity, term, validUntil: nonneg(msg.valid_until) };
+  }
   if (msg.event === 'lost') {
     return { type: 'lost', election, namespace, lock, identity, term, reason: str(msg.reason) || 'unknown' };
+  }
+  const validUntil = nonneg(msg.valid_until);
+  if ((msg.event === 'renewed' || msg.event === 'jeopardy' || msg.event === 'safe') && validUntil !== null) {
+    return { type: msg.event, election, namespace, lock, identity, term, validUntil };
   }
   return null;
 }
@@ -111,6 +159,8 @@ function parseHello(msg) {
     node: String(msg.node || ''),
     defaultNamespace: str(msg.default_namespace) || 'default',
     caller: caller ? { namespace: str(caller.namespace), pod: str(caller.pod) } : null,
+    protocolMinor: int(msg.protocol_minor),
+    monotonicNow: nonneg(msg.monotonic_now),
   };
 }
 
@@ -150,25 +200,117 @@ class Membership extends EventEmitter {
     this.leader = null;
     this.term = null;
     this.closed = false;
+    this._expiry = null;
   }
 
   get _key() {
     return `${this.namespace}\u0000${this.election}\u0000${this._role}`;
   }
 
-  _apply(event) {
+  /** A broker event of this membership; `sharedClock`: the current broker's guarantees are on
+   * this process's CLOCK_MONOTONIC (else they are ignored). */
+  _apply(event, sharedClock) {
+    const guarantee = (v) => (sharedClock ? v : null);
     if (event.type === 'leader') {
       this.leader = event.leader;
       this.term = event.term;
+      this._deliver(event);
     } else if (event.type === 'elected') {
+      this._cancelExpiry();
       this.isLeader = true;
+      this.jeopardy = false;
       this.leader = event.identity;
       this.term = event.term;
+      this.validUntil = guarantee(event.validUntil);
+      this._deliver({ ...event, validUntil: this.validUntil });
+    } else if (event.type === 'renewed') {
+      if (this.isLeader && this.term === event.term) {
+        this.validUntil = guarantee(event.validUntil);
+        this._emitLater(['renewed', event]);
+      }
+    } else if (event.type === 'safe') {
+      if (this.jeopardy && this.term === event.term) {
+        this._cancelExpiry();
+        this.jeopardy = false;
+        this.validUntil = guarantee(event.validUntil);
+        this._deliver(event);
+      }
+    } else if (event.type === 'jeopardy') {
+      // The broker hands off without releasing: hold on to the guarantee it states.
+      if (this.isLeader && this.term === event.term) this.validUntil = guarantee(event.validUntil);
+      this._brokerGone('broker_shutdown');
     } else if (event.type === 'lost') {
-      this.isLeader = false;
+      const wasLeader = this.isLeader;
+      this._endLeadership();
+      if (wasLeader) this._deliver(event);
     }
+  }
+
+  _deliver(event) {
     this._push(event);
     this._emitLater([event.type, event], ['event', event]);
+  }
+
+  _fields() {
+    return { election: this.election, namespace: this.namespace, lock: this.lock, identity: this.identity || '', term: this.term ?? 0 };
+  }
+
+  /** The broker went away (or hands off): a leader with a guarantee left goes on in jeopardy
+   * until it runs out; any other leader has lost, for `reason`. */
+  _brokerGone(reason) {
+    if (!this.isLeader) return;
+    if (this.validUntil !== null && deadlineOf(this.validUntil) > monotonicNs()) {
+      if (!this.jeopardy) {
+        this.jeopardy = true;
+        this._deliver({ type: 'jeopardy', ...this._fields(), validUntil: this.validUntil });
+      }
+      this._armExpiry();
+      return;
+    }
+    const fields = this._fields();
+    this._endLeadership();
+    this._deliver({ type: 'lost', ...fields, reason });
+  }
+
+  _armExpiry() {
+    this._cancelExpiry();
+    const left = deadlineOf(this.validUntil) - monotonicNs();
+    const ms = left <= 0n ? 0 : Math.min(Number((left + 999999n) / 1000000n), 0x7fffffff);
+    this._expiry = setTimeout(() => this._expire(), ms);
+  }
+
+  _cancelExpiry() {
+    if (this._expiry) clearTimeout(this._expiry);
+    this._expiry = null;
+  }
+
+  /** At `valid_until` (never before: a timer that fires early is set again), a jeopardy that
+   * nobody ended has lost. */
+  _expire() {
+    this._expiry = null;
+    if (!this.jeopardy || this.validUntil === null) return;
+    if (monotonicNs() < deadlineOf(this.validUntil)) {
+      this._armExpiry();
+      return;
+    }
+    const fields = this._fields();
+    this._endLeadership();
+    this._deliver({ type: 'lost', ...fields, reason: 'broker_unavailable' });
+  }
+
+  _endLeadership() {
+    this._cancelExpiry();
+    if (this._role === 'campaign') {
+      this.isLeader = false;
+      this.jeopardy = false;
+      this.validUntil = null;
+    }
+  }
+
+  /** What a leader in jeopardy asks of a (new) broker: `resume` with its claim; else null. */
+  _resumeRequest() {
+    if (this._role !== 'campaign' || !this.jeopardy || this.validUntil === null || this.term === null) return null;
+    return { ...this._request, op: 'resume', term: this.term, valid_until: this.validUntil };
   }
 
   // Listeners are called on the next turn of the event loop, in order: so that listeners
@@ -187,7 +329,7 @@ class Membership extends EventEmitter {
   _close() {
     if (this.closed) return;
     this.closed = true;
-    if (this._role === 'campaign') this.isLeader = false;
+    this._endLeadership();
     this._push(END);
     this._emitLater(['end']);
   }
@@ -240,14 +382,20 @@ class Observation extends Membership {
   }
 }
 
-/** A campaign in one election: `leader`, `elected` and `lost` events. */
+/** A campaign in one election: `leader`, `elected`, `lost`, `jeopardy` and `safe` events. */
 class Campaign extends Membership {
   constructor(...args) {
     super(...args);
     /** The holder identity the broker campaigns under. */
     this.identity = args[5].identity ?? null;
-    /** True between `elected` and `lost` (false at once on a disconnect). */
+    /** True between `elected` and `lost`, a jeopardy included (false at once on a disconnect
+     * without a guarantee). */
     this.isLeader = false;
+    /** Leading without a broker, until `validUntil` at most (protocol 1.1). */
+    this.jeopardy = false;
+    /** This leader's guarantee (CLOCK_MONOTONIC ns, compare with `monotonicNs()`); null when
+     * not leading, from a 1.0 broker, or when this process does not share the broker's clock. */
+    this.validUntil = null;
   }
 
   /** Resolves with the term once this campaign leads. */
@@ -273,7 +421,7 @@ class Campaign extends Membership {
 
   /**
    * Waits until elected, then runs `work(signal)`; `signal` (an AbortSignal) is aborted the
-   * moment leadership ends (lost, disconnect, resign, close), with `signal.reason` a
+   * moment leadership ends (lost, disconnect, resign, close; not by a jeopardy), with `signal.reason` a
    * `LeadershipLost` telling when and why. Resolves with what `work` resolves with.
    */
   async runWhileLeader(work) {
@@ -336,6 +484,7 @@ class Client extends EventEmitter {
     this._pending = new Map();
     this._memberships = new Map();
     this._nextId = 1;
+    this._sharedClock = false;
     this._backoff = this.initialBackoffMs;
     this._reconnectTimer = null;
     this._connectedWaiters = [];
@@ -494,6 +643,7 @@ class Client extends EventEmitter {
         }
         this._socket = socket;
         this.hello = parseHello(msg);
+        this._sharedClock = sharesClock(this.hello);
         this._backoff = this.initialBackoffMs;
         this._remake();
         for (const w of this._connectedWaiters.splice(0)) w.resolve();
@@ -548,11 +698,7 @@ class Client extends EventEmitter {
     this._socket = null;
     this.hello = null;
     this._failPending(new ConnectionLost('the connection to the broker was lost'));
-    for (const m of this._memberships.values()) {
-      if (m.isLeader) {
-        m._apply({ type: 'lost', election: m.election, namespace: m.namespace, lock: m.lock, identity: m.identity || '', term: m.term ?? 0, reason: 'disconnected' });
-      }
-    }
+    for (const m of this._memberships.values()) m._brokerGone('disconnected');
     if (this._closed) return;
     this.emit('disconnected');
     this._scheduleReconnect();
@@ -567,19 +713,30 @@ class Client extends EventEmitter {
     }, delay);
   }
 
-  /** Campaigns and observes again on a new connection. */
+  /** On a new connection: leaders in jeopardy resume, the others campaign and observe again. */
   _remake() {
     for (const m of this._memberships.values()) {
       if (!m._accepted || m._leaving) continue;
-      const id = this._nextId++;
-      this._pending.set(id, {
-        resolve: () => {},
-        reject: (e) => {
-          if (e instanceof BrokerError) this.emit('brokerError', e);
-        },
-      });
-      this._socket.write(JSON.stringify({ ...m._request, id }) + '\n');
+      const resume = m._resumeRequest();
+      this._resend(m, resume || m._request, resume !== null);
     }
+  }
+
+  _resend(m, request, resume) {
+    const id = this._nextId++;
+    this._pending.set(id, {
+      resolve: () => {},
+      reject: (e) => {
+        if (!(e instanceof BrokerError)) return;
+        if (resume && !m.closed && !m._leaving && this.connected) {
+          // A broker that cannot resume (protocol 1.0: unknown_op): campaign.
+          this._resend(m, m._request, false);
+        } else {
+          this.emit('brokerError', e);
+        }
+      },
+    });
+    this._socket.write(JSON.stringify({ ...request, id }) + '\n');
   }
 
   _dispatch(msg) {
@@ -600,7 +757,7 @@ class Client extends EventEmitter {
     const roles = event.type === 'leader' ? ['campaign', 'observe'] : ['campaign'];
     for (const role of roles) {
       const m = this._memberships.get(`${event.namespace}\u0000${event.election}\u0000${role}`);
-      if (m && !m.closed) m._apply(event);
+      if (m && !m.closed) m._apply(event, this._sharedClock);
     }
   }
 }
@@ -620,6 +777,7 @@ function connect(options) {
 
 module.exports = {
   PROTOCOL_VERSION,
+  PROTOCOL_MINOR,
   MAX_LINE_BYTES,
   DEFAULT_SOCKET_PATH,
   ERROR_CODES,
@@ -627,6 +785,7 @@ module.exports = {
   Campaign,
   Observation,
   connect,
+  monotonicNs,
   ElectorError,
   ConnectError,
   ConnectionLost,

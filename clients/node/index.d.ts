@@ -4,18 +4,22 @@
 import { EventEmitter } from 'node:events';
 
 export declare const PROTOCOL_VERSION: 1;
+export declare const PROTOCOL_MINOR: 1;
 export declare const MAX_LINE_BYTES: number;
 export declare const DEFAULT_SOCKET_PATH: string;
 export declare const ERROR_CODES: readonly ErrorCode[];
 
 export type LockKind = 'lease' | 'endpoints';
-export type LostReason = 'resigned' | 'renew_failed' | 'preempted' | 'broker_shutdown' | 'disconnected' | (string & {});
+export type LostReason =
+  | 'resigned' | 'renew_failed' | 'preempted' | 'broker_shutdown' | 'disconnected' | 'broker_unavailable'
+  | (string & {});
 export type ErrorCode =
   | 'line_too_long' | 'invalid_utf8' | 'invalid_json' | 'invalid_request' | 'unknown_op'
   | 'invalid_election' | 'invalid_namespace' | 'invalid_identity' | 'invalid_timing'
   | 'already_campaigning' | 'not_campaigning' | 'not_observing' | 'identity_in_use'
   | 'too_many_campaigns' | 'too_many_connections' | 'forbidden_namespace' | 'forbidden_identity'
-  | 'unattested' | 'timeout' | 'too_many_errors' | 'slow_consumer' | 'shutting_down' | 'internal';
+  | 'unattested' | 'timeout' | 'too_many_errors' | 'slow_consumer' | 'shutting_down' | 'internal'
+  | 'api_forbidden' | 'not_a_lock';
 
 export interface ElectionName {
   election: string;
@@ -33,14 +37,19 @@ export interface LeaderEvent extends ElectionName {
   unknown?: string;
 }
 
-/** This campaign now leads, in `term`. */
+/** This campaign now leads, in `term`. `validUntil`: until when it may act without hearing
+ * more (CLOCK_MONOTONIC ns, see `monotonicNs()`); null from a 1.0 broker or when this process
+ * does not share the broker's clock (then a disconnect ends leadership at once). */
 export interface ElectedEvent extends ElectionName {
   type: 'elected';
   identity: string;
   term: number;
+  validUntil: number | null;
 }
 
-/** This campaign no longer leads (`disconnected`: the connection to the broker broke). */
+/** This campaign no longer leads. Client-side reasons: `disconnected` (the connection to the
+ * broker broke and there was no guarantee to lead on), `broker_unavailable` (no broker
+ * confirmed the leadership before its guarantee ran out). */
 export interface LostEvent extends ElectionName {
   type: 'lost';
   identity: string;
@@ -48,7 +57,34 @@ export interface LostEvent extends ElectionName {
   reason: LostReason;
 }
 
-export type ElectionEvent = LeaderEvent | ElectedEvent | LostEvent;
+/** The broker went away while this campaign led (protocol 1.1): it goes on leading until
+ * `validUntil` (CLOCK_MONOTONIC ns) at most while the client reconnects and resumes; then
+ * `safe`, or `lost` (`broker_unavailable` exactly at `validUntil`, `preempted` if refused). */
+export interface JeopardyEvent extends ElectionName {
+  type: 'jeopardy';
+  identity: string;
+  term: number;
+  validUntil: number;
+}
+
+/** A broker confirmed the leadership after a jeopardy: same term, a fresh `validUntil`. */
+export interface SafeEvent extends ElectionName {
+  type: 'safe';
+  identity: string;
+  term: number;
+  validUntil: number;
+}
+
+/** The broker renewed this leader's lock: a fresh `validUntil` (protocol 1.1). Emitted as the
+ * campaign's `renewed` event only, not yielded by its iterator. */
+export interface RenewedEvent extends ElectionName {
+  type: 'renewed';
+  identity: string;
+  term: number;
+  validUntil: number;
+}
+
+export type ElectionEvent = LeaderEvent | ElectedEvent | LostEvent | JeopardyEvent | SafeEvent;
 
 export interface Hello {
   protocol: number;
@@ -56,6 +92,10 @@ export interface Hello {
   node: string;
   defaultNamespace: string;
   caller: { namespace: string | null; pod: string | null } | null;
+  /** 1 from a protocol 1.1 broker; null from 1.0. */
+  protocolMinor: number | null;
+  /** The broker's CLOCK_MONOTONIC (ns) when it greeted (protocol 1.1). */
+  monotonicNow: number | null;
 }
 
 export interface ElectionStatus extends ElectionName {
@@ -124,12 +164,18 @@ export declare class Observation extends Membership<LeaderEvent> {
 
 export declare class Campaign extends Membership<ElectionEvent> {
   readonly identity: string | null;
-  /** True between `elected` and `lost` (false at once on a disconnect). */
+  /** True between `elected` and `lost`, a jeopardy included (false at once on a disconnect
+   * without a guarantee). */
   readonly isLeader: boolean;
+  /** Leading without a broker, until `validUntil` at most (protocol 1.1). */
+  readonly jeopardy: boolean;
+  /** This leader's guarantee (CLOCK_MONOTONIC ns, compare with `monotonicNs()`); null when not
+   * leading, from a 1.0 broker, or when this process does not share the broker's clock. */
+  readonly validUntil: number | null;
   /** Resolves with the term once this campaign leads. */
   waitElected(timeoutMs?: number): Promise<number>;
   /** Waits until elected, then runs `work`; `signal` is aborted (reason: a LeadershipLost) the
-   * moment leadership ends. Resolves with what `work` resolves with. */
+   * moment leadership ends (not by a jeopardy). Resolves with what `work` resolves with. */
   runWhileLeader<T>(work: (signal: AbortSignal, term: number) => T | Promise<T>): Promise<T>;
   /** Gives up the campaign: a `lost` (resigned) event first if it led, then the iteration ends. */
   resign(): Promise<void>;
@@ -137,6 +183,9 @@ export declare class Campaign extends Membership<ElectionEvent> {
   on(event: 'leader', listener: (event: LeaderEvent) => void): this;
   on(event: 'elected', listener: (event: ElectedEvent) => void): this;
   on(event: 'lost', listener: (event: LostEvent) => void): this;
+  on(event: 'jeopardy', listener: (event: JeopardyEvent) => void): this;
+  on(event: 'safe', listener: (event: SafeEvent) => void): this;
+  on(event: 'renewed', listener: (event: RenewedEvent) => void): this;
   on(event: 'end', listener: () => void): this;
   on(event: string | symbol, listener: (...args: any[]) => void): this;
 }
@@ -162,6 +211,9 @@ export declare class Client extends EventEmitter {
 }
 
 export declare function connect(options?: ClientOptions | string): Promise<Client>;
+/** CLOCK_MONOTONIC now in nanoseconds (`process.hrtime.bigint()`, libuv's CLOCK_MONOTONIC on
+ * Linux): the clock `validUntil` is stated on. */
+export declare function monotonicNs(): bigint;
 
 export declare class ElectorError extends Error {}
 export declare class ConnectError extends ElectorError {}
@@ -208,3 +260,5 @@ export declare class TooManyErrorsError extends CodeError<'too_many_errors'> {}
 export declare class SlowConsumerError extends CodeError<'slow_consumer'> {}
 export declare class ShuttingDownError extends CodeError<'shutting_down'> {}
 export declare class InternalError extends CodeError<'internal'> {}
+export declare class ApiForbiddenError extends CodeError<'api_forbidden'> {}
+export declare class NotALockError extends CodeError<'not_a_lock'> {}

@@ -4,6 +4,7 @@ import cjs from './index.cjs';
 
 export const {
   PROTOCOL_VERSION,
+  PROTOCOL_MINOR,
   MAX_LINE_BYTES,
   DEFAULT_SOCKET_PATH,
   ERROR_CODES,
@@ -11,6 +12,7 @@ export const {
   Campaign,
   Observation,
   connect,
+  monotonicNs,
   ElectorError,
   ConnectError,
   ConnectionLost,
@@ -43,5 +45,7 @@ export const {
   SlowConsumerError,
   ShuttingDownError,
   InternalError,
+  ApiForbiddenError,
+  NotALockError,
 } = cjs;
 export default cjs;

@@ -12,8 +12,11 @@ var identity = process.env.POD_NAME || os.hostname();
 var port = Number(process.env.PORT || 8080);
 
 // This will hold info about the current master: pushed by the broker, never stale by more
-// than a disconnect (then it is cleared until the broker answers again).
+// than a disconnect (then it is cleared until the broker answers again). A master whose broker
+// restarts stays the master while in jeopardy: until its guarantee runs out at most, and it is
+// told "safe" once the restarted broker confirms it.
 var master = {};
+var campaign = null;
 
   // The web handler for our nodejs application
   var handleRequest = function(request, response) {
@@ -24,14 +27,23 @@ var master = {};
   var main = async function() {
     // $ELECTOR_SOCKET, or the broker's default /var/run/elector/elector.sock
     var client = await elector.Client.connect();
-    client.on('disconnected', function() { master = {}; console.log('broker unreachable: master unknown'); });
-    var campaign = await client.campaign(election, { identity: identity });
+    client.on('disconnected', function() {
+      if (campaign && campaign.isLeader) return; // in jeopardy: still the master for now
+      master = {};
+      console.log('broker unreachable: master unknown');
+    });
+    campaign = await client.campaign(election, { identity: identity });
     campaign.on('leader', function(e) {
       master = { name: e.leader, term: e.term };
       console.log('master ' + (e.leader || '-') + ' term ' + e.term);
     });
     campaign.on('elected', function(e) { console.log('elected: ' + identity + ' is the master, term ' + e.term); });
-    campaign.on('lost', function(e) { console.log('lost: ' + e.reason + ', term ' + e.term); });
+    campaign.on('lost', function(e) {
+      console.log('lost: ' + e.reason + ', term ' + e.term);
+      if (!client.connected) master = {};
+    });
+    campaign.on('jeopardy', function(e) { console.log('jeopardy: the broker went away; still the master, term ' + e.term); });
+    campaign.on('safe', function(e) { console.log('safe: the broker confirmed ' + identity + ' as the master, term ' + e.term); });
 
     // set up the web server
     var www = http.createServer(handleRequest);

@@ -2,8 +2,11 @@
 //! real `electord --standalone` process, so that the workspace's single test command covers
 //! them: `python3 -m unittest` on the pip-installed package, `node --test`, and the
 //! `examples/node-native` app. Each suite gets the broker binary as `$ELECTORD` and starts the
-//! brokers it needs (some tests restart them). The suites also play the shared conformance
-//! scripts (`clients/conformance`), like `tests/tests/conformance.rs` does for Rust.
+//! brokers it needs (some tests restart them): standalone ones, and for broker survival
+//! (protocol 1.1: a leader rides out a broker's SIGKILL and restart) ones on a test Kubernetes
+//! API server run here, whose kubeconfig is `$ELECTOR_KUBECONFIG` (standalone locks die with
+//! their broker). The suites also play the shared conformance scripts (`clients/conformance`),
+//! like `tests/tests/conformance.rs` does for Rust.
 //! Nothing is installed from the network here: `.ci/run` provides python3 (with pip,
 //! setuptools and wheel) and node.
 
@@ -11,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use elector_tests::kube_api::{Rule, TestApiServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn repo() -> PathBuf {
@@ -20,6 +24,21 @@ fn repo() -> PathBuf {
 /// The workspace's `electord` binary.
 fn electord() -> PathBuf {
     elector_tests::workspace_bin("elector-broker", "electord")
+}
+
+/// A test API server for the suites' brokers, and the kubeconfig of a node user on it.
+async fn api_server() -> (TestApiServer, PathBuf) {
+    let server = TestApiServer::start().await.expect("test API server");
+    let user = server.add_user("node-a", vec![Rule::all()]);
+    let kubeconfig = server.kubeconfig_path(&user);
+    (server, kubeconfig)
+}
+
+/// Runs a suite on a blocking thread, while the test API server serves on this runtime.
+async fn run_blocking(what: &'static str, mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || run(what, &mut cmd))
+        .await
+        .expect("the suite's thread")
 }
 
 fn run(what: &str, cmd: &mut Command) -> Output {
@@ -57,9 +76,10 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn python_client_installs_with_pip_and_passes_its_suite() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_installs_with_pip_and_passes_its_suite() {
     let electord = electord();
+    let (_server, kubeconfig) = api_server().await;
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("src");
     let site = work.path().join("site");
@@ -85,18 +105,24 @@ fn python_client_installs_with_pip_and_passes_its_suite() {
         "the installed package is marked typed"
     );
     // The suite imports the installed copy: the source's src/ is not on the path.
-    let out = run(
-        "python3 -m unittest",
-        Command::new("python3")
-            .args(["-m", "unittest", "discover", "-v", "-s", "tests", "-t", "."])
-            .current_dir(repo().join("clients/python"))
-            .env("PYTHONPATH", &site)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("ELECTORD", &electord)
-            .env("ELECTOR_CONFORMANCE_DIR", repo().join("clients/conformance")),
-    );
+    let mut suite = Command::new("python3");
+    suite
+        .args(["-m", "unittest", "discover", "-v", "-s", "tests", "-t", "."])
+        .current_dir(repo().join("clients/python"))
+        .env("PYTHONPATH", &site)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("ELECTORD", &electord)
+        .env("ELECTOR_KUBECONFIG", &kubeconfig)
+        .env("ELECTOR_CONFORMANCE_DIR", repo().join("clients/conformance"));
+    let out = run_blocking("python3 -m unittest", suite).await;
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(report.contains("test_every_script"), "conformance ran: {report}");
+    assert!(
+        report.contains(
+            "BrokerSurvival.test_broker_killed_and_restarted_within_the_deadline_costs_no_leadership) ... ok"
+        ),
+        "broker survival ran: {report}"
+    );
     assert!(!report.contains("skipped"), "nothing may be skipped: {report}");
     let imported = run(
         "import",
@@ -108,20 +134,31 @@ fn python_client_installs_with_pip_and_passes_its_suite() {
     assert!(String::from_utf8_lossy(&imported.stdout).starts_with(site.to_str().unwrap()));
 }
 
-#[test]
-fn node_client_passes_its_suite() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_client_passes_its_suite() {
     let electord = electord();
-    let out = run(
-        "node --test",
-        Command::new("node")
-            .args(["--test", "test/conformance.test.js", "test/broker.test.js"])
-            .current_dir(repo().join("clients/node"))
-            .env("ELECTORD", &electord)
-            .env("ELECTOR_CONFORMANCE_DIR", repo().join("clients/conformance")),
-    );
+    let (_server, kubeconfig) = api_server().await;
+    let mut suite = Command::new("node");
+    suite
+        .args(["--test", "test/conformance.test.js", "test/broker.test.js"])
+        .current_dir(repo().join("clients/node"))
+        .env("ELECTORD", &electord)
+        .env("ELECTOR_KUBECONFIG", &kubeconfig)
+        .env("ELECTOR_CONFORMANCE_DIR", repo().join("clients/conformance"));
+    let out = run_blocking("node --test", suite).await;
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("# fail 0"), "{report}");
     assert!(report.contains("conformance: campaign_elected"), "{report}");
+    assert!(report.contains("conformance: jeopardy_then_safe"), "{report}");
+    for passed in [
+        "a broker killed and restarted within the deadline costs no leadership",
+        "process.hrtime.bigint() reads electord's CLOCK_MONOTONIC",
+    ] {
+        assert!(
+            report.lines().any(|l| l.starts_with("ok ") && l.contains(passed)),
+            "{passed}: {report}"
+        );
+    }
     assert!(report.contains("# skipped 0"), "{report}");
 }
 
@@ -211,7 +248,9 @@ async fn eventually_serves(port: u16, prefix: &str) -> String {
 
 /// The 2016 app ported to the native client: two instances; the first leads and both serve
 /// "Master is pod-a"; when it is killed the other is pushed the change at once and serves
-/// itself as master, with a higher term.
+/// itself as master, with a higher term. When the broker dies, that master stays the master in
+/// jeopardy until its guarantee runs out (the standalone broker is not restarted), then serves
+/// "unknown".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_native_example_fails_over_by_push() {
     let electord = electord();
@@ -254,6 +293,14 @@ async fn node_native_example_fails_over_by_push() {
     let second = eventually_serves(port_b, "Master is pod-b").await;
     let term = |body: &str| -> u64 { body.rsplit(' ').next().unwrap().trim().parse().expect("term") };
     assert!(term(&second) > term(&first), "{second:?} after {first:?}");
-    let _ = b.child.kill().await;
     let _ = broker.kill().await;
+    b.expect("jeopardy: the broker went away; still the master").await;
+    assert_eq!(
+        master(port_b).await,
+        second,
+        "a master in jeopardy stays the master"
+    );
+    b.expect("lost: broker_unavailable").await;
+    eventually_serves(port_b, "Master is unknown").await;
+    let _ = b.child.kill().await;
 }

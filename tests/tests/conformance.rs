@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use elector_client::clock::monotonic_now_ns;
 use elector_client::protocol::LockKind;
 use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client, Error, EventStream, Observation};
 use futures::StreamExt;
@@ -22,6 +23,10 @@ use tokio::task::JoinHandle;
 
 /// Every wait of a script is bounded by this.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How far a guarantee the client sends back (`"~$name"`) may be from the one it was given (the
+/// Rust client holds it as an `Instant` and converts it back).
+const NEAR_NS: u64 = 100_000_000;
 
 fn scripts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/conformance")
@@ -71,7 +76,6 @@ fn normalize(event: CampaignEvent) -> Value {
         CampaignEvent::Lost { term, reason } => {
             json!({"type": "lost", "term": term, "reason": reason.as_str()})
         }
-        // Protocol 1.1 (broker survival), which no script asks of the clients yet.
         CampaignEvent::Jeopardy { term, .. } => json!({"type": "jeopardy", "term": term}),
         CampaignEvent::Safe { term } => json!({"type": "safe", "term": term}),
     }
@@ -107,6 +111,30 @@ impl Player {
             Value::Array(a) => Value::Array(a.iter().map(|v| self.substitute(v)).collect::<Result<_, _>>()?),
             other => other.clone(),
         })
+    }
+
+    fn matches(&self, got: &Value, want: &Value) -> Result<bool, String> {
+        match want.as_str().and_then(|w| w.strip_prefix('~')) {
+            Some(name) => {
+                let target = self.instant(name.trim_start_matches('$'))?;
+                Ok(got.as_u64().is_some_and(|g| g.abs_diff(target) <= NEAR_NS))
+            }
+            None => Ok(got == want),
+        }
+    }
+
+    /// A clock reading captured by a `clock` step.
+    fn instant(&self, name: &str) -> Result<u64, String> {
+        self.captures
+            .get(name)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("{name} is not a clock reading"))
+    }
+
+    fn campaign(&self, handle: &str) -> Result<&Campaign, String> {
+        self.campaigns
+            .get(handle)
+            .ok_or_else(|| format!("no campaign {handle:?}"))
     }
 
     async fn accept(&mut self) -> Result<(), String> {
@@ -204,7 +232,13 @@ impl Player {
 
     async fn step(&mut self, step: &Value) -> Result<(), String> {
         let obj = step.as_object().ok_or("a step must be an object")?;
-        if let Some(args) = obj.get("connect") {
+        if let Some(args) = obj.get("clock") {
+            let name = str_field(args, "name")?;
+            let in_ms = args.get("in_ms").and_then(Value::as_u64).ok_or("in_ms")?;
+            let at = monotonic_now_ns() + in_ms * 1_000_000;
+            self.captures.insert(name.to_string(), json!(at));
+            Ok(())
+        } else if let Some(args) = obj.get("connect") {
             let _ = args;
             let socket = self.socket.clone();
             self.connecting = Some(tokio::spawn(async move { Client::connect(socket).await }));
@@ -228,7 +262,12 @@ impl Player {
             let got: Value =
                 serde_json::from_str(&line).map_err(|e| format!("request is not JSON ({e}): {line}"))?;
             for (k, v) in want.as_object().ok_or("expect_request takes an object")? {
-                if got.get(k) != Some(v) {
+                if !got
+                    .get(k)
+                    .map(|g| self.matches(g, v))
+                    .transpose()?
+                    .unwrap_or(false)
+                {
                     return Err(format!("request {got} does not have {k} = {v}"));
                 }
             }
@@ -269,6 +308,14 @@ impl Player {
         } else if let Some(args) = obj.get("expect_events") {
             let handle = str_field(args, "handle")?;
             let want = args.get("events").and_then(Value::as_array).ok_or("events")?;
+            // When the events must come: not before a clock reading, and at most late_ms after.
+            let window = match args.get("not_before").and_then(Value::as_str) {
+                Some(name) => {
+                    let late = args.get("late_ms").and_then(Value::as_u64).unwrap_or(1000);
+                    Some((name.to_string(), self.instant(name)?, late * 1_000_000))
+                }
+                None => None,
+            };
             let stream = self
                 .events
                 .get_mut(handle)
@@ -278,9 +325,42 @@ impl Player {
                     .await
                     .map_err(|_| format!("no event on {handle:?}; expected {w}"))?
                     .ok_or_else(|| format!("events of {handle:?} ended; expected {w}"))?;
+                let arrived = monotonic_now_ns();
                 let got = normalize(got);
                 if &got != w {
                     return Err(format!("event on {handle:?}: got {got}, expected {w}"));
+                }
+                if let Some((name, at, late)) = &window {
+                    if arrived < *at {
+                        return Err(format!("{w} came {} ns before {name}", at - arrived));
+                    }
+                    if arrived > at + late {
+                        return Err(format!("{w} came {} ms after {name}", (arrived - at) / 1_000_000));
+                    }
+                }
+            }
+            Ok(())
+        } else if let Some(args) = obj.get("expect_no_events") {
+            let handle = str_field(args, "handle")?;
+            let ms = args.get("within_ms").and_then(Value::as_u64).ok_or("within_ms")?;
+            let stream = self
+                .events
+                .get_mut(handle)
+                .ok_or_else(|| format!("no events for {handle:?}"))?;
+            match tokio::time::timeout(Duration::from_millis(ms), stream.next()).await {
+                Err(_) => Ok(()),
+                Ok(e) => Err(format!(
+                    "unexpected event on {handle:?}: {}",
+                    e.map(normalize).unwrap_or(Value::Null)
+                )),
+            }
+        } else if let Some(args) = obj.get("expect_state") {
+            let handle = str_field(args, "handle")?;
+            let state = self.campaign(handle)?.state().borrow().clone();
+            let got = json!({"is_leader": state.is_leader, "jeopardy": state.jeopardy});
+            for (k, v) in args.as_object().ok_or("expect_state takes an object")? {
+                if k != "handle" && got.get(k) != Some(v) {
+                    return Err(format!("state of {handle:?} is {got}, expected {args}"));
                 }
             }
             Ok(())

@@ -4,9 +4,10 @@ const test = require('node:test');
 const assert = require('node:assert');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
+const { isDeepStrictEqual } = require('node:util');
 const { performance } = require('node:perf_hooks');
 const elector = require('elector-client');
-const { Electord, sleep } = require('./support/electord.js');
+const { Electord, sleep, testKubeconfig } = require('./support/electord.js');
 
 const { Client, ConnectError, InvalidElectionError, InvalidTimingError, IdentityInUseError, BrokerError } = elector;
 const WAIT_MS = 20000; // generous: the CI machine is a loaded 2-core VM
@@ -23,8 +24,8 @@ async function nextOf(handle, type, predicate = () => true) {
 }
 
 /** A broker and clients for one test, all stopped after it. */
-async function setup(t) {
-  const broker = await new Electord().start();
+async function setup(t, options) {
+  const broker = await new Electord(options).start();
   const clients = [];
   t.after(async () => {
     for (const c of clients) c.close();
@@ -42,6 +43,18 @@ test('ESM and CommonJS entry points are the same module', BOUNDED, async () => {
   const esm = await import('elector-client');
   assert.strictEqual(esm.Client, elector.Client);
   assert.strictEqual(esm.default.InvalidElectionError, elector.InvalidElectionError);
+});
+
+test("process.hrtime.bigint() reads electord's CLOCK_MONOTONIC", BOUNDED, async (t) => {
+  const { broker } = await setup(t);
+  const before = elector.monotonicNs();
+  const c = await Client.connect({ socket: broker.socketPath });
+  const after = elector.monotonicNs();
+  t.after(() => c.close());
+  assert.strictEqual(c.hello.protocolMinor, 1);
+  // electord reads clock_gettime(CLOCK_MONOTONIC) as it greets, between our two readings.
+  const theirs = BigInt(c.hello.monotonicNow);
+  assert.ok(before <= theirs + 1000n && theirs <= after + 1000n, `${before} <= ${theirs} <= ${after}`);
 });
 
 test('campaign: elected, then lost on resign, then the iteration ends', BOUNDED, async (t) => {
@@ -124,12 +137,17 @@ test('reconnects after a broker restart and campaigns again by itself', BOUNDED,
   const { broker, client } = await setup(t);
   const c = await client();
   const campaign = await c.campaign('report-job', { identity: 'pod-a' });
-  await nextOf(campaign, 'elected');
+  const elected = await nextOf(campaign, 'elected');
+  assert.ok(elected.validUntil !== null, "electord's clock is this process's");
   await broker.kill();
-  const lost = await nextOf(campaign, 'lost');
-  assert.strictEqual(lost.reason, 'disconnected');
-  assert.ok(!campaign.isLeader);
+  // A leader with a guarantee rides out the disconnect in jeopardy...
+  const jeopardy = await nextOf(campaign, 'jeopardy');
+  assert.strictEqual(jeopardy.term, elected.term);
+  // ...but a standalone broker keeps its locks in memory: restarted, it cannot confirm the
+  // leadership (lost, preempted), or the guarantee runs out first (broker_unavailable).
   await broker.start();
+  const lost = await nextOf(campaign, 'lost');
+  assert.ok(['preempted', 'broker_unavailable'].includes(lost.reason), lost.reason);
   const again = await nextOf(campaign, 'elected');
   assert.strictEqual(again.identity, 'pod-a');
   assert.ok(c.connected);
@@ -180,7 +198,9 @@ test('runWhileLeader stops the work within 100 ms of lost', BOUNDED, async (t) =
   const { client } = await setup(t);
   const c = await client();
   const campaign = await c.campaign('report-job', { identity: 'pod-a' });
-  setTimeout(() => campaign.resign(), 300);
+  // The broker's lost (resigned) comes before its ok: wait for the ok before the client closes.
+  let resigned = null;
+  setTimeout(() => { resigned = campaign.resign(); }, 300);
   let stoppedAt = null;
   let signalSeen = null;
   const result = await campaign.runWhileLeader(async (signal, term) => {
@@ -191,20 +211,75 @@ test('runWhileLeader stops the work within 100 ms of lost', BOUNDED, async (t) =
     return 'done';
   });
   assert.strictEqual(result, 'done');
+  await resigned;
   const why = signalSeen.reason;
   assert.ok(why instanceof elector.LeadershipLost);
   assert.strictEqual(why.event.reason, 'resigned');
   assert.ok(stoppedAt - why.lostAt < 100, `stopped ${stoppedAt - why.lostAt} ms after lost`);
 });
 
-test('runWhileLeader: a disconnect aborts the work', BOUNDED, async (t) => {
+test('runWhileLeader: the work goes on through a jeopardy and stops when its guarantee runs out', BOUNDED, async (t) => {
   const { broker, client } = await setup(t);
   const c = await client();
   const campaign = await c.campaign('report-job', { identity: 'pod-a' });
-  const reason = await campaign.runWhileLeader(async (signal) => {
+  const { reason, jeopardy, abortedInJeopardy, abortedAt } = await campaign.runWhileLeader(async (signal) => {
     await broker.kill();
-    if (!signal.aborted) await new Promise((resolve) => signal.addEventListener('abort', resolve, { once: true }));
-    return signal.reason;
+    const j = await nextOf(campaign, 'jeopardy');
+    const early = signal.aborted;
+    let at = null;
+    if (!signal.aborted) {
+      await new Promise((resolve) => signal.addEventListener('abort', () => { at = elector.monotonicNs(); resolve(); }, { once: true }));
+    }
+    return { reason: signal.reason, jeopardy: j, abortedInJeopardy: early, abortedAt: at };
   });
-  assert.strictEqual(reason.event.reason, 'disconnected');
+  assert.ok(!abortedInJeopardy, 'a jeopardy does not end leadership');
+  assert.strictEqual(reason.event.reason, 'broker_unavailable');
+  assert.strictEqual(reason.event.term, jeopardy.term);
+  // The guarantee is on CLOCK_MONOTONIC, like monotonicNs(): the work was not stopped before it.
+  assert.ok(abortedAt >= BigInt(jeopardy.validUntil), `stopped ${Number(BigInt(jeopardy.validUntil) - abortedAt) / 1e6} ms early`);
+  assert.ok(!campaign.isLeader);
+});
+
+test('a broker killed and restarted within the deadline costs no leadership (test API server)', BOUNDED, async (t) => {
+  const { broker, client } = await setup(t, { kubeconfig: testKubeconfig() });
+  const c = await client();
+  // A renew deadline with room for a broker restart on a loaded CI machine.
+  const timing = { leaseDuration: 12, renewDeadline: 8, retryPeriod: 1 };
+  const campaign = await c.campaign('survival-node', { identity: 'pod-a', timing });
+  const elected = await nextOf(campaign, 'elected');
+  assert.ok(elected.validUntil !== null, "electord's clock (CLOCK_MONOTONIC) is process.hrtime's");
+  assert.ok(BigInt(elected.validUntil) > elector.monotonicNs());
+  const outcome = await campaign.runWhileLeader(async (signal, term) => {
+    await broker.kill(); // SIGKILL: nothing released
+    const jeopardy = await nextOf(campaign, 'jeopardy');
+    assert.strictEqual(jeopardy.term, term);
+    assert.ok(campaign.isLeader && campaign.jeopardy);
+    await broker.start(); // the same socket path
+    const seen = [];
+    for (;;) {
+      const e = await campaign.nextEvent(WAIT_MS);
+      assert.ok(e !== null, 'the campaign ended');
+      assert.ok(e.type !== 'lost' && e.type !== 'elected', `leadership changed: ${JSON.stringify([...seen, e])}`);
+      seen.push(e);
+      if (e.type === 'safe') {
+        assert.ok(elector.monotonicNs() < BigInt(jeopardy.validUntil), 'safe came before the guarantee ran out');
+        return { safe: e, aborted: signal.aborted };
+      }
+    }
+  });
+  assert.ok(!outcome.aborted, 'the leader-only work ran on throughout');
+  assert.strictEqual(outcome.safe.term, elected.term, 'same term');
+  assert.ok(BigInt(outcome.safe.validUntil) > elector.monotonicNs(), 'a fresh guarantee');
+  assert.ok(campaign.isLeader && !campaign.jeopardy);
+  assert.strictEqual(campaign.term, elected.term);
+  // The broker's view (status, leader events) follows its safe: wait for it, bounded.
+  const deadline = Date.now() + WAIT_MS;
+  let seenByBroker;
+  for (;;) {
+    seenByBroker = (await c.status()).campaigns.map((s) => [s.identity, s.isMe, s.term]);
+    if (isDeepStrictEqual(seenByBroker, [['pod-a', true, elected.term]]) || Date.now() > deadline) break;
+    await sleep(50);
+  }
+  assert.deepStrictEqual(seenByBroker, [['pod-a', true, elected.term]]);
+  assert.ok(campaign.isLeader && !campaign.jeopardy);
 });

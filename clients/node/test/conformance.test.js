@@ -8,10 +8,12 @@ const fs = require('node:fs');
 const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
-const { Client, BrokerError, errorClassName } = require('..');
+const { Client, BrokerError, errorClassName, monotonicNs } = require('..');
 
 const SCRIPTS = process.env.ELECTOR_CONFORMANCE_DIR || path.join(__dirname, '..', '..', 'conformance');
 const STEP_TIMEOUT_MS = 5000;
+/** How far a guarantee a client sends back (`"~$name"`) may be from the one it was given. */
+const NEAR_NS = 100000000;
 
 function normalize(e) {
   if (e.type === 'leader') {
@@ -21,6 +23,7 @@ function normalize(e) {
   }
   if (e.type === 'elected') return { type: 'elected', term: e.term };
   if (e.type === 'lost') return { type: 'lost', term: e.term, reason: e.reason };
+  if (e.type === 'jeopardy' || e.type === 'safe') return { type: e.type, term: e.term };
   throw new Error(`not an event: ${JSON.stringify(e)}`);
 }
 
@@ -37,7 +40,9 @@ class FakeBroker {
   constructor(socketPath) {
     this.accepted = [];
     this.acceptWaiters = [];
+    this.sockets = [];
     this.server = net.createServer((socket) => {
+      this.sockets.push(socket);
       const conn = { socket, lines: [], waiters: [], closed: false, buf: '' };
       socket.on('data', (d) => {
         conn.buf += d.toString('utf8');
@@ -113,8 +118,24 @@ async function play(script) {
     if (!conn) throw new Error('no connection is open');
     conn.socket.write(line + '\n');
   };
+  const matches = (got, want) => {
+    if (typeof want === 'string' && want.startsWith('~$')) {
+      const target = substitute(want.slice(1));
+      return Number.isInteger(got) && Math.abs(got - target) <= NEAR_NS;
+    }
+    return isDeepStrictEqual(got, want);
+  };
+  // A clock reading of the script as a BigInt. JSON numbers beyond 2^53 (104 days of uptime)
+  // are rounded to a few ns, and the client takes such a deadline 1 µs early: so does this check.
+  const instant = (name) => {
+    const v = substitute(`$${name}`);
+    if (!Number.isInteger(v)) throw new Error(`${name} is not a clock reading`);
+    return BigInt(v) - (v > Number.MAX_SAFE_INTEGER ? 1000n : 0n);
+  };
   const step = async (s) => {
-    if ('connect' in s) {
+    if ('clock' in s) {
+      captures[s.clock.name] = Number(monotonicNs() + BigInt(s.clock.in_ms) * 1000000n);
+    } else if ('connect' in s) {
       connecting = client.connect();
       connecting.catch(() => {});
       conn = await broker.accept();
@@ -134,7 +155,7 @@ async function play(script) {
       if (line === null) throw new Error(`connection closed; expected ${JSON.stringify(s.expect_request)}`);
       const got = JSON.parse(line);
       for (const [k, v] of Object.entries(s.expect_request)) {
-        if (!(k in got) || !isDeepStrictEqual(got[k], v)) throw new Error(`request ${line} does not have ${k} = ${JSON.stringify(v)}`);
+        if (!(k in got) || !matches(got[k], v)) throw new Error(`request ${line} does not have ${k} = ${JSON.stringify(v)}`);
       }
       if (s.capture) captures[s.capture] = got.id;
     } else if ('expect_no_request' in s) {
@@ -186,10 +207,33 @@ async function play(script) {
         } catch {
           throw new Error(`no event on ${handle}; expected ${JSON.stringify(want)}`);
         }
+        const arrived = monotonicNs();
         if (e === null) throw new Error(`events of ${handle} ended; expected ${JSON.stringify(want)}`);
         if (!isDeepStrictEqual(normalize(e), want)) {
           throw new Error(`event on ${handle}: got ${JSON.stringify(normalize(e))}, expected ${JSON.stringify(want)}`);
         }
+        if (s.expect_events.not_before !== undefined) {
+          const at = instant(s.expect_events.not_before);
+          const late = BigInt(s.expect_events.late_ms ?? 1000) * 1000000n;
+          if (arrived < at) throw new Error(`${JSON.stringify(want)} came ${Number(at - arrived) / 1e6} ms before ${s.expect_events.not_before}`);
+          if (arrived > at + late) throw new Error(`${JSON.stringify(want)} came ${Number(arrived - at) / 1e6} ms after ${s.expect_events.not_before}`);
+        }
+      }
+    } else if ('expect_no_events' in s) {
+      const { handle, within_ms: ms } = s.expect_no_events;
+      let e;
+      try {
+        e = await handles[handle].nextEvent(ms);
+      } catch {
+        return;
+      }
+      throw new Error(`unexpected event on ${handle}: ${e === null ? 'the end' : JSON.stringify(normalize(e))}`);
+    } else if ('expect_state' in s) {
+      const { handle, ...want } = s.expect_state;
+      const c = handles[handle];
+      const got = { is_leader: c.isLeader, jeopardy: c.jeopardy };
+      for (const [k, v] of Object.entries(want)) {
+        if (got[k] !== v) throw new Error(`state of ${handle} is ${JSON.stringify(got)}, expected ${JSON.stringify(want)}`);
       }
     } else if ('expect_end' in s) {
       let e;
@@ -214,6 +258,7 @@ async function play(script) {
   } finally {
     client.close();
     if (conn) conn.socket.destroy();
+    for (const socket of broker.sockets) socket.destroy(); // connections the script never took up
     await new Promise((r) => broker.server.close(r));
     fs.rmSync(dir, { recursive: true, force: true });
   }

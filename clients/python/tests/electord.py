@@ -1,5 +1,7 @@
-"""Runs a real `electord --standalone` for the tests. The binary comes from $ELECTORD (the Rust
-test tests/tests/clients.rs builds it and sets it); tests that need it fail without it."""
+"""Runs a real `electord` for the tests: `--standalone` (locks in its memory), or on the test
+Kubernetes API server whose kubeconfig is $ELECTOR_KUBECONFIG (locks outlive the broker, so a
+restarted broker can resume its leaders). The binary comes from $ELECTORD. Both are set by the
+Rust test tests/tests/clients.rs; tests that need them fail without them."""
 from __future__ import annotations
 
 import os
@@ -20,17 +22,35 @@ def electord_binary() -> str:
     return path
 
 
-class Electord:
-    """One standalone broker process on a socket of its own (fast timing: lease 2 s)."""
+def test_kubeconfig() -> str:
+    path = os.environ.get("ELECTOR_KUBECONFIG")
+    if not path or not os.path.isfile(path):
+        raise RuntimeError(
+            "set ELECTOR_KUBECONFIG to a kubeconfig of the test API server "
+            "(cargo run -p elector-tests --bin test-apiserver); tests/tests/clients.rs does this"
+        )
+    return path
 
-    def __init__(self, socket_path: Optional[str] = None) -> None:
+
+class Electord:
+    """One broker process on a socket of its own (fast timing: lease 2 s): standalone, or on
+    the API server of ``kubeconfig`` as node ``node``."""
+
+    def __init__(self, socket_path: Optional[str] = None, kubeconfig: Optional[str] = None, node: str = "node-a") -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="elector-py-")
         self.socket_path = socket_path or os.path.join(self._dir.name, "elector.sock")
+        self.kubeconfig = kubeconfig
+        self.node = node
         self.process: Optional[subprocess.Popen[bytes]] = None
 
     def start(self) -> "Electord":
+        where = (
+            ["--kubeconfig", self.kubeconfig, "--node-name", self.node, "--attest=none"]
+            if self.kubeconfig is not None
+            else ["--standalone"]
+        )
         args: List[str] = [
-            electord_binary(), "--standalone", "--socket", self.socket_path, "--http-addr", "",
+            electord_binary(), *where, "--socket", self.socket_path, "--http-addr", "",
             "--lease-duration", "2", "--renew-deadline", "1.5", "--retry-period", "0.25",
             "--shutdown-grace", "1", "--log", "error",
         ]

@@ -22,12 +22,15 @@ from elector_client import (
     Leader,
     LeadershipLost,
     LeadershipSignal,
+    Jeopardy,
     Lost,
+    Safe,
     Timing,
     leader_only,
+    monotonic_ns,
 )
 
-from .electord import Electord
+from .electord import Electord, test_kubeconfig
 
 WAIT = 20.0  # generous: the CI machine is a loaded 2-core VM
 
@@ -138,12 +141,17 @@ class Campaigns(BrokerTest):
     def test_reconnects_after_broker_restart_and_campaigns_again(self) -> None:
         client = self.client()
         campaign = client.campaign("report-job", identity="pod-a")
-        next_of(campaign, Elected)
+        elected = next_of(campaign, Elected)
+        self.assertIsNotNone(elected.valid_until, "electord's clock is this process's")
         self.broker.kill()
-        lost = next_of(campaign, Lost)
-        self.assertEqual(lost.reason, "disconnected")
-        self.assertFalse(campaign.is_leader)
+        # A leader with a guarantee rides out the disconnect in jeopardy...
+        jeopardy = next_of(campaign, Jeopardy)
+        self.assertEqual(jeopardy.term, elected.term)
+        # ...but a standalone broker keeps its locks in memory: restarted, it cannot confirm
+        # the leadership (lost, preempted), or the guarantee runs out first (broker_unavailable).
         self.broker.start()
+        lost = next_of(campaign, Lost)
+        self.assertIn(lost.reason, ("preempted", "broker_unavailable"))
         again = next_of(campaign, Elected)
         self.assertTrue(campaign.is_leader)
         self.assertEqual(again.identity, "pod-a")
@@ -219,9 +227,17 @@ class LeaderOnly(BrokerTest):
         with leader_only(campaign) as signal:
             self.assertFalse(signal.is_set())
             self.broker.kill()
-            self.assertTrue(signal.wait(WAIT), "a disconnect ends leadership")
-            assert signal.event is not None
-            self.assertEqual(signal.event.reason, "disconnected")
+            # The work goes on through the jeopardy, and stops when its guarantee runs out
+            # with no broker to confirm it: not before valid_until.
+            jeopardy = next_of(campaign, Jeopardy)
+            self.assertFalse(signal.is_set(), "a jeopardy does not end leadership")
+            self.assertTrue(campaign.is_leader and campaign.jeopardy)
+            self.assertTrue(signal.wait(WAIT), "the guarantee ran out")
+            assert signal.event is not None and signal.lost_at is not None
+            self.assertEqual(signal.event.reason, "broker_unavailable")
+            # time.monotonic() is CLOCK_MONOTONIC on Linux: the guarantee's clock.
+            self.assertGreaterEqual(signal.lost_at * 1e9, jeopardy.valid_until - 1e3)  # float rounding
+            self.assertFalse(campaign.is_leader)
 
     def test_async_work_is_cancelled_within_100ms_of_lost(self) -> None:
         async def scenario() -> None:
@@ -236,14 +252,67 @@ class LeaderOnly(BrokerTest):
                     finally:
                         cancelled_at.append(time.monotonic())
 
-                asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(campaign.resign()))
+                # The broker's lost (resigned) comes before its ok: the resign is awaited below,
+                # before the client closes.
+                resigned: List["asyncio.Future[None]"] = []
+                asyncio.get_running_loop().call_later(0.3, lambda: resigned.append(asyncio.ensure_future(campaign.resign())))
                 with self.assertRaises(LeadershipLost) as lost:
                     await asyncio.wait_for(work(), WAIT)
+                await asyncio.wait_for(resigned[0], WAIT)
                 assert lost.exception.event is not None
                 self.assertEqual(lost.exception.event.reason, "resigned")
                 self.assertLess(cancelled_at[0] - lost.exception.lost_at, 0.1)
 
         asyncio.run(scenario())
+
+
+class BrokerSurvival(unittest.TestCase):
+    """Protocol 1.1 against real brokers on the test API server (the lock outlives a broker)."""
+
+    # A renew deadline with room for a broker restart on a loaded CI machine.
+    TIMING = Timing(lease_duration=12, renew_deadline=8, retry_period=1)
+
+    def setUp(self) -> None:
+        self.broker = Electord(kubeconfig=test_kubeconfig()).start()
+        self.addCleanup(self.broker.stop)
+
+    def test_broker_killed_and_restarted_within_the_deadline_costs_no_leadership(self) -> None:
+        client = Client(self.broker.socket_path)
+        self.addCleanup(client.close)
+        campaign = client.campaign("survival-py", identity="pod-a", timing=self.TIMING)
+        elected = next_of(campaign, Elected)
+        assert elected.valid_until is not None, "electord's clock is this process's"
+        self.assertGreater(elected.valid_until, monotonic_ns())
+        with leader_only(campaign) as signal:
+            self.broker.kill()  # SIGKILL: nothing released
+            jeopardy = next_of(campaign, Jeopardy)
+            self.assertEqual(jeopardy.term, elected.term)
+            self.assertTrue(campaign.is_leader and campaign.jeopardy)
+            self.broker.start()  # the same socket path
+            seen: List[Any] = []
+            while True:
+                event = campaign.next_event(WAIT)
+                self.assertIsNotNone(event, "the campaign ended")
+                self.assertNotIsInstance(event, (Lost, Elected), f"leadership changed: {seen + [event]}")
+                seen.append(event)
+                if isinstance(event, Safe):
+                    break
+            self.assertLess(monotonic_ns(), jeopardy.valid_until, "safe came before the guarantee ran out")
+            self.assertEqual(event.term, elected.term, "same term")
+            self.assertGreater(event.valid_until, monotonic_ns(), "a fresh guarantee")
+            self.assertFalse(signal.is_set(), "the leader-only work ran on throughout")
+            self.assertTrue(campaign.is_leader)
+            self.assertFalse(campaign.jeopardy)
+        self.assertEqual(campaign.term, elected.term)
+        # The broker's view (status, leader events) follows its safe: wait for it, bounded.
+        deadline = time.monotonic() + WAIT
+        while True:
+            seen_by_broker = [(c.identity, c.is_me, c.term) for c in client.status().campaigns]
+            if seen_by_broker == [("pod-a", True, elected.term)] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertEqual(seen_by_broker, [("pod-a", True, elected.term)])
+        self.assertTrue(campaign.is_leader and not campaign.jeopardy)
 
 
 class AsyncApi(BrokerTest):

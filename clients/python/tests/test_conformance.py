@@ -11,12 +11,24 @@ import unittest
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from elector_client import AsyncCampaign, AsyncClient, BrokerError, Elected, Leader, Lost
+from elector_client import (
+    AsyncCampaign,
+    AsyncClient,
+    BrokerError,
+    Elected,
+    Jeopardy,
+    Leader,
+    Lost,
+    Safe,
+    monotonic_ns,
+)
 
 SCRIPTS = Path(
     os.environ.get("ELECTOR_CONFORMANCE_DIR") or Path(__file__).resolve().parents[2] / "conformance"
 )
 STEP_TIMEOUT = 5.0
+#: How far a guarantee a client sends back (``"~$name"``) may be from the one it was given.
+NEAR_NS = 100_000_000
 
 
 def normalize(event: Any) -> Dict[str, Any]:
@@ -29,6 +41,10 @@ def normalize(event: Any) -> Dict[str, Any]:
         return {"type": "elected", "term": event.term}
     if isinstance(event, Lost):
         return {"type": "lost", "term": event.term, "reason": event.reason}
+    if isinstance(event, Jeopardy):
+        return {"type": "jeopardy", "term": event.term}
+    if isinstance(event, Safe):
+        return {"type": "safe", "term": event.term}
     raise AssertionError(f"not an event: {event!r}")
 
 
@@ -119,8 +135,23 @@ class Player:
         assert isinstance(value, dict), line
         return value
 
+    def matches(self, got: Any, want: Any) -> bool:
+        if isinstance(want, str) and want.startswith("~$"):
+            target = self.substitute(want[1:])
+            return isinstance(got, int) and abs(got - target) <= NEAR_NS
+        return bool(got == want)
+
+    def instant(self, name: str) -> int:
+        value = self.substitute("$" + name)
+        if not isinstance(value, int):
+            raise ScriptFailed(f"{name} is not a clock reading")
+        return value
+
     async def step(self, step: Dict[str, Any]) -> None:
-        if "connect" in step:
+        if "clock" in step:
+            args = step["clock"]
+            self.captures[args["name"]] = monotonic_ns() + int(args["in_ms"]) * 1_000_000
+        elif "connect" in step:
             self.connecting = asyncio.ensure_future(self.client.connect())
             await self.accept()
         elif "accept" in step:
@@ -138,7 +169,7 @@ class Player:
             if got is None:
                 raise ScriptFailed(f"connection closed; expected {want}")
             for k, v in want.items():
-                if got.get(k, object()) != v:
+                if k not in got or not self.matches(got[k], v):
                     raise ScriptFailed(f"request {got} does not have {k} = {v!r}")
             if "capture" in step:
                 self.captures[step["capture"]] = got["id"]
@@ -169,16 +200,40 @@ class Player:
             else:
                 raise ScriptFailed(f"call {handle} succeeded; expected {code}")
         elif "expect_events" in step:
-            handle = step["expect_events"]["handle"]
-            for want in step["expect_events"]["events"]:
+            args = step["expect_events"]
+            handle = args["handle"]
+            for want in args["events"]:
                 try:
                     event = await self.handles[handle].next_event(STEP_TIMEOUT)
                 except asyncio.TimeoutError:
                     raise ScriptFailed(f"no event on {handle}; expected {want}") from None
+                arrived = monotonic_ns()
                 if event is None:
                     raise ScriptFailed(f"events of {handle} ended; expected {want}")
                 if normalize(event) != want:
                     raise ScriptFailed(f"event on {handle}: got {normalize(event)}, expected {want}")
+                if "not_before" in args:
+                    at = self.instant(args["not_before"])
+                    if arrived < at:
+                        raise ScriptFailed(f"{want} came {(at - arrived) / 1e6:.3f} ms before {args['not_before']}")
+                    late = args.get("late_ms", 1000) * 1_000_000
+                    if arrived > at + late:
+                        raise ScriptFailed(f"{want} came {(arrived - at) / 1e6:.3f} ms after {args['not_before']}")
+        elif "expect_no_events" in step:
+            args = step["expect_no_events"]
+            try:
+                event = await self.handles[args["handle"]].next_event(args["within_ms"] / 1000)
+            except asyncio.TimeoutError:
+                return
+            raise ScriptFailed(f"unexpected event on {args['handle']}: {event if event is None else normalize(event)}")
+        elif "expect_state" in step:
+            args = step["expect_state"]
+            campaign = self.handles[args["handle"]]
+            assert isinstance(campaign, AsyncCampaign)
+            got = {"is_leader": campaign.is_leader, "jeopardy": campaign.jeopardy}
+            want = {k: v for k, v in args.items() if k != "handle"}
+            if {k: got.get(k) for k in want} != want:
+                raise ScriptFailed(f"state of {args['handle']} is {got}, expected {want}")
         elif "expect_end" in step:
             handle = step["expect_end"]
             try:
@@ -206,6 +261,8 @@ async def play(script: Dict[str, Any]) -> None:
             server.close()
             if player.conn is not None:
                 player.conn[1].close()
+            while not player.accepted.empty():  # connections the script never took up
+                player.accepted.get_nowait()[1].close()
 
 
 def scripts() -> List[Path]:

@@ -1,6 +1,8 @@
 'use strict';
-// Runs a real `electord --standalone` for the tests. The binary comes from $ELECTORD (the Rust
-// test tests/tests/clients.rs builds it and sets it); tests that need it fail without it.
+// Runs a real `electord` for the tests: `--standalone` (locks in its memory), or on the test
+// Kubernetes API server whose kubeconfig is $ELECTOR_KUBECONFIG (locks outlive the broker, so a
+// restarted broker can resume its leaders). The binary comes from $ELECTORD. Both are set by the
+// Rust test tests/tests/clients.rs; tests that need them fail without them.
 const { spawn } = require('node:child_process');
 const fs = require('node:fs');
 const net = require('node:net');
@@ -15,6 +17,14 @@ function electordBinary() {
   return bin;
 }
 
+function testKubeconfig() {
+  const file = process.env.ELECTOR_KUBECONFIG;
+  if (!file || !fs.existsSync(file)) {
+    throw new Error('set ELECTOR_KUBECONFIG to a kubeconfig of the test API server (cargo run -p elector-tests --bin test-apiserver); tests/tests/clients.rs does this');
+  }
+  return file;
+}
+
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 function greets(socketPath) {
@@ -25,18 +35,24 @@ function greets(socketPath) {
   });
 }
 
-/** One standalone broker process on a socket of its own (fast timing: lease 2 s). */
+/** One broker process on a socket of its own (fast timing: lease 2 s): standalone, or on the
+ * API server of `options.kubeconfig` as node `options.node`. */
 class Electord {
-  constructor() {
+  constructor(options = {}) {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'elector-node-'));
     this.socketPath = path.join(this.dir, 'elector.sock');
+    this.kubeconfig = options.kubeconfig ?? null;
+    this.node = options.node ?? 'node-a';
     this.process = null;
   }
 
   async start() {
     const bin = electordBinary();
+    const where = this.kubeconfig
+      ? ['--kubeconfig', this.kubeconfig, '--node-name', this.node, '--attest=none']
+      : ['--standalone'];
     this.process = spawn(bin, [
-      '--standalone', '--socket', this.socketPath, '--http-addr', '',
+      ...where, '--socket', this.socketPath, '--http-addr', '',
       '--lease-duration', '2', '--renew-deadline', '1.5', '--retry-period', '0.25',
       '--shutdown-grace', '1', '--log', 'error',
     ], { stdio: ['ignore', 'inherit', 'inherit'] });
@@ -68,4 +84,4 @@ class Electord {
   }
 }
 
-module.exports = { Electord, sleep };
+module.exports = { Electord, sleep, testKubeconfig };

@@ -2,14 +2,22 @@
 breaks; accepted campaigns and observations are made again on the new connection.
 
 Guarantees (the same as the Rust client's):
-- any disconnect means "not leader" at once: a leading campaign gets a ``Lost`` event with
-  reason ``disconnected`` before the client tries to reconnect;
+- a leader whose broker goes away keeps leading only on a guarantee it can check: a protocol
+  1.1 broker states ``valid_until`` on CLOCK_MONOTONIC with ``elected`` and every ``renewed``,
+  and the greeting's ``monotonic_now`` shows whether this process reads the same clock. Then a
+  disconnect is a ``Jeopardy``: the campaign goes on leading, the client reconnects with
+  back-off and sends ``resume``, and the jeopardy ends in ``Safe`` (same term, fresh guarantee)
+  or ``Lost``: ``broker_unavailable`` exactly at ``valid_until`` (never later) if no broker
+  confirmed it, ``preempted`` if the broker refused. Without that guarantee (a 1.0 broker, a
+  clock of another time namespace, a guarantee already past) any disconnect means "not leader"
+  at once: ``Lost`` with reason ``disconnected`` before the client tries to reconnect;
 - events of one campaign or observation arrive in the broker's order;
 - fields and events this version does not know are ignored.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import queue
@@ -30,17 +38,23 @@ from ._protocol import (
     ElectorError,
     Event,
     Hello,
+    Jeopardy,
     Leader,
     Lost,
     ProtocolError,
+    Renewed,
+    Safe,
     Status,
     Timing,
+    WireEvent,
     broker_error,
     decode,
     encode,
+    monotonic_ns,
     parse_election_event,
     parse_hello,
     parse_status,
+    shares_clock,
 )
 
 log = logging.getLogger("elector_client")
@@ -79,6 +93,11 @@ class _Membership:
         self.leader: Optional[str] = None
         self.term: Optional[int] = None
         self.is_leader = False
+        #: Leading without a broker until ``valid_until`` (protocol 1.1).
+        self.jeopardy = False
+        #: This leader's guarantee (CLOCK_MONOTONIC ns), when the broker's clock is ours.
+        self.valid_until: Optional[int] = None
+        self._expiry: Optional[asyncio.TimerHandle] = None
         self.events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.ready = asyncio.Event()
         self.listeners: List[Callable[[Optional[Event]], None]] = []
@@ -87,23 +106,105 @@ class _Membership:
     def key(self) -> Tuple[str, str, str]:
         return (self.namespace, self.election, self.role)
 
-    def apply(self, event: Event) -> None:
+    def apply(self, event: WireEvent, shared_clock: bool) -> None:
+        """A broker event of this membership. ``shared_clock``: the current broker's
+        guarantees are on this process's CLOCK_MONOTONIC (else they are ignored)."""
+
+        def guarantee(ns: Optional[int]) -> Optional[int]:
+            return ns if shared_clock else None
+
         if isinstance(event, Leader):
             self.leader, self.term = event.leader, event.term
+            self._deliver(event)
         elif isinstance(event, Elected):
-            self.is_leader, self.leader, self.term = True, event.identity, event.term
+            self._cancel_expiry()
+            self.is_leader, self.jeopardy, self.leader, self.term = True, False, event.identity, event.term
+            self.valid_until = guarantee(event.valid_until)
+            self._deliver(dataclasses.replace(event, valid_until=self.valid_until))
+        elif isinstance(event, Renewed):
+            if self.is_leader and self.term == event.term:
+                self.valid_until = guarantee(event.valid_until)
+        elif isinstance(event, Safe):
+            if self.jeopardy and self.term == event.term:
+                self._cancel_expiry()
+                self.jeopardy = False
+                self.valid_until = guarantee(event.valid_until)
+                self._deliver(event)
+        elif isinstance(event, Jeopardy):
+            # The broker hands off without releasing: hold on to the guarantee it states.
+            if self.is_leader and self.term == event.term:
+                self.valid_until = guarantee(event.valid_until)
+            self.broker_gone("broker_shutdown")
         elif isinstance(event, Lost):
-            self.is_leader = False
+            was_leader = self.is_leader
+            self._end_leadership()
+            if was_leader:
+                self._deliver(event)
+
+    def broker_gone(self, reason: str) -> None:
+        """The broker went away (or hands off): a leader with a guarantee left goes on in
+        jeopardy until it runs out; any other leader has lost, for ``reason``."""
+        if not self.is_leader:
+            return
+        if self.valid_until is not None and self.valid_until > monotonic_ns():
+            if not self.jeopardy:
+                self.jeopardy = True
+                self._deliver(Jeopardy(
+                    self.election, self.namespace, self.lock, self.identity or "", self.term or 0, self.valid_until
+                ))
+            self._arm_expiry()
+            return
+        term = self.term or 0
+        self._end_leadership()
+        self._deliver(Lost(self.election, self.namespace, self.lock, self.identity or "", term, reason))
+
+    def _arm_expiry(self) -> None:
+        self._cancel_expiry()
+        assert self.valid_until is not None
+        delay = max(0, self.valid_until - monotonic_ns()) / 1e9
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _expire(self) -> None:
+        """At ``valid_until`` (never before: a timer that fires early is set again), a jeopardy
+        nobody ended has lost."""
+        self._expiry = None
+        if not self.jeopardy or self.valid_until is None:
+            return
+        if monotonic_ns() < self.valid_until:
+            self._arm_expiry()
+            return
+        term = self.term or 0
+        self._end_leadership()
+        self._deliver(Lost(self.election, self.namespace, self.lock, self.identity or "", term, "broker_unavailable"))
+
+    def _end_leadership(self) -> None:
+        self._cancel_expiry()
+        self.is_leader = False
+        self.jeopardy = False
+        self.valid_until = None
+
+    def _deliver(self, event: Event) -> None:
         self.events.put(event)
         self.ready.set()
         for listener in list(self.listeners):
             listener(event)
 
+    def resume_request(self) -> Optional[Dict[str, Any]]:
+        """What a leader in jeopardy asks of a (new) broker: ``resume`` with its claim."""
+        if self.role != CAMPAIGN or not self.jeopardy or self.valid_until is None or self.term is None:
+            return None
+        return dict(self.request, op="resume", term=self.term, valid_until=self.valid_until)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.is_leader = False
+        self._end_leadership()
         self.events.put(_END)
         self.ready.set()
         for listener in list(self.listeners):
@@ -204,7 +305,8 @@ class AsyncObservation(_Handle):
 
 class AsyncCampaign(_Handle):
     """A campaign in one election: ``async for event in campaign`` yields ``Leader``,
-    ``Elected`` and ``Lost`` events until it is resigned or the client is closed."""
+    ``Elected``, ``Lost``, ``Jeopardy`` and ``Safe`` events until it is resigned or the client
+    is closed."""
 
     @property
     def identity(self) -> Optional[str]:
@@ -213,8 +315,21 @@ class AsyncCampaign(_Handle):
 
     @property
     def is_leader(self) -> bool:
-        """True between ``Elected`` and ``Lost`` (false at once on a disconnect)."""
+        """True between ``Elected`` and ``Lost``, a jeopardy included (false at once on a
+        disconnect without a guarantee)."""
         return self._m.is_leader
+
+    @property
+    def jeopardy(self) -> bool:
+        """Leading without a broker, until ``valid_until`` at most (protocol 1.1)."""
+        return self._m.jeopardy
+
+    @property
+    def valid_until(self) -> Optional[int]:
+        """Until when this leader may act without hearing more (CLOCK_MONOTONIC ns, compare
+        with ``elector_client.monotonic_ns()``); None when not leading, from a 1.0 broker, or
+        when this process does not share the broker's clock."""
+        return self._m.valid_until
 
     async def wait_elected(self, timeout: Optional[float] = None) -> int:
         """Waits until this campaign leads; returns the term (a fencing token)."""
@@ -238,7 +353,7 @@ class AsyncCampaign(_Handle):
 
     async def run_while_leader(self, work: Callable[[], Awaitable[T]]) -> T:
         """Waits until elected, then runs ``work()`` as a task that is cancelled the moment
-        leadership ends (lost, disconnect, resign, close). Returns its result, or raises
+        leadership ends (lost, disconnect, resign, close); it goes on through a jeopardy. Returns its result, or raises
         ``LeadershipLost`` if leadership ended first."""
         term = await self.wait_elected()
         m = self._m
@@ -304,6 +419,7 @@ class AsyncClient:
         self._pending: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}
         self._memberships: Dict[Tuple[str, str, str], _Membership] = {}
         self._next_id = 1
+        self._shared_clock = False
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -484,6 +600,9 @@ class AsyncClient:
         except asyncio.TimeoutError:
             writer.close()
             raise ConnectError(f"no greeting from {self.socket_path} within {self.connect_timeout}s") from None
+        except BaseException:  # cancelled (the client closes) while waiting for the greeting
+            writer.close()
+            raise
         if first is None:
             writer.close()
             raise ConnectError(f"the broker at {self.socket_path} closed before greeting")
@@ -494,6 +613,7 @@ class AsyncClient:
             writer.close()
             raise ProtocolError(f"expected a greeting, got {first}")
         self._hello = parse_hello(first)
+        self._shared_clock = shares_clock(self._hello)
         self._reader, self._writer = reader, writer
         assert self._connected is not None
         self._connected.set()
@@ -554,29 +674,37 @@ class AsyncClient:
             self._writer.close()
         self._fail_pending(ConnectionLost("the connection to the broker was lost"))
         for m in list(self._memberships.values()):
-            if m.is_leader:
-                m.apply(Lost(m.election, m.namespace, m.lock, m.identity or "", m.term or 0, "disconnected"))
-            m.is_leader = False
+            m.broker_gone("disconnected")
 
     def _remake(self) -> None:
-        """Campaigns and observes again on a new connection."""
-        assert self._writer is not None
+        """On a new connection: leaders in jeopardy resume, the others campaign and observe
+        again."""
         for m in list(self._memberships.values()):
             if not m.accepted or m.resigning:
                 continue
-            rid = self._next_id
-            self._next_id += 1
-            request = dict(m.request, id=rid)
-            fut: "asyncio.Future[Dict[str, Any]]" = asyncio.get_running_loop().create_future()
-            self._pending[rid] = fut
+            resume = m.resume_request()
+            self._resend(m, resume if resume is not None else m.request, resume is not None)
 
-            def done(f: "asyncio.Future[Dict[str, Any]]", m: _Membership = m, rid: int = rid) -> None:
-                self._pending.pop(rid, None)
-                if not f.cancelled() and isinstance(f.exception(), BrokerError):
-                    log.warning("the broker refused to make %s %s/%s again: %s", m.role, m.namespace, m.election, f.exception())
+    def _resend(self, m: _Membership, request: Dict[str, Any], resume: bool) -> None:
+        assert self._writer is not None
+        rid = self._next_id
+        self._next_id += 1
+        fut: "asyncio.Future[Dict[str, Any]]" = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
 
-            fut.add_done_callback(done)
-            self._writer.write(encode(request))
+        def done(f: "asyncio.Future[Dict[str, Any]]") -> None:
+            self._pending.pop(rid, None)
+            if f.cancelled() or not isinstance(f.exception(), BrokerError):
+                return
+            if resume and not m.closed and not m.resigning and self.connected:
+                # A broker that cannot resume (protocol 1.0: unknown_op): campaign.
+                log.info("the broker did not resume %s/%s (%s): campaigning", m.namespace, m.election, f.exception())
+                self._resend(m, m.request, False)
+            else:
+                log.warning("the broker refused to make %s %s/%s again: %s", m.role, m.namespace, m.election, f.exception())
+
+        fut.add_done_callback(done)
+        self._writer.write(encode(dict(request, id=rid)))
 
     def _fail_pending(self, error: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -608,7 +736,7 @@ class AsyncClient:
         for role in roles:
             m = self._memberships.get((event.namespace, event.election, role))
             if m is not None and not m.closed:
-                m.apply(event)
+                m.apply(event, self._shared_clock)
 
 
 def _new_loop_thread() -> Tuple[asyncio.AbstractEventLoop, threading.Thread]:

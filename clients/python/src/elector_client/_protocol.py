@@ -1,4 +1,4 @@
-"""Protocol v1 of the elector broker's socket (PROTOCOL.md), kept in step with
+"""Protocol 1.1 of the elector broker's socket (PROTOCOL.md), kept in step with
 client-lib/src/protocol.rs: typed events, error codes as exceptions, request encoding.
 
 Fields and events this version does not know are ignored, so newer brokers keep working.
@@ -6,10 +6,12 @@ Fields and events this version does not know are ignored, so newer brokers keep 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Type, Union
 
 PROTOCOL_VERSION = 1
+PROTOCOL_MINOR = 1
 MAX_LINE_BYTES = 64 * 1024
 DEFAULT_SOCKET_PATH = "/var/run/elector/elector.sock"
 
@@ -47,6 +49,10 @@ class Hello:
     default_namespace: str
     caller_namespace: Optional[str] = None
     caller_pod: Optional[str] = None
+    #: 1 from a protocol 1.1 broker (leaders' guarantees, jeopardy, resume); None from 1.0.
+    protocol_minor: Optional[int] = None
+    #: The broker's CLOCK_MONOTONIC in nanoseconds when it greeted (protocol 1.1).
+    monotonic_now: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -72,12 +78,18 @@ class Elected:
     lock: str
     identity: str
     term: int
+    #: Until when this leader may act without hearing more (CLOCK_MONOTONIC ns, see
+    #: ``monotonic_ns()``); None from a 1.0 broker or when this process does not share the
+    #: broker's clock (then a disconnect ends leadership at once).
+    valid_until: Optional[int] = None
 
 
 @dataclass(frozen=True)
 class Lost:
     """This campaign no longer leads. ``reason``: resigned, renew_failed, preempted,
-    broker_shutdown, or (client side) disconnected."""
+    broker_shutdown, or (client side) disconnected (the broker went away and there was no
+    guarantee to lead on) or broker_unavailable (no broker confirmed the leadership before its
+    guarantee ran out)."""
 
     election: str
     namespace: str
@@ -87,7 +99,48 @@ class Lost:
     reason: str
 
 
-Event = Union[Leader, Elected, Lost]
+@dataclass(frozen=True)
+class Renewed:
+    """The broker renewed this leader's lock: a fresh guarantee (``valid_until``, CLOCK_MONOTONIC
+    ns). Protocol 1.1. Kept by the campaign (``valid_until``), not yielded as an event."""
+
+    election: str
+    namespace: str
+    lock: str
+    identity: str
+    term: int
+    valid_until: int
+
+
+@dataclass(frozen=True)
+class Jeopardy:
+    """The broker went away while this campaign led (protocol 1.1). It goes on leading until
+    ``valid_until`` (CLOCK_MONOTONIC ns) at most while the client reconnects and asks the broker
+    to confirm it (``resume``): then ``Safe``, or ``Lost`` (``broker_unavailable``) exactly at
+    ``valid_until``, or ``Lost`` (``preempted``) if the broker refuses."""
+
+    election: str
+    namespace: str
+    lock: str
+    identity: str
+    term: int
+    valid_until: int
+
+
+@dataclass(frozen=True)
+class Safe:
+    """A broker confirmed the leadership after a jeopardy: same term, a fresh ``valid_until``."""
+
+    election: str
+    namespace: str
+    lock: str
+    identity: str
+    term: int
+    valid_until: int
+
+
+Event = Union[Leader, Elected, Lost, Jeopardy, Safe]
+WireEvent = Union[Leader, Elected, Lost, Renewed, Jeopardy, Safe]
 
 
 @dataclass(frozen=True)
@@ -149,6 +202,7 @@ ERROR_CODES = (
     "already_campaigning", "not_campaigning", "not_observing", "identity_in_use",
     "too_many_campaigns", "too_many_connections", "forbidden_namespace", "forbidden_identity",
     "unattested", "timeout", "too_many_errors", "slow_consumer", "shutting_down", "internal",
+    "api_forbidden", "not_a_lock",
 )
 
 
@@ -186,12 +240,36 @@ TooManyErrorsError = ERROR_CLASSES["too_many_errors"]
 SlowConsumerError = ERROR_CLASSES["slow_consumer"]
 ShuttingDownError = ERROR_CLASSES["shutting_down"]
 InternalError = ERROR_CLASSES["internal"]
+ApiForbiddenError = ERROR_CLASSES["api_forbidden"]
+NotALockError = ERROR_CLASSES["not_a_lock"]
 
 
 def broker_error(code: str, message: str) -> BrokerError:
     """The exception for a broker error code (a plain BrokerError for codes from newer brokers)."""
     cls = ERROR_CLASSES.get(code)
     return cls(message) if cls is not None else BrokerError(message, code)
+
+
+# --- the node's monotonic clock ------------------------------------------------------------
+
+#: How far apart the broker's greeting and our reading of CLOCK_MONOTONIC may be and still be
+#: one clock (as client-lib/src/clock.rs): the greeting is read a little after it was written;
+#: a clock of another time namespace or machine is off by far more (its boot time).
+SHARED_CLOCK_TOLERANCE_NS = 1_000_000_000
+
+
+def monotonic_ns() -> int:
+    """CLOCK_MONOTONIC now, in nanoseconds: the clock ``valid_until`` is stated on."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def shares_clock(hello: Hello) -> bool:
+    """Whether this process reads the broker's CLOCK_MONOTONIC: the greeting's ``monotonic_now``
+    (read before it was sent) is at most a second behind ours. Not so for a 1.0 broker."""
+    if hello.monotonic_now is None:
+        return False
+    ours = monotonic_ns()
+    return 0 <= ours - hello.monotonic_now <= SHARED_CLOCK_TOLERANCE_NS
 
 
 # --- wire ----------------------------------------------------------------------------------
@@ -216,6 +294,11 @@ def _opt_int(v: Any) -> Optional[int]:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+def _opt_nonneg(v: Any) -> Optional[int]:
+    n = _opt_int(v)
+    return n if n is not None and n >= 0 else None
+
+
 def _opt_str(v: Any) -> Optional[str]:
     return v if isinstance(v, str) else None
 
@@ -229,11 +312,14 @@ def parse_hello(msg: Dict[str, Any]) -> Hello:
         default_namespace=_opt_str(msg.get("default_namespace")) or "default",
         caller_namespace=_opt_str(caller.get("namespace")),
         caller_pod=_opt_str(caller.get("pod")),
+        protocol_minor=_opt_int(msg.get("protocol_minor")),
+        monotonic_now=_opt_nonneg(msg.get("monotonic_now")),
     )
 
 
-def parse_election_event(msg: Dict[str, Any]) -> Optional[Event]:
-    """A leader / elected / lost event, or None for anything else (or a malformed one)."""
+def parse_election_event(msg: Dict[str, Any]) -> Optional[WireEvent]:
+    """A leader / elected / lost / renewed / jeopardy / safe event, or None for anything else
+    (or a malformed one)."""
     kind = msg.get("event")
     election, namespace = _opt_str(msg.get("election")), _opt_str(msg.get("namespace"))
     lock = _opt_str(msg.get("lock")) or LOCK_LEASE
@@ -251,9 +337,13 @@ def parse_election_event(msg: Dict[str, Any]) -> Optional[Event]:
     if identity is None or term is None:
         return None
     if kind == "elected":
-        return Elected(election, namespace, lock, identity, term)
+        return Elected(election, namespace, lock, identity, term, _opt_nonneg(msg.get("valid_until")))
     if kind == "lost":
         return Lost(election, namespace, lock, identity, term, _opt_str(msg.get("reason")) or "unknown")
+    guarantee = {"renewed": Renewed, "jeopardy": Jeopardy, "safe": Safe}.get(str(kind))
+    valid_until = _opt_nonneg(msg.get("valid_until"))
+    if guarantee is not None and valid_until is not None:
+        return guarantee(election, namespace, lock, identity, term, valid_until)  # type: ignore[no-any-return]
     return None
 
 

@@ -16,7 +16,8 @@ T = TypeVar("T")
 
 
 class LeadershipSignal(threading.Event):
-    """Set the moment leadership ends (lost, disconnect, resign, close). ``lost_at`` is when
+    """Set the moment leadership ends (lost, disconnect, resign, close; not by a jeopardy,
+    which keeps leading until its guarantee). ``lost_at`` is when
     (``time.monotonic()``); ``event`` is the ``Lost`` event, if there was one."""
 
     def __init__(self, term: int) -> None:
@@ -98,7 +99,8 @@ class Observation(_SyncHandle):
 
 
 class Campaign(_SyncHandle):
-    """A campaign in one election; iterate it for ``Leader``, ``Elected`` and ``Lost`` events."""
+    """A campaign in one election; iterate it for ``Leader``, ``Elected``, ``Lost``,
+    ``Jeopardy`` and ``Safe`` events."""
 
     @property
     def identity(self) -> Optional[str]:
@@ -106,7 +108,18 @@ class Campaign(_SyncHandle):
 
     @property
     def is_leader(self) -> bool:
+        """True between ``Elected`` and ``Lost``, a jeopardy included."""
         return self._m.is_leader
+
+    @property
+    def jeopardy(self) -> bool:
+        """Leading without a broker, until ``valid_until`` at most (protocol 1.1)."""
+        return self._m.jeopardy
+
+    @property
+    def valid_until(self) -> Optional[int]:
+        """This leader's guarantee (CLOCK_MONOTONIC ns, see ``monotonic_ns()``), if any."""
+        return self._m.valid_until
 
     def wait_elected(self, timeout: Optional[float] = None) -> int:
         """Blocks until this campaign leads; returns the term. ``TimeoutError`` after ``timeout``."""
