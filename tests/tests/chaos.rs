@@ -103,39 +103,19 @@ async fn kill(b: TestBroker) {
     tokio::task::spawn_blocking(move || b.kill()).await.unwrap();
 }
 
-/// Restarts a node's broker as the same API user (and with the same wall clock), off the async
-/// workers.
-async fn restart(
+/// Starts a node's broker as the same API user (and with the same wall clock), off the async
+/// workers: a restart after a kill, or with `takeover` a rolling upgrade (DaemonSet surge): the
+/// successor binds a fresh socket and renames it over the path while the old broker runs; the
+/// old one sees it, tells its clients `reconnect` and hands off (exits without releasing). The
+/// caller keeps an upgraded-away broker until the end (dropping it early would kill it instead
+/// of letting it hand off).
+async fn start(
     server: &TestApiServer,
     user: &User,
     node: &str,
     dir: &std::path::Path,
     settings: Defaults,
-) -> TestBroker {
-    let (kubeconfig, node, dir) = (server.kubeconfig_path(user), node.to_string(), dir.to_path_buf());
-    tokio::task::spawn_blocking(move || {
-        TestBroker::start(
-            &node,
-            &dir,
-            elector_tests::harness::Backend::Kube(kubeconfig),
-            settings,
-            true,
-        )
-    })
-    .await
-    .unwrap()
-}
-
-/// A rolling upgrade of a node's broker (DaemonSet surge): a successor binds a fresh socket and
-/// renames it over the path while the old broker runs; the old one sees it, tells its clients
-/// `reconnect` and hands off (exits without releasing). Returns the successor; the caller keeps
-/// the old broker until the end (dropping it early would kill it instead of letting it hand off).
-async fn upgrade(
-    server: &TestApiServer,
-    user: &User,
-    node: &str,
-    dir: &std::path::Path,
-    settings: Defaults,
+    takeover: bool,
 ) -> TestBroker {
     let (kubeconfig, node, dir) = (server.kubeconfig_path(user), node.to_string(), dir.to_path_buf());
     tokio::task::spawn_blocking(move || {
@@ -146,7 +126,7 @@ async fn upgrade(
             settings,
             true,
             None,
-            |c| c.socket.takeover = true,
+            |c| c.socket.takeover = takeover,
         )
     })
     .await
@@ -457,7 +437,7 @@ async fn chaos_never_elects_two_leaders() {
                 if let Some(b) = brokers[i].take() {
                     kill(b).await;
                 } else {
-                    brokers[i] = Some(restart(&server, user, nodes[i], dir.path(), settings[i]).await);
+                    brokers[i] = Some(start(&server, user, nodes[i], dir.path(), settings[i], false).await);
                 }
             }
             6 => {
@@ -495,7 +475,7 @@ async fn chaos_never_elects_two_leaders() {
             7 => {
                 // Roll the node's broker: the successor takes over while the old one runs.
                 if brokers[i].is_some() {
-                    let new = upgrade(&server, user, nodes[i], dir.path(), settings[i]).await;
+                    let new = start(&server, user, nodes[i], dir.path(), settings[i], true).await;
                     retired.extend(brokers[i].replace(new));
                 }
             }
@@ -509,7 +489,7 @@ async fn chaos_never_elects_two_leaders() {
     for (i, u) in users.iter().enumerate() {
         server.faults(u).clear();
         if brokers[i].is_none() {
-            brokers[i] = Some(restart(&server, u, nodes[i], dir.path(), settings[i]).await);
+            brokers[i] = Some(start(&server, u, nodes[i], dir.path(), settings[i], false).await);
         }
     }
     // Make sure every election has candidates on a live broker.
