@@ -226,6 +226,14 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
+impl Cmd {
+    fn key(&self) -> &Key {
+        match self {
+            Cmd::Register { key, .. } | Cmd::Unregister { key, .. } => key,
+        }
+    }
+}
+
 enum Cmd {
     Register {
         key: Key,
@@ -585,14 +593,32 @@ async fn manage(
     let mut shared_clock = hello.borrow().as_ref().is_some_and(shares_clock);
     // Resumes sent to a new broker, by request id: one it refuses is sent as a campaign.
     let mut resumes: HashMap<u64, Key> = HashMap::new();
+    // Registrations that wait for the answer to a `resign`/`unobserve` of the same key (a
+    // campaign started again right after a resign): the old party's last events (its `lost`)
+    // come before that answer and must not reach the new registration, nor may the answer
+    // remove it.
+    let mut deferred: std::collections::VecDeque<Cmd> = std::collections::VecDeque::new();
     loop {
         // Serve one connection until it breaks.
         let mut pending: HashMap<u64, Waiting> = HashMap::new();
         loop {
+            let leaving = |pending: &HashMap<u64, Waiting>, key: &Key| {
+                pending.values().any(|w| w.leaving && &w.key == key)
+            };
+            let ready = deferred
+                .iter()
+                .position(|c| !leaving(&pending, c.key()))
+                .and_then(|i| deferred.remove(i));
             tokio::select! {
+                // A ready deferred registration must be taken, not dropped for another branch.
+                biased;
                 _ = stop.cancelled() => return,
-                cmd = commands.recv() => {
+                cmd = async { match ready { Some(c) => Some(c), None => commands.recv().await } } => {
                     let Some(cmd) = cmd else { return };
+                    if matches!(cmd, Cmd::Register { .. }) && leaving(&pending, cmd.key()) {
+                        deferred.push_back(cmd);
+                        continue;
+                    }
                     let (request, waiting) = match cmd {
                         Cmd::Register { key, request, state, events, reply } => {
                             regs.insert(key.clone(), Registration { request: request.clone(), state, events });
@@ -967,5 +993,91 @@ mod tests {
         let mut old = hello(0);
         old.monotonic_now = None;
         assert!(!shares_clock(&old), "a 1.0 broker states no clock");
+    }
+
+    /// A campaign started again right after a `resign` whose answer has not come yet (a caller
+    /// that stopped waiting for it): the old party's `lost` and the resign's `ok` must not
+    /// reach or remove the new campaign. Through a real socket, with a scripted broker.
+    #[tokio::test]
+    async fn a_campaign_restarted_before_the_resign_is_answered_is_its_own() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let path = std::env::temp_dir().join(format!("elector-client-{}-resign.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let broker = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            let mut send = async |w: &mut tokio::net::unix::OwnedWriteHalf, v: serde_json::Value| {
+                w.write_all(format!("{v}\n").as_bytes()).await.unwrap();
+            };
+            send(&mut w, serde_json::json!({"event":"hello","protocol":1,"broker_version":"t","node":"n","default_namespace":"ns"})).await;
+            let mut next = async || {
+                serde_json::from_str::<serde_json::Value>(&lines.next_line().await.unwrap().unwrap()).unwrap()
+            };
+            let first = next().await;
+            assert_eq!(first["op"], "campaign");
+            send(
+                &mut w,
+                serde_json::json!({"event":"ok","id":first["id"],"op":"campaign"}),
+            )
+            .await;
+            send(
+                &mut w,
+                serde_json::json!({"event":"elected","election":"e","namespace":"ns","lock":"lease","identity":"me","term":4}),
+            )
+            .await;
+            let resign = next().await;
+            assert_eq!(resign["op"], "resign");
+            // The caller gives up waiting; only then does the broker answer.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            send(
+                &mut w,
+                serde_json::json!({"event":"lost","election":"e","namespace":"ns","lock":"lease","identity":"me","term":4,"reason":"resigned"}),
+            )
+            .await;
+            send(
+                &mut w,
+                serde_json::json!({"event":"ok","id":resign["id"],"op":"resign"}),
+            )
+            .await;
+            let again = next().await;
+            assert_eq!(again["op"], "campaign", "sent after the resign was answered");
+            send(
+                &mut w,
+                serde_json::json!({"event":"ok","id":again["id"],"op":"campaign"}),
+            )
+            .await;
+            send(
+                &mut w,
+                serde_json::json!({"event":"elected","election":"e","namespace":"ns","lock":"lease","identity":"me","term":5}),
+            )
+            .await;
+            // Keep the connection open until the test is done.
+            let _ = lines.next_line().await;
+        });
+        let client = Client::connect(&path).await.unwrap();
+        let options = || {
+            CampaignOptions::new("e", "me")
+                .namespace("ns")
+                .lock(LockKind::Lease)
+        };
+        let first = client.campaign(options()).await.unwrap();
+        let mut first_state = first.state();
+        while !first_state.borrow_and_update().is_leader {
+            first_state.changed().await.unwrap();
+        }
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), first.resign()).await;
+        assert!(gave_up.is_err(), "the scripted broker answers late");
+        let mut second = client.campaign(options()).await.unwrap();
+        let mut events = second.events();
+        let e = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap();
+        assert!(matches!(e, Some(CampaignEvent::Elected { term: 5 })), "{e:?}");
+        assert!(second.is_leader());
+        drop((second, client));
+        broker.abort();
+        let _ = std::fs::remove_file(&path);
     }
 }
