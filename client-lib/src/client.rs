@@ -1008,7 +1008,7 @@ mod tests {
             let (stream, _) = listener.accept().await.unwrap();
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
-            let mut send = async |w: &mut tokio::net::unix::OwnedWriteHalf, v: serde_json::Value| {
+            let send = async |w: &mut tokio::net::unix::OwnedWriteHalf, v: serde_json::Value| {
                 w.write_all(format!("{v}\n").as_bytes()).await.unwrap();
             };
             send(&mut w, serde_json::json!({"event":"hello","protocol":1,"broker_version":"t","node":"n","default_namespace":"ns"})).await;
