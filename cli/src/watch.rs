@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use elector_client::protocol::{CampaignRequest, ElectionRef, Event, LockKind, Request};
+use elector_client::protocol::{CampaignRequest, ElectionRef, Event, LockKind, Op, Request};
 
-use crate::session::{Received, Session, SessionError, answers};
+use crate::session::{Received, Refusable, Session, SessionError, answers};
 use crate::signals::Signals;
 use crate::{CampaignArgs, ElectionArgs, LeaderArgs, ObserveArgs, exit};
 
@@ -41,10 +41,10 @@ fn describe_leader(received: &Received) -> Option<String> {
     })
 }
 
-fn refused(op: &'static str, event: Event) -> anyhow::Error {
+fn refused(op: Op, event: Event) -> anyhow::Error {
     match event {
         Event::Error(e) => SessionError::Refused {
-            op,
+            what: Refusable::Request(op),
             code: e.code,
             message: e.message,
         }
@@ -79,7 +79,7 @@ pub async fn observe(socket: &Path, args: ObserveArgs) -> anyhow::Result<u8> {
             Event::Leader(_) if args.json => println!("{}", received.line),
             Event::Leader(_) => println!("{}", describe_leader(&received).unwrap_or_default()),
             Event::Error(_) if answers(&received.event, id) => {
-                return Err(refused("observe", received.event));
+                return Err(refused(Op::Observe, received.event));
             }
             _ => {}
         }
@@ -99,7 +99,7 @@ pub async fn leader(socket: &Path, args: LeaderArgs) -> anyhow::Result<u8> {
             match &received.event {
                 Event::Leader(_) => return Ok(received),
                 Event::Error(_) if answers(&received.event, id) => {
-                    return Err(refused("observe", received.event));
+                    return Err(refused(Op::Observe, received.event));
                 }
                 _ => {}
             }
@@ -185,7 +185,7 @@ pub async fn campaign(socket: &Path, args: CampaignArgs) -> anyhow::Result<u8> {
         {
             return match received.event {
                 Event::Ok(_) => Ok(exit::OK),
-                other => Err(refused("resign", other)),
+                other => Err(refused(Op::Resign, other)),
             };
         }
         match event {
@@ -193,7 +193,7 @@ pub async fn campaign(socket: &Path, args: CampaignArgs) -> anyhow::Result<u8> {
                 eprintln!("elector: campaigning in {ns}/{} as {identity}", args.election);
             }
             Event::Error(_) if answers(event, id) => {
-                return Err(refused("campaign", received.event));
+                return Err(refused(Op::Campaign, received.event));
             }
             Event::Leader(_) | Event::Elected(_) | Event::Lost(_) if args.json => {
                 println!("{}", received.line);

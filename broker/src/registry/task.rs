@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    CandidateInfo, Command, CommandReceiver, ElectionInfo, Elections, Farewell, JoinError, LeaderNotice,
-    PartyEvent, PartySink, ShutdownMode,
+    CandidateInfo, Command, CommandReceiver, ElectionInfo, Elections, JoinError, LeaderNotice, PartyEvent,
+    PartySink, ShutdownMode,
 };
 use crate::election::machine::{Action, WritePurpose};
 use crate::election::{
@@ -351,13 +351,7 @@ impl ElectionTask {
             } => {
                 if let Some(p) = self.parties.get(&party) {
                     if p.candidate.is_some() {
-                        match farewell {
-                            Farewell::Abandon => self.machine.abandon_candidate(party),
-                            Farewell::Tell | Farewell::Silent => {
-                                self.machine
-                                    .remove_candidate(party, reason, farewell == Farewell::Tell)
-                            }
-                        }
+                        self.machine.remove_candidate(party, reason, farewell);
                         self.metrics().candidates.dec();
                     } else {
                         self.metrics().observers.dec();
