@@ -53,6 +53,22 @@ fn refused(op: Op, event: Event) -> anyhow::Error {
     }
 }
 
+/// Connects and asks to observe `election`: the session, the request's id and the election's
+/// namespace.
+async fn start_observing(
+    socket: &Path,
+    election: &str,
+    target: &ElectionArgs,
+) -> anyhow::Result<(Session, u64, String)> {
+    let mut session = Session::connect(socket).await?;
+    let ns = namespace(target, &session);
+    let id = session.next_id();
+    session
+        .send(&observe_request(id, election, &ns, target.lock.into()))
+        .await?;
+    Ok((session, id, ns))
+}
+
 fn observe_request(id: u64, election: &str, namespace: &str, lock: LockKind) -> Request {
     Request::Observe(ElectionRef {
         id: Some(id.into()),
@@ -64,12 +80,7 @@ fn observe_request(id: u64, election: &str, namespace: &str, lock: LockKind) -> 
 
 pub async fn observe(socket: &Path, args: ObserveArgs) -> anyhow::Result<u8> {
     let mut signals = Signals::install()?;
-    let mut session = Session::connect(socket).await?;
-    let ns = namespace(&args.target, &session);
-    let id = session.next_id();
-    session
-        .send(&observe_request(id, &args.election, &ns, args.target.lock.into()))
-        .await?;
+    let (mut session, id, _) = start_observing(socket, &args.election, &args.target).await?;
     loop {
         let received = tokio::select! {
             r = session.next() => r?,
@@ -87,12 +98,7 @@ pub async fn observe(socket: &Path, args: ObserveArgs) -> anyhow::Result<u8> {
 }
 
 pub async fn leader(socket: &Path, args: LeaderArgs) -> anyhow::Result<u8> {
-    let mut session = Session::connect(socket).await?;
-    let ns = namespace(&args.target, &session);
-    let id = session.next_id();
-    session
-        .send(&observe_request(id, &args.election, &ns, args.target.lock.into()))
-        .await?;
+    let (mut session, id, ns) = start_observing(socket, &args.election, &args.target).await?;
     let first = tokio::time::timeout(args.timeout, async {
         loop {
             let received = session.next().await?;

@@ -400,6 +400,19 @@ fn namespace_and_name<'a>(
     Ok((ns, name))
 }
 
+/// The object in a create or update body, placed in `ns` (which its own namespace, if it
+/// names one, must be).
+#[allow(clippy::result_large_err)]
+fn body_object(resource: &Resource, body: &Bytes, ns: &str) -> Result<Value, Response> {
+    let mut obj = parse_body(body)?;
+    if resource.namespaced
+        && let Some(r) = check_namespace(&mut obj, ns)
+    {
+        return Err(r);
+    }
+    Ok(obj)
+}
+
 fn is_admission_config(resource: &Resource) -> bool {
     std::ptr::eq(resource, &VALIDATING_ADMISSION_POLICIES)
         || std::ptr::eq(resource, &VALIDATING_ADMISSION_POLICY_BINDINGS)
@@ -550,15 +563,10 @@ async fn objects(
                 Ok(ns) => ns,
                 Err(r) => return r,
             };
-            let mut obj = match parse_body(&body) {
+            let mut obj = match body_object(resource, &body, ns) {
                 Ok(o) => o,
                 Err(r) => return r,
             };
-            if resource.namespaced
-                && let Some(r) = check_namespace(&mut obj, ns)
-            {
-                return r;
-            }
             let obj_name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
             let mut errors = resources::validate(resource, &obj, false);
             errors.extend(validate_kind(resource, &obj));
@@ -592,15 +600,10 @@ async fn objects(
                 Ok(found) => found,
                 Err(r) => return r,
             };
-            let mut obj = match parse_body(&body) {
+            let obj = match body_object(resource, &body, ns) {
                 Ok(o) => o,
                 Err(r) => return r,
             };
-            if resource.namespaced
-                && let Some(r) = check_namespace(&mut obj, ns)
-            {
-                return r;
-            }
             let body_name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
             if body_name != name {
                 return status_response(&resources::bad_request(format!(
