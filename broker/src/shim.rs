@@ -26,6 +26,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use elector_client::backoff::RetryDelays;
 use elector_client::protocol::{ErrorCode, LockKind, Timing};
 use elector_client::{CampaignOptions, Client, LeadershipState};
 use tokio::sync::watch;
@@ -229,7 +230,7 @@ pub async fn campaign_loop(
             return Err(ShimError::Config(e));
         }
     };
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = RetryDelays::starting_at(Duration::from_millis(100));
     loop {
         let attempt = async {
             let client = Client::connect(&config.socket).await?;
@@ -243,9 +244,9 @@ pub async fn campaign_loop(
                 .await?;
             Ok::<_, elector_client::Error>((client, campaign))
         };
-        match attempt.await {
+        let delay = match attempt.await {
             Ok((_client, campaign)) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 tracing::info!(election = %config.election, id = %config.id, "campaigning through the broker");
                 let mut state = campaign.state();
                 loop {
@@ -259,6 +260,7 @@ pub async fn campaign_loop(
                         changed = state.changed() => if changed.is_err() { break },
                     }
                 }
+                backoff.next_delay()
             }
             Err(elector_client::Error::Broker { code, message }) if is_permanent(code) => {
                 let e = ShimError::Refused {
@@ -276,19 +278,20 @@ pub async fn campaign_loop(
                 return Err(e);
             }
             Err(e) => {
-                tracing::warn!("cannot campaign yet: {e}; retrying in {backoff:?}");
+                let delay = backoff.next_delay();
+                tracing::warn!("cannot campaign yet: {e}; retrying in {delay:?}");
                 view.send_replace(ShimView {
                     name: String::new(),
                     healthy: false,
                     problem: Some(e.to_string()),
                 });
+                delay
             }
-        }
+        };
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use elector_client::codec::{Frame, LineCodec};
-use elector_client::protocol::{self, ErrorCode, Event, Hello, MAX_LINE_BYTES, Request};
+use elector_client::protocol::{self, ErrorCode, Event, Hello, MAX_LINE_BYTES, Op, Request};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -37,15 +37,31 @@ pub enum SessionError {
         path: PathBuf,
         last_error: Option<String>,
     },
-    /// The broker answered a request with an error.
-    #[error("the broker refused the {op}: {code}: {message}")]
+    /// The broker answered a request (or the connection itself) with an error.
+    #[error("the broker refused the {what}: {code}: {message}")]
     Refused {
-        op: &'static str,
+        what: Refusable,
         code: ErrorCode,
         message: String,
     },
     #[error("the broker sent something this elector does not understand: {0}")]
     Protocol(String),
+}
+
+/// What the broker refused: the connection (before greeting it) or a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusable {
+    Connection,
+    Request(Op),
+}
+
+impl std::fmt::Display for Refusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusable::Connection => f.write_str("connection"),
+            Refusable::Request(op) => op.fmt(f),
+        }
+    }
 }
 
 fn because(last_error: &Option<String>) -> String {
@@ -143,7 +159,7 @@ impl Session {
             }),
             // E.g. `unattested` or `too_many_connections`: the broker says why and closes.
             Ok(Event::Error(e)) => Err(SessionError::Refused {
-                op: "connection",
+                what: Refusable::Connection,
                 code: e.code,
                 message: e.message,
             }),

@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use elector_client::protocol::{CampaignRequest, ElectionRef, Event, LockKind, Request};
+use elector_client::protocol::{CampaignRequest, ElectionRef, Event, LockKind, Op, Request};
 
-use crate::session::{Received, Session, SessionError, answers};
+use crate::session::{Received, Refusable, Session, SessionError, answers};
 use crate::signals::Signals;
 use crate::{CampaignArgs, ElectionArgs, LeaderArgs, ObserveArgs, exit};
 
@@ -41,16 +41,32 @@ fn describe_leader(received: &Received) -> Option<String> {
     })
 }
 
-fn refused(op: &'static str, event: Event) -> anyhow::Error {
+fn refused(op: Op, event: Event) -> anyhow::Error {
     match event {
         Event::Error(e) => SessionError::Refused {
-            op,
+            what: Refusable::Request(op),
             code: e.code,
             message: e.message,
         }
         .into(),
         other => SessionError::Protocol(format!("unexpected reply to {op}: {other:?}")).into(),
     }
+}
+
+/// Connects and asks to observe `election`: the session, the request's id and the election's
+/// namespace.
+async fn start_observing(
+    socket: &Path,
+    election: &str,
+    target: &ElectionArgs,
+) -> anyhow::Result<(Session, u64, String)> {
+    let mut session = Session::connect(socket).await?;
+    let ns = namespace(target, &session);
+    let id = session.next_id();
+    session
+        .send(&observe_request(id, election, &ns, target.lock.into()))
+        .await?;
+    Ok((session, id, ns))
 }
 
 fn observe_request(id: u64, election: &str, namespace: &str, lock: LockKind) -> Request {
@@ -64,12 +80,7 @@ fn observe_request(id: u64, election: &str, namespace: &str, lock: LockKind) -> 
 
 pub async fn observe(socket: &Path, args: ObserveArgs) -> anyhow::Result<u8> {
     let mut signals = Signals::install()?;
-    let mut session = Session::connect(socket).await?;
-    let ns = namespace(&args.target, &session);
-    let id = session.next_id();
-    session
-        .send(&observe_request(id, &args.election, &ns, args.target.lock.into()))
-        .await?;
+    let (mut session, id, _) = start_observing(socket, &args.election, &args.target).await?;
     loop {
         let received = tokio::select! {
             r = session.next() => r?,
@@ -79,7 +90,7 @@ pub async fn observe(socket: &Path, args: ObserveArgs) -> anyhow::Result<u8> {
             Event::Leader(_) if args.json => println!("{}", received.line),
             Event::Leader(_) => println!("{}", describe_leader(&received).unwrap_or_default()),
             Event::Error(_) if answers(&received.event, id) => {
-                return Err(refused("observe", received.event));
+                return Err(refused(Op::Observe, received.event));
             }
             _ => {}
         }
@@ -87,19 +98,14 @@ pub async fn observe(socket: &Path, args: ObserveArgs) -> anyhow::Result<u8> {
 }
 
 pub async fn leader(socket: &Path, args: LeaderArgs) -> anyhow::Result<u8> {
-    let mut session = Session::connect(socket).await?;
-    let ns = namespace(&args.target, &session);
-    let id = session.next_id();
-    session
-        .send(&observe_request(id, &args.election, &ns, args.target.lock.into()))
-        .await?;
+    let (mut session, id, ns) = start_observing(socket, &args.election, &args.target).await?;
     let first = tokio::time::timeout(args.timeout, async {
         loop {
             let received = session.next().await?;
             match &received.event {
                 Event::Leader(_) => return Ok(received),
                 Event::Error(_) if answers(&received.event, id) => {
-                    return Err(refused("observe", received.event));
+                    return Err(refused(Op::Observe, received.event));
                 }
                 _ => {}
             }
@@ -185,7 +191,7 @@ pub async fn campaign(socket: &Path, args: CampaignArgs) -> anyhow::Result<u8> {
         {
             return match received.event {
                 Event::Ok(_) => Ok(exit::OK),
-                other => Err(refused("resign", other)),
+                other => Err(refused(Op::Resign, other)),
             };
         }
         match event {
@@ -193,7 +199,7 @@ pub async fn campaign(socket: &Path, args: CampaignArgs) -> anyhow::Result<u8> {
                 eprintln!("elector: campaigning in {ns}/{} as {identity}", args.election);
             }
             Event::Error(_) if answers(event, id) => {
-                return Err(refused("campaign", received.event));
+                return Err(refused(Op::Campaign, received.event));
             }
             Event::Leader(_) | Event::Elected(_) | Event::Lost(_) if args.json => {
                 println!("{}", received.line);

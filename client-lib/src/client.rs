@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::RetryDelays;
 use crate::codec::{Frame, LineCodec};
 use crate::protocol::{
     self, CampaignRequest, ElectionRef, ErrorCode, Event, Hello, LockKind, LostReason, MAX_LINE_BYTES,
@@ -589,7 +590,7 @@ async fn manage(
 ) {
     let mut regs: HashMap<Key, Registration> = HashMap::new();
     let mut next_id: u64 = 1;
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = RetryDelays::starting_at(Duration::from_millis(50));
     let mut shared_clock = hello.borrow().as_ref().is_some_and(shares_clock);
     // Resumes sent to a new broker, by request id: one it refuses is sent as a campaign.
     let mut resumes: HashMap<u64, Key> = HashMap::new();
@@ -693,8 +694,7 @@ async fn manage(
                     continue;
                 }
             }
-            wait = backoff;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            wait = backoff.next_delay();
             // A broker that accepts but is slow to greet must not hold up the end of a
             // jeopardy: `lost` comes at `valid_until`, never later.
             let dialing = dial(&path);
@@ -714,7 +714,7 @@ async fn manage(
                 writer = w;
                 shared_clock = shares_clock(&h);
                 hello.send_replace(Some(h));
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 break;
             }
         }

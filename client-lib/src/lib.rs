@@ -26,6 +26,7 @@
 //! The wire format is in [`protocol`] (shared with the broker) and documented for other
 //! languages in `PROTOCOL.md`.
 
+pub mod backoff;
 mod client;
 pub mod clock;
 pub mod codec;

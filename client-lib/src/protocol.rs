@@ -49,10 +49,7 @@ pub enum LockKind {
 impl LockKind {
     /// The name used on the wire and in logs.
     pub fn as_str(self) -> &'static str {
-        match self {
-            LockKind::Lease => "lease",
-            LockKind::Endpoints => "endpoints",
-        }
+        wire_name(&self)
     }
 }
 
@@ -150,16 +147,16 @@ pub enum Request {
 }
 
 impl Request {
-    /// The request's `op` as on the wire.
-    pub fn op(&self) -> &'static str {
+    /// The request's `op`.
+    pub fn op(&self) -> Op {
         match self {
-            Request::Campaign(_) => "campaign",
-            Request::Resume(_) => "resume",
-            Request::Resign(_) => "resign",
-            Request::Observe(_) => "observe",
-            Request::Unobserve(_) => "unobserve",
-            Request::Status(_) => "status",
-            Request::Ping(_) => "ping",
+            Request::Campaign(_) => Op::Campaign,
+            Request::Resume(_) => Op::Resume,
+            Request::Resign(_) => Op::Resign,
+            Request::Observe(_) => Op::Observe,
+            Request::Unobserve(_) => Op::Unobserve,
+            Request::Status(_) => Op::Status,
+            Request::Ping(_) => Op::Ping,
         }
     }
 
@@ -173,16 +170,59 @@ impl Request {
     }
 }
 
-/// Every `op` the broker knows.
-pub const KNOWN_OPS: &[&str] = &[
-    "campaign",
-    "resume",
-    "resign",
-    "observe",
-    "unobserve",
-    "status",
-    "ping",
-];
+/// A request's `op`, named as on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Campaign,
+    Resume,
+    Resign,
+    Observe,
+    Unobserve,
+    Status,
+    Ping,
+}
+
+impl Op {
+    /// Every `op` the broker knows.
+    pub const ALL: [Op; 7] = [
+        Op::Campaign,
+        Op::Resume,
+        Op::Resign,
+        Op::Observe,
+        Op::Unobserve,
+        Op::Status,
+        Op::Ping,
+    ];
+
+    /// The name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        wire_name(&self)
+    }
+
+    /// The op named `name` on the wire.
+    pub fn from_wire(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.as_str() == name)
+    }
+
+    /// `campaign, resume, ...`, for messages.
+    fn known() -> String {
+        Op::ALL.map(Op::as_str).join(", ")
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The name serde gives a unit variant on the wire (its `rename_all`), so that no table of
+/// names can drift from the wire format.
+fn wire_name<T: Serialize>(variant: &T) -> &'static str {
+    // Every enum passed here has only unit variants, which always have a name.
+    serde_variant::to_variant_name(variant).unwrap_or("unknown")
+}
 
 /// Why a candidate stopped leading (or never will).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -204,15 +244,9 @@ pub enum LostReason {
 }
 
 impl LostReason {
+    /// The name used on the wire.
     pub fn as_str(self) -> &'static str {
-        match self {
-            LostReason::Resigned => "resigned",
-            LostReason::RenewFailed => "renew_failed",
-            LostReason::Preempted => "preempted",
-            LostReason::BrokerShutdown => "broker_shutdown",
-            LostReason::BrokerUnavailable => "broker_unavailable",
-            LostReason::Disconnected => "disconnected",
-        }
+        wire_name(&self)
     }
 }
 
@@ -267,34 +301,9 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code as on the wire (also the `reason` label of the rejection metrics).
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::LineTooLong => "line_too_long",
-            ErrorCode::InvalidUtf8 => "invalid_utf8",
-            ErrorCode::InvalidJson => "invalid_json",
-            ErrorCode::InvalidRequest => "invalid_request",
-            ErrorCode::UnknownOp => "unknown_op",
-            ErrorCode::InvalidElection => "invalid_election",
-            ErrorCode::InvalidNamespace => "invalid_namespace",
-            ErrorCode::InvalidIdentity => "invalid_identity",
-            ErrorCode::InvalidTiming => "invalid_timing",
-            ErrorCode::AlreadyCampaigning => "already_campaigning",
-            ErrorCode::NotCampaigning => "not_campaigning",
-            ErrorCode::NotObserving => "not_observing",
-            ErrorCode::IdentityInUse => "identity_in_use",
-            ErrorCode::TooManyCampaigns => "too_many_campaigns",
-            ErrorCode::TooManyConnections => "too_many_connections",
-            ErrorCode::ForbiddenNamespace => "forbidden_namespace",
-            ErrorCode::ForbiddenIdentity => "forbidden_identity",
-            ErrorCode::Unattested => "unattested",
-            ErrorCode::Timeout => "timeout",
-            ErrorCode::TooManyErrors => "too_many_errors",
-            ErrorCode::SlowConsumer => "slow_consumer",
-            ErrorCode::ApiForbidden => "api_forbidden",
-            ErrorCode::NotALock => "not_a_lock",
-            ErrorCode::ShuttingDown => "shutting_down",
-            ErrorCode::Internal => "internal",
-        }
+        wire_name(&self)
     }
 }
 
@@ -549,15 +558,15 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
             return Err(RequestError::new(
                 id,
                 ErrorCode::InvalidRequest,
-                format!("missing field `op` (one of: {})", KNOWN_OPS.join(", ")),
+                format!("missing field `op` (one of: {})", Op::known()),
             ));
         }
-        Some(Value::String(op)) if !KNOWN_OPS.contains(&op.as_str()) => {
+        Some(Value::String(op)) if Op::from_wire(op).is_none() => {
             let shown: String = op.chars().take(64).collect();
             return Err(RequestError::new(
                 id,
                 ErrorCode::UnknownOp,
-                format!("unknown op {shown:?} (known: {})", KNOWN_OPS.join(", ")),
+                format!("unknown op {shown:?} (known: {})", Op::known()),
             ));
         }
         Some(Value::String(_)) => {}
@@ -608,14 +617,26 @@ mod tests {
     #[test]
     fn parses_every_op() {
         for (line, op) in [
-            (r#"{"op":"campaign","election":"a","identity":"p"}"#, "campaign"),
-            (r#"{"op":"resign","election":"a"}"#, "resign"),
-            (r#"{"op":"observe","election":"a","lock":"endpoints"}"#, "observe"),
-            (r#"{"op":"unobserve","election":"a"}"#, "unobserve"),
-            (r#"{"op":"status"}"#, "status"),
-            (r#"{"op":"ping","id":"x"}"#, "ping"),
+            (r#"{"op":"campaign","election":"a","identity":"p"}"#, Op::Campaign),
+            (r#"{"op":"resume","election":"a","term":3}"#, Op::Resume),
+            (r#"{"op":"resign","election":"a"}"#, Op::Resign),
+            (
+                r#"{"op":"observe","election":"a","lock":"endpoints"}"#,
+                Op::Observe,
+            ),
+            (r#"{"op":"unobserve","election":"a"}"#, Op::Unobserve),
+            (r#"{"op":"status"}"#, Op::Status),
+            (r#"{"op":"ping","id":"x"}"#, Op::Ping),
         ] {
-            assert_eq!(parse_request(line.as_bytes()).unwrap().op(), op);
+            let request = parse_request(line.as_bytes()).unwrap();
+            assert_eq!(request.op(), op);
+            let tag = serde_json::to_value(&request).unwrap()["op"].clone();
+            assert_eq!(
+                tag,
+                Value::from(op.as_str()),
+                "Op names agree with Request's tags"
+            );
+            assert_eq!(Op::from_wire(op.as_str()), Some(op));
         }
     }
 
@@ -669,9 +690,13 @@ mod tests {
             ErrorCode::LineTooLong,
             ErrorCode::SlowConsumer,
             ErrorCode::ForbiddenNamespace,
+            ErrorCode::NotALock,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), Value::from(code.as_str()));
         }
+        assert_eq!(ErrorCode::NotALock.as_str(), "not_a_lock");
+        assert_eq!(LostReason::BrokerShutdown.to_string(), "broker_shutdown");
+        assert_eq!(LockKind::Endpoints.to_string(), "endpoints");
     }
 
     #[test]

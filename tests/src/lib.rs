@@ -9,10 +9,14 @@ pub mod sim;
 
 pub use raw::RawClient;
 
-/// The path of a binary of this workspace (`electord`, `elector-shim`, an example...), as
-/// `cargo nextest run --workspace` builds them next to the test executables. When a test runs
-/// without them (e.g. `-p elector-tests` alone), the binary is built first, in the same profile
-/// (the bench, run with `--release`, measures release binaries).
+/// The path of a binary of this workspace (`electord`, `elector-shim`, `elector`,
+/// `leader-worker`...), as `cargo nextest run --workspace` builds them next to the test
+/// executables: each package that has binaries has an integration test of its own, which is
+/// what makes Cargo build them, in the same build as everything else.
+///
+/// When a test runs without them (e.g. `-p elector-tests` alone), the binary is built first,
+/// in the same profile (the bench, run with `--release`, measures release binaries), by a
+/// cargo that does not inherit the variables cargo set for this test.
 pub fn workspace_bin(package: &str, name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> (a test) or target/<profile>/<bin> (the bench)
@@ -30,7 +34,16 @@ pub fn workspace_bin(package: &str, name: &str) -> std::path::PathBuf {
     let bin = dir.join(name);
     if !bin.exists() {
         let release = dir.file_name().is_some_and(|p| p == "release");
-        let status = std::process::Command::new(env!("CARGO"))
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        for (var, _) in std::env::vars_os() {
+            let set_for_this_test = var
+                .to_str()
+                .is_some_and(|v| v.starts_with("CARGO_") && v != "CARGO_HOME" && v != "CARGO_TARGET_DIR");
+            if set_for_this_test {
+                cargo.env_remove(var);
+            }
+        }
+        let status = cargo
             .args(["build", "-q", "-p", package, "--bin", name])
             .args(release.then_some("--release"))
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))

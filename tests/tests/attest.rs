@@ -6,13 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use elector_tests::RawClient;
 use elector_tests::harness::{Backend, TestBroker, fast_timing};
 use elector_tests::kube_api::TestApiServer;
 use elector_tests::kube_api::resources::PODS;
 use elector_tests::kube_api::store::ObjectKey;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 const CID: &str = "4b5e0e7f0d8f1c2b3a4e5d6c7b8a9f0e1d2c3b4a5f6e7d8c9b0a1f2e3d4c5b6a";
 const OTHER_CID: &str = "9999999999999999999999999999999999999999999999999999999999999999";
@@ -94,44 +93,9 @@ fn set_container_ids(server: &TestApiServer, ns: &str, name: &str, ids: &[&str])
         .unwrap();
 }
 
-struct Conn {
-    r: BufReader<tokio::net::unix::OwnedReadHalf>,
-    w: tokio::net::unix::OwnedWriteHalf,
-}
-
-impl Conn {
-    async fn open(path: &Path) -> (Conn, Value) {
-        let (r, w) = UnixStream::connect(path).await.unwrap().into_split();
-        let mut c = Conn {
-            r: BufReader::new(r),
-            w,
-        };
-        let first = c.next().await.expect("a first line");
-        (c, first)
-    }
-    async fn next(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        let n = tokio::time::timeout(Duration::from_secs(10), self.r.read_line(&mut line))
-            .await
-            .unwrap()
-            .ok()?;
-        (n > 0).then(|| serde_json::from_str(&line).unwrap())
-    }
-    async fn ask(&mut self, req: Value) -> Value {
-        let mut line = serde_json::to_vec(&req).unwrap();
-        line.push(b'\n');
-        self.w.write_all(&line).await.unwrap();
-        loop {
-            let e = self.next().await.expect("reply");
-            if e["event"] == "ok" || e["event"] == "error" {
-                return e;
-            }
-        }
-    }
-}
-
 async fn rejected_because(path: &Path, expect: &str) {
-    let (mut c, first) = Conn::open(path).await;
+    let mut c = RawClient::connect(path).await.unwrap();
+    let first = &c.hello;
     assert_eq!(first["event"], "error", "{first}");
     assert_eq!(first["code"], "unattested");
     let msg = first["message"].as_str().unwrap();
@@ -170,7 +134,8 @@ async fn callers_are_attested_through_the_real_socket() {
     ];
     for layout in &layouts {
         proc.set_cgroup(layout);
-        let (mut c, hello) = Conn::open(&broker.socket).await;
+        let mut c = RawClient::connect(&broker.socket).await.unwrap();
+        let hello = c.hello.clone();
         assert_eq!(hello["event"], "hello", "{layout}: {hello}");
         assert_eq!(hello["caller"], json!({"namespace": "team-a", "pod": "app-0"}));
         assert_eq!(hello["default_namespace"], "team-a");
@@ -223,7 +188,7 @@ async fn callers_are_attested_through_the_real_socket() {
     proc.set_cgroup(&format!("0::/../cri-containerd-{late_cid}.scope\n"));
     let connecting = tokio::spawn({
         let path = broker.socket.clone();
-        async move { Conn::open(&path).await.1 }
+        async move { RawClient::connect(&path).await.unwrap().hello }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     create_pod(&server, "team-c", "fresh", "node-a", &[&late_cid]).await;
@@ -239,7 +204,7 @@ async fn callers_are_attested_through_the_real_socket() {
     proc.set_cgroup(&format!("0::/../cri-containerd-{later_cid}.scope\n"));
     let connecting = tokio::spawn({
         let path = broker.socket.clone();
-        async move { Conn::open(&path).await.1 }
+        async move { RawClient::connect(&path).await.unwrap().hello }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     proc.set_start_time(9999);

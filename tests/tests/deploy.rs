@@ -326,17 +326,9 @@ async fn rbac_is_exactly_what_the_broker_uses() {
         b.shutdown();
     }
 
-    let log = server.requests();
-    let mine: Vec<_> = log
-        .iter()
-        .filter(|r| users.iter().any(|u| u.name == r.user))
-        .collect();
+    let mine = server.requests_by(&users);
     // Neither RBAC nor the admission policy refused anything.
-    let forbidden: Vec<_> = mine
-        .iter()
-        .filter(|r| r.status == 403)
-        .map(|r| format!("{} {}", r.verb, r.path))
-        .collect();
+    let forbidden = server.forbidden_requests_of(&users);
     assert!(forbidden.is_empty(), "forbidden: {forbidden:?}");
     assert!(
         mine.iter().any(|r| r.is_write() && r.status < 300),

@@ -12,7 +12,8 @@
 //! (so "who leads?" cannot print a stale `null` first); one still running once its lines
 //! appeared (a campaign holding its connection) keeps running while the next commands run.
 //! `kill %N` stops job N. Substituted: the socket paths (`/var/run/elector/elector.sock`,
-//! `/tmp/elector.sock`) by a fresh one, and `hostname` prints `web-0`. A block that starts no
+//! `/tmp/elector.sock`) by a fresh one, `cargo run -p P --bin B --` by the binary B that the
+//! workspace's test build built, and `hostname` prints `web-0`. A block that starts no
 //! `electord` gets a standalone one, as on a node.
 
 use std::path::{Path, PathBuf};
@@ -33,23 +34,32 @@ fn repo() -> PathBuf {
         .expect("repository root")
 }
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"))
-}
-
-/// Builds the binaries the docs run, package by package as the docs' `cargo run -p` does (so
-/// that those only check the binaries are fresh).
-fn build_binaries() {
-    for package in ["elector-broker", "elector-examples"] {
-        let status = without_test_env(&mut std::process::Command::new(env!("CARGO")))
-            .args(["build", "-q", "-p", package, "--bins"])
-            .current_dir(repo())
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building {package} failed");
+/// `cargo run -p <package> --bin <name> [--]` in a doc command becomes the binary that
+/// `cargo nextest run --workspace` built (`elector_tests::workspace_bin`): what `cargo run`
+/// would build and start, without a second build of the workspace in the middle of the tests
+/// (with other features, replacing the binaries other tests run).
+fn use_built_binaries(command: &str) -> String {
+    let mut out = String::new();
+    let mut rest = command;
+    while let Some(at) = rest.find("cargo run -p ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "cargo run -p ".len()..];
+        let mut words = after.splitn(4, ' ');
+        let (Some(package), Some("--bin"), Some(name)) = (words.next(), words.next(), words.next()) else {
+            panic!("a doc's cargo run names no --bin: {command}");
+        };
+        out.push_str(&elector_tests::workspace_bin(package, name).display().to_string());
+        rest = words.next().unwrap_or("");
+        rest = rest
+            .strip_prefix("-- ")
+            .or(rest.strip_prefix("--"))
+            .unwrap_or(rest);
+        if !rest.is_empty() {
+            out.push(' ');
+        }
     }
+    out.push_str(rest);
+    out
 }
 
 /// Takes out the variables cargo sets for this test (some build scripts watch them, so a
@@ -240,7 +250,7 @@ impl Block {
 
     fn substitute(&self, command: &str) -> String {
         let socket = self.socket.to_str().unwrap();
-        command
+        use_built_binaries(command)
             .replace("/var/run/elector/elector.sock", socket)
             .replace("/tmp/elector.sock", socket)
     }
@@ -321,8 +331,8 @@ impl Block {
     }
 
     async fn wait_for_socket(&mut self, step: &Step) {
-        // Generous: a `cargo run` in the doc may have to check or link a binary first.
-        let deadline = Instant::now() + Duration::from_secs(180);
+        // Generous: the CI machine is a loaded 2-core VM.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !self.socket.exists() {
             assert!(
                 Instant::now() < deadline,
@@ -411,7 +421,7 @@ impl Block {
 
     async fn run(mut self, steps: Vec<Step>) {
         if !steps.iter().any(|s| s.command.contains("electord")) {
-            let broker = target_dir().join("debug/electord");
+            let broker = elector_tests::workspace_bin("elector-broker", "electord");
             let command = format!(
                 "exec {} --standalone --socket {} --http-addr ''",
                 broker.display(),
@@ -439,13 +449,25 @@ impl Block {
 }
 
 async fn run_doc(relative: &str) {
-    build_binaries();
     let doc = repo().join(relative);
     let blocks = sh_blocks(&doc);
     assert!(!blocks.is_empty(), "{relative} has no sh block");
     for steps in blocks {
         Block::new(&doc).run(steps).await;
     }
+}
+
+#[test]
+fn a_docs_cargo_run_starts_the_built_binary() {
+    let electord = elector_tests::workspace_bin("elector-broker", "electord");
+    let worker = elector_tests::workspace_bin("elector-examples", "leader-worker");
+    assert_eq!(
+        use_built_binaries(
+            "cargo run -p elector-broker --bin electord -- --standalone & cargo run -p elector-examples --bin leader-worker --"
+        ),
+        format!("{} --standalone & {}", electord.display(), worker.display())
+    );
+    assert_eq!(use_built_binaries("nc -U x.sock"), "nc -U x.sock");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,17 +120,8 @@ async fn netcat_example() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_example() {
-    // The example binary of the workspace (built here if this package is tested alone).
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "elector-examples", "--bin", "leader-worker"])
-        .current_dir(repo())
-        .status()
-        .expect("cargo build");
-    assert!(status.success());
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    let bin = target.join("debug/leader-worker");
+    // As `cargo nextest run --workspace` built it (examples/tests/binaries.rs is why).
+    let bin = elector_tests::workspace_bin("elector-examples", "leader-worker");
     two_instances(
         |id| {
             let mut c = Command::new(&bin);

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use elector_client::protocol::{LockKind, Timing};
-use elector_client::{CampaignOptions, Client};
+use elector_client::{Campaign, CampaignOptions, Client};
 use elector_tests::RawClient;
 use elector_tests::harness::{TestBroker, TestShim, fast_timing};
 use elector_tests::kube_api::TestApiServer;
@@ -33,6 +33,14 @@ async fn through_first_leader(c: &mut RawClient) -> Vec<Value> {
     }
 }
 
+/// Waits (at most 15 s) until `campaign` leads.
+async fn elected_within_15s(campaign: &Campaign) {
+    tokio::time::timeout(Duration::from_secs(15), campaign.elected())
+        .await
+        .expect("elected within 15 s")
+        .expect("connected");
+}
+
 async fn first_event_names_the_holder(lock: LockKind) {
     let server = TestApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -49,11 +57,7 @@ async fn first_event_names_the_holder(lock: LockKind) {
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !campaign.is_leader() {
-        assert!(Instant::now() < deadline, "pod-b is never elected");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    elected_within_15s(&campaign).await;
     let term = campaign.state().borrow().term;
 
     // A fresh observer on o1 (which has never seen this election): `ok`, then the holder.
@@ -151,11 +155,7 @@ async fn the_shim_never_serves_a_wrong_name() {
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !campaign.is_leader() {
-        assert!(Instant::now() < deadline, "pod-b is never elected");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    elected_within_15s(&campaign).await;
     // The 2016 sidecar's standby on o1: from its first answer on, never a name other than the
     // holder's ("" while it does not know yet).
     let shim = TestShim::start(

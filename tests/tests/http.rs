@@ -1,11 +1,13 @@
 //! The broker's HTTP endpoints: /healthz, /readyz, /metrics through a failover, /elections.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use elector_broker::daemon::Readiness;
+use elector_broker::election::ElectionTiming;
 use elector_client::protocol::LockKind;
 use elector_client::{CampaignOptions, Client};
+use elector_tests::RawClient;
 use elector_tests::harness::{TestBroker, fast_timing};
 use elector_tests::http_get;
 use elector_tests::kube_api::TestApiServer;
@@ -96,22 +98,79 @@ async fn endpoints_and_metrics_through_a_failover() {
     assert!(metric(&after, "elector_events_sent_total") > metric(&before, "elector_events_sent_total"));
 
     // Bad requests are counted by code.
-    let mut raw = tokio::net::UnixStream::connect(&b.socket).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut raw, b"{\"op\":\"nope\"}\n")
-        .await
-        .unwrap();
+    let mut raw = RawClient::open(&b.socket).await;
+    raw.send_raw(b"{\"op\":\"nope\"}\n").await;
     // The error reply comes after the metric is counted.
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(&mut raw));
-    let hello = lines.next_line().await.unwrap().unwrap();
-    assert!(hello.contains("hello"), "{hello}");
-    let reply = lines.next_line().await.unwrap().unwrap();
-    assert!(reply.contains("unknown_op"), "{reply}");
+    assert_eq!(raw.error_code().await, "unknown_op");
     let (_, m) = http_get(hb, "/metrics").await.unwrap();
     assert_eq!(
         metric(&m, "elector_rejected_requests_total{code=\"unknown_op\"}"),
         1.0,
         "{m}"
     );
+}
+
+/// `last_renew` in /elections: when the last renewal that succeeded was sent, not the last one
+/// sent. While the API hangs, renewals are sent and get no answer: it stays before the hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_renew_is_the_last_successful_renewal() {
+    async fn last_renew(http: std::net::SocketAddr) -> Option<SystemTime> {
+        let (_, body) = http_get(http, "/elections").await.unwrap();
+        let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let at = info[0]["last_renew"].as_str()?;
+        Some(chrono::DateTime::parse_from_rfc3339(at).unwrap().into())
+    }
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A renewal every 0.5 s; a hang of 2 s is far from the 8 s renew deadline.
+    let timing = ElectionTiming::new(
+        Duration::from_secs(10),
+        Duration::from_secs(8),
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let (a, _) = TestBroker::on_server(&server, "node-a", dir.path(), timing);
+    let http = a.http_addr.unwrap();
+    let client = Client::connect(&a.socket).await.unwrap();
+    let leader = client
+        .campaign(CampaignOptions::new("job", "pod-a"))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), leader.elected())
+        .await
+        .unwrap()
+        .unwrap();
+    // Renewed (the acquisition counts too).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while last_renew(http).await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no last_renew while leading"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let hang_from = SystemTime::now();
+    server.pause(true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = last_renew(http).await.expect("still leading");
+    server.pause(false);
+    assert!(leader.is_leader());
+    assert!(
+        during <= hang_from,
+        "last_renew {during:?} moved during the hang (from {hang_from:?}): it was stamped when sent"
+    );
+
+    // Renewals succeed again: it moves on.
+    let resumed = SystemTime::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while last_renew(http).await.is_none_or(|t| t < resumed) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "last_renew never moved after the hang"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[test]

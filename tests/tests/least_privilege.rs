@@ -440,16 +440,8 @@ async fn the_broker_elects_renews_releases_and_interoperates_through_the_policy(
         b.shutdown();
     }
 
-    let log = server.requests();
-    let mine: Vec<_> = log
-        .iter()
-        .filter(|r| users.iter().any(|u| u.name == r.user))
-        .collect();
-    let refused: Vec<String> = mine
-        .iter()
-        .filter(|r| r.status == 403)
-        .map(|r| format!("{} {}", r.verb, r.path))
-        .collect();
+    let mine = server.requests_by(&users);
+    let refused = server.forbidden_requests_of(&users);
     assert!(refused.is_empty(), "refused: {refused:?}");
     let writes = mine.iter().filter(|r| r.is_write() && r.status < 300).count();
     assert!(writes >= 10, "{writes} writes admitted");

@@ -5,69 +5,9 @@ use std::time::Duration;
 
 use elector_broker::daemon::{Daemon, DaemonConfig};
 use elector_broker::socket::Limits;
+use elector_tests::RawClient;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-
-struct Conn {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
-}
-
-impl Conn {
-    async fn open(path: &std::path::Path) -> Conn {
-        let s = UnixStream::connect(path).await.expect("connect");
-        let (r, w) = s.into_split();
-        let mut c = Conn {
-            r: BufReader::new(r),
-            w,
-        };
-        let hello = c.next().await.expect("greeting");
-        assert_eq!(hello["event"], "hello");
-        assert_eq!(hello["protocol"], 1);
-        c
-    }
-    async fn send_raw(&mut self, bytes: &[u8]) {
-        self.w.write_all(bytes).await.unwrap();
-    }
-    async fn send(&mut self, v: Value) {
-        let mut line = serde_json::to_vec(&v).unwrap();
-        line.push(b'\n');
-        self.send_raw(&line).await;
-    }
-    /// The next event, or `None` at EOF (waits at most 10 s).
-    async fn next(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        let n = tokio::time::timeout(Duration::from_secs(10), self.r.read_line(&mut line))
-            .await
-            .expect("an event within 10 s")
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        Some(serde_json::from_str(&line).expect("every event is JSON"))
-    }
-    /// Skips events until one of type `event`.
-    async fn until(&mut self, event: &str) -> Value {
-        loop {
-            let e = self
-                .next()
-                .await
-                .unwrap_or_else(|| panic!("EOF waiting for {event}"));
-            if e["event"] == event {
-                return e;
-            }
-        }
-    }
-    async fn error_code(&mut self) -> String {
-        self.until("error").await["code"].as_str().unwrap().to_string()
-    }
-    async fn ping_ok(&mut self) {
-        self.send(json!({"op":"ping","id":"p"})).await;
-        assert_eq!(self.until("pong").await["id"], "p");
-    }
-}
+use tokio::io::AsyncWriteExt;
 
 async fn broker(limits: Limits) -> (Daemon, tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -85,11 +25,11 @@ async fn broker(limits: Limits) -> (Daemon, tempfile::TempDir, std::path::PathBu
 async fn is_me_is_per_connection() {
     let (d, _dir, path) = broker(Limits::default()).await;
     // `me`'s events stay unread until the end, so every one of them is checked.
-    let mut me = Conn::open(&path).await;
+    let mut me = RawClient::open(&path).await;
     me.send(json!({"op":"campaign","election":"x","identity":"me"}))
         .await;
     me.send(json!({"op":"observe","election":"x"})).await;
-    let mut other = Conn::open(&path).await;
+    let mut other = RawClient::open(&path).await;
     other
         .send(json!({"op":"campaign","election":"x","identity":"other"}))
         .await;
@@ -126,7 +66,7 @@ async fn is_me_is_per_connection() {
 #[tokio::test]
 async fn every_op_and_event() {
     let (d, _dir, path) = broker(Limits::default()).await;
-    let mut a = Conn::open(&path).await;
+    let mut a = RawClient::open(&path).await;
     a.send(json!({"op":"campaign","id":1,"election":"job","identity":"pod-a"}))
         .await;
     // `leader` events coalesce (the latest replaces an unread older one), so the initial
@@ -160,7 +100,7 @@ async fn every_op_and_event() {
         (json!("pod-a"), json!(true))
     );
 
-    let mut o = Conn::open(&path).await;
+    let mut o = RawClient::open(&path).await;
     o.send(json!({"op":"observe","id":"o","election":"job"})).await;
     let (mut got_ok, mut got_leader) = (false, false);
     while !(got_ok && got_leader) {
@@ -169,7 +109,7 @@ async fn every_op_and_event() {
         got_leader |= e["event"] == "leader" && e["leader"] == "pod-a";
     }
 
-    let mut b = Conn::open(&path).await;
+    let mut b = RawClient::open(&path).await;
     b.send(json!({"op":"campaign","election":"job","identity":"pod-b","priority":3}))
         .await;
     b.until("ok").await;
@@ -210,7 +150,7 @@ async fn every_op_and_event() {
 #[tokio::test]
 async fn bad_input_gets_a_code_and_the_connection_stays_usable() {
     let (d, _dir, path) = broker(Limits::default()).await;
-    let mut c = Conn::open(&path).await;
+    let mut c = RawClient::open(&path).await;
     let mut long = vec![b'x'; 70 * 1024];
     long.push(b'\n');
     let cases: Vec<(Vec<u8>, &str)> = vec![
@@ -252,7 +192,7 @@ async fn bad_input_gets_a_code_and_the_connection_stays_usable() {
     c.send(json!({"op":"campaign","election":"dup","identity":"y"}))
         .await;
     assert_eq!(c.error_code().await, "already_campaigning");
-    let mut other = Conn::open(&path).await;
+    let mut other = RawClient::open(&path).await;
     other
         .send(json!({"op":"campaign","election":"dup","identity":"x"}))
         .await;
@@ -263,12 +203,12 @@ async fn bad_input_gets_a_code_and_the_connection_stays_usable() {
 #[tokio::test]
 async fn persistent_garbage_closes_the_connection_only() {
     let (d, _dir, path) = broker(Limits::default()).await;
-    let mut bystander = Conn::open(&path).await;
+    let mut bystander = RawClient::open(&path).await;
     bystander
         .send(json!({"op":"campaign","election":"keep","identity":"b"}))
         .await;
     bystander.until("elected").await;
-    let mut c = Conn::open(&path).await;
+    let mut c = RawClient::open(&path).await;
     for _ in 0..20 {
         c.send_raw(b"garbage\n").await;
     }
@@ -292,16 +232,16 @@ async fn deadlines_and_limits() {
         ..Limits::default()
     };
     let (d, _dir, path) = broker(limits).await;
-    let mut silent = Conn::open(&path).await;
+    let mut silent = RawClient::open(&path).await;
     assert_eq!(silent.error_code().await, "timeout");
     assert!(silent.next().await.is_none());
 
-    let mut idle = Conn::open(&path).await;
+    let mut idle = RawClient::open(&path).await;
     idle.ping_ok().await;
     assert_eq!(idle.error_code().await, "timeout");
 
     // Campaigning keeps a connection open past the idle deadline.
-    let mut busy = Conn::open(&path).await;
+    let mut busy = RawClient::open(&path).await;
     busy.send(json!({"op":"campaign","election":"e1","identity":"a"}))
         .await;
     busy.until("ok").await;
@@ -314,14 +254,10 @@ async fn deadlines_and_limits() {
 
     let mut conns = Vec::new();
     for _ in 0..4 {
-        conns.push(Conn::open(&path).await);
+        conns.push(RawClient::open(&path).await);
     }
-    let s = UnixStream::connect(&path).await.unwrap();
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).await.unwrap();
-    let e: Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(e["code"], "too_many_connections");
+    let refused = RawClient::connect(&path).await.unwrap();
+    assert_eq!(refused.hello["code"], "too_many_connections");
     d.shutdown().await;
 }
 
@@ -334,9 +270,9 @@ async fn a_reader_that_falls_behind_gets_the_latest_state_and_one_that_never_rea
     };
     let (d, _dir, path) = broker(limits).await;
     // An observer that does not read while the leader changes 300 times.
-    let mut slow = Conn::open(&path).await;
+    let mut slow = RawClient::open(&path).await;
     slow.send(json!({"op":"observe","election":"flap"})).await;
-    let mut flapper = Conn::open(&path).await;
+    let mut flapper = RawClient::open(&path).await;
     for i in 0..300 {
         flapper
             .send(json!({"op":"campaign","election":"flap","identity":format!("p{i}")}))
@@ -365,7 +301,7 @@ async fn a_reader_that_falls_behind_gets_the_latest_state_and_one_that_never_rea
 
     // A client that sends but never reads: its replies pile up until it is disconnected; the
     // broker stays responsive meanwhile.
-    let mut stuck = UnixStream::connect(&path).await.unwrap();
+    let mut stuck = tokio::net::UnixStream::connect(&path).await.unwrap();
     let ping = b"{\"op\":\"ping\"}\n".repeat(1000);
     let mut cut = false;
     for _ in 0..200 {
@@ -388,7 +324,7 @@ async fn a_thousand_connections() {
     let (d, _dir, path) = broker(Limits::default()).await;
     let mut conns = Vec::new();
     for i in 0..1000 {
-        let mut c = Conn::open(&path).await;
+        let mut c = RawClient::open(&path).await;
         c.send(json!({"op":"campaign","election":format!("e{}", i % 50),"identity":format!("pod-{i}")}))
             .await;
         conns.push(c);
@@ -421,7 +357,7 @@ async fn a_thousand_connections() {
 #[tokio::test]
 async fn shutdown_tells_leaders_and_removes_the_socket() {
     let (d, _dir, path) = broker(Limits::default()).await;
-    let mut c = Conn::open(&path).await;
+    let mut c = RawClient::open(&path).await;
     c.send(json!({"op":"campaign","election":"job","identity":"a"}))
         .await;
     c.until("elected").await;
@@ -444,7 +380,7 @@ async fn socket_path_is_replaced_only_if_it_is_a_socket() {
     // A stale socket (left by a crash) is replaced.
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     let d = Daemon::start_standalone(config).await.unwrap();
-    let _c = Conn::open(&path).await;
+    let _c = RawClient::open(&path).await;
     d.shutdown().await;
 }
 
@@ -458,7 +394,7 @@ async fn a_second_broker_refuses_a_live_socket() {
     let first = Daemon::start_standalone(DaemonConfig::for_socket(&path, "n"))
         .await
         .unwrap();
-    let mut leader = Conn::open(&path).await;
+    let mut leader = RawClient::open(&path).await;
     leader
         .send(json!({"op":"campaign","id":1,"election":"x","identity":"first"}))
         .await;
@@ -484,7 +420,7 @@ async fn a_second_broker_refuses_a_live_socket() {
 
     // The first broker still owns the path and serves: nobody else can be elected in x.
     assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode, "the file stays");
-    let mut second = Conn::open(&path).await;
+    let mut second = RawClient::open(&path).await;
     second
         .send(json!({"op":"campaign","id":2,"election":"x","identity":"second"}))
         .await;

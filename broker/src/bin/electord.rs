@@ -1,4 +1,11 @@
 //! `electord`: the per-node leader-election broker.
+//!
+//! Each group of flags is a clap [`Args`](clap::Args) struct that turns itself into the part of
+//! the configuration it is for (as kubert's `ClientArgs::try_client` does): [`ClusterArgs`] into
+//! a kube client or standalone memory locks, [`SocketArgs`] into [`SocketOptions`],
+//! [`TimingArgs`] into the default [`ElectionTiming`], [`LimitArgs`] into [`Limits`],
+//! [`AttestArgs`] into an [`Attestor`], [`ShutdownArgs`] into the grace and mode. A bad flag is
+//! reported, naming the flag, before anything is bound or contacted.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +27,42 @@ use elector_broker::socket::{BrokerIdentity, Limits, SocketOptions};
 #[derive(Debug, Parser)]
 #[command(name = "electord", version)]
 struct Args {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+
+    #[command(flatten)]
+    identity: IdentityArgs,
+
+    #[command(flatten)]
+    socket: SocketArgs,
+
+    /// Address of /healthz, /readyz, /metrics and /elections (empty: none).
+    #[arg(long, env = "ELECTOR_HTTP_ADDR", default_value = elector_broker::DEFAULT_HTTP_ADDR)]
+    http_addr: String,
+
+    #[command(flatten)]
+    timing: TimingArgs,
+
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
+
+    #[command(flatten)]
+    limits: LimitArgs,
+
+    #[command(flatten)]
+    attest: AttestArgs,
+
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+
+    #[command(flatten)]
+    logging: elector_broker::logging::LogArgs,
+}
+
+/// Where the locks live: the cluster (a kube client) or, with `--standalone`, this process.
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
     /// Run without a cluster: locks live in memory (one node only). For laptops, demos, tests.
     #[arg(long, env = "ELECTOR_STANDALONE")]
     standalone: bool,
@@ -27,7 +70,45 @@ struct Args {
     /// kubeconfig to use; without it, the in-cluster service account (or $KUBECONFIG / ~/.kube/config).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+}
 
+/// A connection to the Kubernetes API, as [`ClusterArgs::try_client`] makes it.
+struct Cluster {
+    client: kube::Client,
+    /// The API server's URL (named in logs and in `unknown` leader views).
+    url: String,
+}
+
+impl ClusterArgs {
+    /// A kube client, or `None` with `--standalone`.
+    async fn try_client(&self) -> anyhow::Result<Option<Cluster>> {
+        if self.standalone {
+            return Ok(None);
+        }
+        let mut config = match &self.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
+            }
+            None => kube::Config::infer()
+                .await
+                .context("no in-cluster config and no kubeconfig")?,
+        };
+        // Our election logic does its own back-off (and honours Retry-After) within its
+        // deadlines; hidden retries would only blur them.
+        config.default_retry = false;
+        let url = config.cluster_url.to_string();
+        Ok(Some(Cluster {
+            client: kube::Client::try_from(config)?,
+            url,
+        }))
+    }
+}
+
+/// Who this broker is: its node, and the namespace of requests that name none.
+#[derive(Debug, clap::Args)]
+struct IdentityArgs {
     /// This node's name (from the downward API in the DaemonSet).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -35,7 +116,27 @@ struct Args {
     /// Namespace of elections whose requests name none.
     #[arg(long, env = "ELECTOR_DEFAULT_NAMESPACE", default_value = "default")]
     default_namespace: String,
+}
 
+impl IdentityArgs {
+    /// `--node-name`, or the host name, or `localhost`.
+    fn broker_identity(&self) -> BrokerIdentity {
+        let node = self.node_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        });
+        BrokerIdentity {
+            node,
+            default_namespace: self.default_namespace.clone(),
+        }
+    }
+}
+
+/// The Unix socket applications connect to.
+#[derive(Debug, clap::Args)]
+struct SocketArgs {
     /// Unix socket applications connect to (its directory is created if missing).
     #[arg(long, env = "ELECTOR_SOCKET", default_value = elector_client::protocol::DEFAULT_SOCKET_PATH)]
     socket: PathBuf,
@@ -48,10 +149,27 @@ struct Args {
     #[arg(long, env = "ELECTOR_SOCKET_GROUP")]
     socket_group: Option<u32>,
 
-    /// Address of /healthz, /readyz, /metrics and /elections (empty: none).
-    #[arg(long, env = "ELECTOR_HTTP_ADDR", default_value = elector_broker::DEFAULT_HTTP_ADDR)]
-    http_addr: String,
+    /// Take the socket over from a broker still running on it (a rolling upgrade with surge):
+    /// the old broker notices, hands its leaders off (`jeopardy`, nothing released), and exits;
+    /// they resume here. Without it a live broker on the socket is an error.
+    #[arg(long, env = "ELECTOR_TAKEOVER")]
+    takeover: bool,
+}
 
+impl SocketArgs {
+    fn socket_options(&self) -> SocketOptions {
+        SocketOptions {
+            path: self.socket.clone(),
+            mode: self.socket_mode,
+            group: self.socket_group,
+            takeover: self.takeover,
+        }
+    }
+}
+
+/// The timing of elections whose campaigns state none.
+#[derive(Debug, clap::Args)]
+struct TimingArgs {
     /// Default lease duration, whole seconds.
     #[arg(long, env = "ELECTOR_LEASE_DURATION", default_value_t = 15)]
     lease_duration: u64,
@@ -63,27 +181,64 @@ struct Args {
     /// Default retry period, seconds.
     #[arg(long, env = "ELECTOR_RETRY_PERIOD", default_value_t = 2.0)]
     retry_period: f64,
+}
 
+impl TimingArgs {
+    fn election_timing(&self) -> anyhow::Result<ElectionTiming> {
+        ElectionTiming::new(
+            Duration::from_secs(self.lease_duration),
+            secs(self.renew_deadline, "--renew-deadline")?,
+            secs(self.retry_period, "--retry-period")?,
+        )
+        .context("default timing")
+    }
+}
+
+/// What SIGTERM does.
+#[derive(Debug, clap::Args)]
+struct ShutdownArgs {
     /// How long shutdown may take to release held locks.
     #[arg(long, env = "ELECTOR_SHUTDOWN_GRACE", default_value_t = 5.0)]
     shutdown_grace: f64,
-
-    /// Take the socket over from a broker still running on it (a rolling upgrade with surge):
-    /// the old broker notices, hands its leaders off (`jeopardy`, nothing released), and exits;
-    /// they resume here. Without it a live broker on the socket is an error.
-    #[arg(long, env = "ELECTOR_TAKEOVER")]
-    takeover: bool,
 
     /// On SIGTERM: `release` tells local leaders `lost` and releases their locks (a node going
     /// away for good); `handoff` tells them `jeopardy` and releases nothing, so the next broker
     /// on this node resumes their leaderships (restarts, upgrades: the DaemonSet's choice).
     #[arg(long, env = "ELECTOR_ON_SHUTDOWN", value_enum, default_value_t = ShutdownMode::Release)]
     on_shutdown: ShutdownMode,
+}
 
+impl ShutdownArgs {
+    fn grace(&self) -> anyhow::Result<Duration> {
+        secs(self.shutdown_grace, "--shutdown-grace")
+    }
+}
+
+/// How many clients may connect.
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
     /// Maximum client connections.
     #[arg(long, env = "ELECTOR_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
 
+    /// Maximum client connections from one uid (many pods may share a uid).
+    #[arg(long, env = "ELECTOR_MAX_CONNECTIONS_PER_UID", default_value_t = 1024)]
+    max_connections_per_uid: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections,
+            max_connections_per_uid: self.max_connections_per_uid,
+            ..Limits::default()
+        }
+    }
+}
+
+/// Who may campaign as whom.
+#[derive(Debug, clap::Args)]
+struct AttestArgs {
     /// Who may campaign as whom: `kubernetes` attests each caller's pod (needs hostPID and pod
     /// list/watch); `none` trusts what clients say. Default: `kubernetes`, or `none` with
     /// --standalone.
@@ -97,23 +252,55 @@ struct Args {
     /// How long to wait for a just-started pod to appear in the pod watch before rejecting it.
     #[arg(long, env = "ELECTOR_ATTEST_WAIT", default_value_t = 3.0)]
     attest_wait: f64,
-
-    /// Maximum client connections from one uid (many pods may share a uid).
-    #[arg(long, env = "ELECTOR_MAX_CONNECTIONS_PER_UID", default_value_t = 1024)]
-    max_connections_per_uid: usize,
-
-    /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
-    log: String,
-
-    #[command(flatten)]
-    logging: elector_broker::logging::LogArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum AttestMode {
     Kubernetes,
     None,
+}
+
+impl AttestArgs {
+    /// The attestation mode: as given, else `kubernetes` with a cluster and `none` without.
+    fn mode(&self, standalone: bool) -> anyhow::Result<AttestMode> {
+        let default = if standalone {
+            AttestMode::None
+        } else {
+            AttestMode::Kubernetes
+        };
+        let mode = self.attest.unwrap_or(default);
+        anyhow::ensure!(
+            !(standalone && mode == AttestMode::Kubernetes),
+            "--attest=kubernetes needs a cluster (it watches this node's pods); use --attest=none with --standalone"
+        );
+        if mode == AttestMode::None {
+            tracing::warn!(
+                "--attest=none: any process that can reach the socket may campaign in any namespace under any identity"
+            );
+        }
+        Ok(mode)
+    }
+
+    /// The attestor for `mode` (`None` for `--attest=none`); with `kubernetes` it watches
+    /// `node`'s pods through the cluster's client from now on.
+    fn attestor(
+        &self,
+        mode: AttestMode,
+        cluster: &Cluster,
+        node: &str,
+    ) -> anyhow::Result<Option<Arc<Attestor>>> {
+        if mode == AttestMode::None {
+            return Ok(None);
+        }
+        let wait = secs(self.attest_wait, "--attest-wait")?;
+        tracing::info!(
+            "--attest=kubernetes: only pods of this node may connect; {}",
+            elector_broker::attest::WITHOUT_ATTESTATION
+        );
+        let pods = Arc::new(PodCache::default());
+        pods.watch_node(cluster.client.clone(), node);
+        Ok(Some(Arc::new(Attestor::new(self.proc_root.clone(), pods, wait))))
+    }
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -128,98 +315,19 @@ fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// A kube client, and the API server's URL (named in logs and in `unknown` leader views).
-async fn kube_client(kubeconfig: Option<PathBuf>) -> anyhow::Result<(kube::Client, String)> {
-    let mut config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(&path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no in-cluster config and no kubeconfig")?,
-    };
-    // Our election logic does its own back-off (and honours Retry-After) within its deadlines;
-    // hidden retries would only blur them.
-    config.default_retry = false;
-    let url = config.cluster_url.to_string();
-    Ok((kube::Client::try_from(config)?, url))
+fn http_addr(flag: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if flag.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(flag.parse().context("--http-addr")?))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    args.logging.init(&args.log)?;
-
-    let timing = ElectionTiming::new(
-        Duration::from_secs(args.lease_duration),
-        secs(args.renew_deadline, "--renew-deadline")?,
-        secs(args.retry_period, "--retry-period")?,
-    )
-    .context("default timing")?;
-    let node = match args.node_name.clone() {
-        Some(n) => n,
-        None => nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "localhost".into()),
-    };
-    let http_addr: Option<SocketAddr> = if args.http_addr.is_empty() {
-        None
-    } else {
-        Some(args.http_addr.parse().context("--http-addr")?)
-    };
-    let config = DaemonConfig {
-        socket: SocketOptions {
-            path: args.socket.clone(),
-            mode: args.socket_mode,
-            group: args.socket_group,
-            takeover: args.takeover,
-        },
-        identity: BrokerIdentity {
-            node: node.clone(),
-            default_namespace: args.default_namespace.clone(),
-        },
-        defaults: Defaults {
-            timing,
-            ..Defaults::default()
-        },
-        limits: Limits {
-            max_connections: args.max_connections,
-            max_connections_per_uid: args.max_connections_per_uid,
-            ..Limits::default()
-        },
-        http_addr,
-        shutdown_grace: secs(args.shutdown_grace, "--shutdown-grace")?,
-        on_shutdown: args.on_shutdown,
-        attestor: None,
-    };
-    let attest = args.attest.unwrap_or(if args.standalone {
-        AttestMode::None
-    } else {
-        AttestMode::Kubernetes
-    });
-    anyhow::ensure!(
-        !(args.standalone && attest == AttestMode::Kubernetes),
-        "--attest=kubernetes needs a cluster (it watches this node's pods); use --attest=none with --standalone"
-    );
-    if attest == AttestMode::None {
-        tracing::warn!(
-            "--attest=none: any process that can reach the socket may campaign in any namespace under any identity"
-        );
-    }
-    let mut config = config;
-
-    let metrics = Arc::new(Metrics::new());
-    let (backends, readiness) = if args.standalone {
-        tracing::warn!("standalone mode: locks live in this process's memory; this is not for clusters");
-        (Backends::memory(), Arc::new(Readiness::standalone()))
-    } else {
-        let (client, api_url) = kube_client(args.kubeconfig.clone()).await?;
+impl Cluster {
+    /// `/readyz`'s view of the API: it must answer within 30 s, also when no election is busy,
+    /// so a probe asks for its version every 10 s.
+    fn readiness(&self) -> Arc<Readiness> {
         let readiness = Arc::new(Readiness::kubernetes(Duration::from_secs(30)));
-        // /readyz needs to know the API answers even when no election is busy.
-        let probe_client = client.clone();
+        let probe_client = self.client.clone();
         let probe_readiness = readiness.clone();
         tokio::spawn(async move {
             loop {
@@ -229,50 +337,55 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
         });
-        if attest == AttestMode::Kubernetes {
-            tracing::info!(
-                "--attest=kubernetes: only pods of this node may connect; {}",
-                elector_broker::attest::WITHOUT_ATTESTATION
-            );
-            let pods = Arc::new(PodCache::default());
-            pods.watch_node(client.clone(), &node);
-            config.attestor = Some(Arc::new(Attestor::new(
-                args.proc_root.clone(),
-                pods,
-                secs(args.attest_wait, "--attest-wait")?,
-            )));
+        readiness
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    args.logging.init(&args.log)?;
+
+    // Every flag is checked before anything is bound or contacted.
+    let identity = args.identity.broker_identity();
+    let node = identity.node.clone();
+    let mut config = DaemonConfig {
+        socket: args.socket.socket_options(),
+        identity,
+        defaults: Defaults {
+            timing: args.timing.election_timing()?,
+            ..Defaults::default()
+        },
+        limits: args.limits.limits(),
+        http_addr: http_addr(&args.http_addr)?,
+        shutdown_grace: args.shutdown.grace()?,
+        on_shutdown: args.shutdown.on_shutdown,
+        attestor: None,
+    };
+    let attest = args.attest.mode(args.cluster.standalone)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let (backends, readiness) = match args.cluster.try_client().await? {
+        None => {
+            tracing::warn!("standalone mode: locks live in this process's memory; this is not for clusters");
+            (Backends::memory(), Arc::new(Readiness::standalone()))
         }
-        (
-            Backends::kubernetes(client, &node, Some(metrics.clone())).at(api_url),
-            readiness,
-        )
+        Some(cluster) => {
+            let readiness = cluster.readiness();
+            config.attestor = args.attest.attestor(attest, &cluster, &node)?;
+            let backends = Backends::kubernetes(cluster.client, &node, Some(metrics.clone()));
+            (backends.at(cluster.url), readiness)
+        }
     };
 
-    let daemon = Daemon::start(config, backends, metrics, readiness).await?;
+    let mut daemon = Daemon::start(config, backends, metrics, readiness).await?;
     if let Some(addr) = daemon.http_addr() {
         eprintln!(
             "electord: node {node}, socket {}, http {addr}",
-            args.socket.display()
+            args.socket.socket.display()
         );
     }
-
-    let mut daemon = daemon;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mode = tokio::select! {
-        _ = tokio::signal::ctrl_c() => args.on_shutdown,
-        _ = term.recv() => args.on_shutdown,
-        _ = daemon.superseded() => {
-            // A successor took the socket over (rolling upgrade): hand the leaders off to it,
-            // then wait, alive, for this pod to be stopped.
-            tracing::info!("superseded by a new broker: handing leaders off, then idling until stopped");
-            daemon.retire().await;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            ShutdownMode::Handoff
-        }
-    };
+    let mode = until_stopped(&mut daemon, args.shutdown.on_shutdown).await?;
     match mode {
         ShutdownMode::Release => tracing::info!("stopping: telling leaders lost and releasing their leases"),
         ShutdownMode::Handoff => {
@@ -281,4 +394,89 @@ async fn main() -> anyhow::Result<()> {
     }
     daemon.shutdown_as(mode).await;
     Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM (then shuts down as `on_signal` says), or for a successor to
+/// take the socket over (then hands the leaders off at once, and waits, alive, for this pod to
+/// be stopped).
+async fn until_stopped(daemon: &mut Daemon, on_signal: ShutdownMode) -> anyhow::Result<ShutdownMode> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(tokio::select! {
+        _ = tokio::signal::ctrl_c() => on_signal,
+        _ = term.recv() => on_signal,
+        _ = daemon.superseded() => {
+            tracing::info!("superseded by a new broker: handing leaders off, then idling until stopped");
+            daemon.retire().await;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            ShutdownMode::Handoff
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(flags: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("electord").chain(flags.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn each_group_converts_itself() {
+        let args = parse(&[
+            "--socket=/run/x.sock",
+            "--socket-mode=0o640",
+            "--takeover",
+            "--lease-duration=20",
+            "--renew-deadline=12.5",
+            "--retry-period=3",
+            "--max-connections=7",
+            "--node-name=n1",
+            "--http-addr=",
+        ]);
+        let socket = args.socket.socket_options();
+        assert_eq!(
+            (socket.path, socket.mode, socket.takeover),
+            ("/run/x.sock".into(), 0o640, true)
+        );
+        let timing = args.timing.election_timing().unwrap();
+        assert_eq!(timing.lease_duration, Duration::from_secs(20));
+        assert_eq!(timing.renew_deadline, Duration::from_millis(12_500));
+        assert_eq!(args.limits.limits().max_connections, 7);
+        assert_eq!(args.identity.broker_identity().node, "n1");
+        assert_eq!(http_addr(&args.http_addr).unwrap(), None);
+    }
+
+    #[test]
+    fn a_bad_flag_is_named() {
+        let args = parse(&["--renew-deadline=-1"]);
+        let e = args.timing.election_timing().unwrap_err();
+        assert!(e.to_string().contains("--renew-deadline"), "{e}");
+        let e = parse(&["--shutdown-grace=0"]).shutdown.grace().unwrap_err();
+        assert!(e.to_string().contains("--shutdown-grace"), "{e}");
+        let e = http_addr("nowhere").unwrap_err();
+        assert!(e.to_string().contains("--http-addr"), "{e}");
+        let args = parse(&["--standalone", "--attest=kubernetes"]);
+        let e = args.attest.mode(args.cluster.standalone).unwrap_err();
+        assert!(e.to_string().contains("--attest=kubernetes"), "{e}");
+        let args = parse(&["--standalone"]);
+        assert_eq!(
+            args.attest.mode(args.cluster.standalone).unwrap(),
+            AttestMode::None
+        );
+        let args = parse(&[]);
+        assert_eq!(
+            args.attest.mode(args.cluster.standalone).unwrap(),
+            AttestMode::Kubernetes
+        );
+    }
 }

@@ -21,6 +21,20 @@ use super::timing::ElectionTiming;
 /// A local party's handle, unique within the broker.
 pub type PartyId = u64;
 
+/// Whether a leaving party is told `lost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Farewell {
+    /// Tell a leading party `lost` (a `resign` request: the reply follows the event).
+    Tell,
+    /// The party is gone (its connection closed): tell it nothing.
+    Silent,
+    /// The broker cut the party's connection (it stopped reading, or sent only bad requests):
+    /// its app may live on, leading until its guarantee without having seen `lost`. Nothing
+    /// is released or handed over; the lock expires unless the app resumes (see
+    /// [`Contender::abandon_candidate`]).
+    Abandon,
+}
+
 /// Why a local leader stopped leading (the machine's reasons; the wire has a few more).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StepDown {
@@ -412,15 +426,19 @@ impl<Raw: Clone> Contender<Raw> {
         }
     }
 
-    /// Removes a local candidate. If it led, it is told `lost` with `reason` (when `notify`),
-    /// and the broker hands over to the next local candidate or releases the lock.
-    pub fn remove_candidate(&mut self, party: PartyId, reason: StepDown, notify: bool) {
+    /// Removes a local candidate. If it led, it is told `lost` with `reason` (unless
+    /// [`Farewell::Silent`]), and the broker hands over to the next local candidate or releases
+    /// the lock; with [`Farewell::Abandon`], see [`Self::abandon_candidate`].
+    pub fn remove_candidate(&mut self, party: PartyId, reason: StepDown, farewell: Farewell) {
+        if farewell == Farewell::Abandon {
+            return self.abandon_candidate(party);
+        }
         self.candidates.retain(|c| c.party != party);
         if let Some(h) = &mut self.held
             && h.party == Some(party)
         {
             h.party = None;
-            if notify {
+            if farewell == Farewell::Tell {
                 self.notifications.push(Notification::Lost {
                     party,
                     identity: h.identity.clone(),
@@ -451,7 +469,7 @@ impl<Raw: Clone> Contender<Raw> {
     pub fn shut_down(&mut self) {
         let parties: Vec<PartyId> = self.candidates.iter().map(|c| c.party).collect();
         for p in parties {
-            self.remove_candidate(p, StepDown::BrokerShutdown, true);
+            self.remove_candidate(p, StepDown::BrokerShutdown, Farewell::Tell);
         }
     }
 
@@ -1453,7 +1471,7 @@ mod tests {
             "a higher priority never preempts a live leader"
         );
         c.take_notifications();
-        c.remove_candidate(3, StepDown::Resigned, true);
+        c.remove_candidate(3, StepDown::Resigned, Farewell::Tell);
         let n = c.take_notifications();
         assert!(matches!(
             &n[0],
@@ -1484,7 +1502,7 @@ mod tests {
             }
         )));
         for p in [1, 2, 4] {
-            c.remove_candidate(p, StepDown::Resigned, false);
+            c.remove_candidate(p, StepDown::Resigned, Farewell::Silent);
         }
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
             panic!()

@@ -35,6 +35,6 @@ pub mod timing;
 
 pub use lock_state::{LockFailure, LockState, Observed};
 pub use machine::{
-    Candidacy, Claim, Contender, JoinError, LeaderView, Notification, PartyId, Refusal, StepDown,
+    Candidacy, Claim, Contender, Farewell, JoinError, LeaderView, Notification, PartyId, Refusal, StepDown,
 };
 pub use timing::{ElectionTiming, TimingError};

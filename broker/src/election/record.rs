@@ -58,7 +58,8 @@ impl LeaderRecord {
             renew_time: self
                 .renew_time
                 .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
-            leader_transitions: self.leader_transitions as i64,
+            // client-go's field is a Go int: a count past its range (never reached) saturates.
+            leader_transitions: i64::try_from(self.leader_transitions).unwrap_or(i64::MAX),
         };
         serde_json::to_string(&wire).unwrap_or_default()
     }
@@ -127,5 +128,91 @@ mod tests {
         )
         .unwrap();
         assert_eq!((rec.renew_time, rec.leader_transitions), (None, 0));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A time as a record stores it: whole seconds, years 1970 to 9999 (RFC 3339's range).
+        fn record_time() -> impl Strategy<Value = Option<DateTime<Utc>>> {
+            proptest::option::of(
+                (0i64..=253_402_300_799).prop_map(|s| DateTime::from_timestamp(s, 0).expect("in range")),
+            )
+        }
+
+        fn record() -> impl Strategy<Value = LeaderRecord> {
+            (
+                any::<String>(),
+                any::<u32>(),
+                record_time(),
+                record_time(),
+                0..=i64::MAX as u64,
+            )
+                .prop_map(
+                    |(
+                        holder_identity,
+                        lease_duration_seconds,
+                        acquire_time,
+                        renew_time,
+                        leader_transitions,
+                    )| {
+                        LeaderRecord {
+                            holder_identity,
+                            lease_duration_seconds,
+                            acquire_time,
+                            renew_time,
+                            leader_transitions,
+                            // Kept in an annotation of its own, not in this one.
+                            holder_pod: None,
+                        }
+                    },
+                )
+        }
+
+        /// Annotation-like text: JSON objects with the record's keys holding any kind of value,
+        /// and any other text.
+        fn annotation() -> impl Strategy<Value = String> {
+            let value = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(serde_json::Value::from),
+                any::<String>().prop_map(serde_json::Value::from),
+                "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(Z|[+-][0-9]{2}:[0-9]{2})"
+                    .prop_map(serde_json::Value::from),
+            ];
+            let key = prop_oneof![
+                Just("holderIdentity".to_string()),
+                Just("leaseDurationSeconds".to_string()),
+                Just("acquireTime".to_string()),
+                Just("renewTime".to_string()),
+                Just("leaderTransitions".to_string()),
+                any::<String>(),
+            ];
+            prop_oneof![
+                proptest::collection::btree_map(key, value, 0..6)
+                    .prop_map(|m| serde_json::to_string(&m).expect("a map of JSON values")),
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_is_a_record_or_none_never_a_panic(text in annotation()) {
+                if let Some(record) = LeaderRecord::from_annotation(&text) {
+                    // Whatever was accepted writes back as a record that reads the same.
+                    let again = LeaderRecord::from_annotation(&record.to_annotation());
+                    prop_assert_eq!(again, Some(record));
+                }
+            }
+
+            #[test]
+            fn records_round_trip(record in record()) {
+                let text = record.to_annotation();
+                prop_assert_eq!(LeaderRecord::from_annotation(&text), Some(record));
+            }
+        }
     }
 }

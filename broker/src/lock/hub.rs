@@ -20,7 +20,6 @@ type Key = (LockKind, String);
 #[derive(Debug)]
 struct NamespaceWatch {
     subscribers: HashMap<String, watch::Sender<LockState<RawObject>>>,
-    synced: bool,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -49,8 +48,11 @@ impl WatchHub {
         self.lock().len()
     }
 
-    /// Subscribes to one lock object. The receiver starts `Unknown` unless the namespace's
-    /// watch has synced already and knows the object is missing.
+    /// Subscribes to one lock object. A new subscriber of a name starts `Unknown`, even when
+    /// the namespace's watch has synced: the hub keeps state only for subscribed names, so it
+    /// cannot tell a missing object from one it never kept. The election reads the object
+    /// once; the watch's changes (and its re-syncs) update the receiver from then on. Later
+    /// subscribers of the same name share the first one's receiver state.
     pub fn subscribe(
         &self,
         kind: LockKind,
@@ -59,26 +61,14 @@ impl WatchHub {
     ) -> watch::Receiver<LockState<RawObject>> {
         let key = (kind, namespace.to_string());
         let mut map = self.lock();
-        if !map.contains_key(&key) {
-            let task = self.spawn_watch(key.clone());
-            map.insert(
-                key.clone(),
-                NamespaceWatch {
-                    subscribers: HashMap::new(),
-                    synced: false,
-                    task,
-                },
-            );
-        }
-        let ns = map.get_mut(&key).expect("inserted above");
-        if let Some(tx) = ns.subscribers.get(name) {
-            return tx.subscribe();
-        }
-        // Synced and not seen since: the object's state is not known here (the hub keeps state
-        // only for subscribed names), so start Unknown and let the election read it once.
-        let (tx, rx) = watch::channel(LockState::Unknown);
-        ns.subscribers.insert(name.to_string(), tx);
-        rx
+        let ns = map.entry(key).or_insert_with_key(|key| NamespaceWatch {
+            subscribers: HashMap::new(),
+            task: self.spawn_watch(key.clone()),
+        });
+        ns.subscribers
+            .entry(name.to_string())
+            .or_insert_with(|| watch::channel(LockState::Unknown).0)
+            .subscribe()
     }
 
     /// Drops a subscription; the namespace watch stops with its last subscriber.
@@ -104,7 +94,6 @@ impl WatchHub {
                 let Some(ns) = map.get_mut(&key) else { return };
                 match event {
                     WatchEvent::Synced(objects) => {
-                        ns.synced = true;
                         let mut present: HashMap<String, _> = objects.into_iter().collect();
                         for (name, tx) in &ns.subscribers {
                             let state = match present.remove(name) {

@@ -310,10 +310,6 @@ fn record_call<T>(
 }
 
 impl<K: LockResource> LockBackend for KubeLock<K> {
-    fn kind(&self) -> LockKind {
-        K::KIND
-    }
-
     fn get(
         &self,
         namespace: &str,

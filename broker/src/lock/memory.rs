@@ -13,7 +13,6 @@ use tokio::sync::broadcast;
 use super::{LockBackend, LockObject, RawObject, WatchEvent};
 use crate::election::record::LeaderRecord;
 use crate::election::{LockFailure, LockState, Observed};
-use elector_client::protocol::LockKind;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -21,10 +20,10 @@ struct Inner {
     objects: HashMap<(String, String), (LeaderRecord, u64)>,
 }
 
-/// The memory backend for one lock kind.
+/// The memory backend for one lock kind (each kind has its own, as each has its own objects
+/// in a cluster).
 #[derive(Debug)]
 pub struct MemoryLock {
-    kind: LockKind,
     inner: Arc<Mutex<Inner>>,
     changes: broadcast::Sender<(String, WatchEvent)>,
 }
@@ -37,15 +36,16 @@ fn object(record: &LeaderRecord, version: u64) -> LockObject {
     }
 }
 
-impl MemoryLock {
-    pub fn new(kind: LockKind) -> Self {
+impl Default for MemoryLock {
+    fn default() -> Self {
         MemoryLock {
-            kind,
             inner: Arc::new(Mutex::new(Inner::default())),
             changes: broadcast::channel(4096).0,
         }
     }
+}
 
+impl MemoryLock {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         lock_inner(&self.inner)
     }
@@ -105,10 +105,6 @@ fn snapshot(inner: &Mutex<Inner>, namespace: &str) -> Vec<(String, LockObject)> 
 }
 
 impl LockBackend for MemoryLock {
-    fn kind(&self) -> LockKind {
-        self.kind
-    }
-
     fn get(
         &self,
         namespace: &str,

@@ -48,8 +48,6 @@ pub enum WatchEvent {
 
 /// Where lock records live.
 pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
-    fn kind(&self) -> LockKind;
-
     /// Reads one lock object.
     fn get(
         &self,
@@ -99,8 +97,8 @@ impl Backends {
     /// Both kinds in one in-process store (standalone mode).
     pub fn memory() -> Self {
         Backends {
-            endpoints: Arc::new(memory::MemoryLock::new(LockKind::Endpoints)),
-            lease: Arc::new(memory::MemoryLock::new(LockKind::Lease)),
+            endpoints: Arc::new(memory::MemoryLock::default()),
+            lease: Arc::new(memory::MemoryLock::default()),
             location: "memory".into(),
         }
     }

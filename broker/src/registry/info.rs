@@ -14,7 +14,9 @@ pub struct ElectionInfo {
     pub held_by_this_broker: bool,
     pub candidates: Vec<CandidateInfo>,
     pub observers: usize,
-    /// Wall-clock time of the last successful renewal, while this broker holds the lock.
+    /// While this broker holds the lock: when the last successful renewal (or the acquisition)
+    /// was sent, on the wall clock (RFC 3339). The leader's guarantee counts from that moment;
+    /// a renewal still in flight, or one that failed, does not move it.
     pub last_renew: Option<String>,
     pub lease_duration_seconds: u64,
     pub renew_deadline_seconds: f64,

@@ -34,6 +34,7 @@ use crate::lock::hub::WatchHub;
 use crate::metrics::Metrics;
 use elector_client::protocol::ElectionName;
 
+pub use crate::election::Farewell;
 pub use info::{CandidateInfo, ElectionInfo};
 pub use notice::{LeaderNotice, PartyEvent, PartySink};
 
@@ -57,20 +58,6 @@ pub enum ShutdownMode {
     /// broker on this node resumes the leaderships (a restart or an upgrade costs no app its
     /// leadership). If none does in time, the locks expire as usual.
     Handoff,
-}
-
-/// Whether a leaving party is told `lost`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Farewell {
-    /// Tell a leading party `lost` (a `resign` request: the reply follows the event).
-    Tell,
-    /// The party is gone (its connection closed): tell it nothing.
-    Silent,
-    /// The broker cut the party's connection (it stopped reading, or sent only bad requests):
-    /// its app may live on, leading until its guarantee without having seen `lost`. Nothing
-    /// is released or handed over; the lock expires unless the app resumes (see
-    /// [`Contender::abandon_candidate`](crate::election::Contender::abandon_candidate)).
-    Abandon,
 }
 
 /// Broker-wide settings of elections.

@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    CandidateInfo, Command, CommandReceiver, ElectionInfo, Elections, Farewell, JoinError, LeaderNotice,
-    PartyEvent, PartySink, ShutdownMode,
+    CandidateInfo, Command, CommandReceiver, ElectionInfo, Elections, JoinError, LeaderNotice, PartyEvent,
+    PartySink, ShutdownMode,
 };
 use crate::election::machine::{Action, WritePurpose};
 use crate::election::{
@@ -47,7 +47,12 @@ struct Party {
 type Pending = BoxFuture<'static, PendingResult>;
 
 enum PendingResult {
-    Write(Instant, Result<LockObject, LockFailure>),
+    Write {
+        sent: Instant,
+        /// The wall-clock send time of a renewal or acquisition (`None` for a release).
+        renewal_sent: Option<SystemTime>,
+        result: Result<LockObject, LockFailure>,
+    },
     Read(Result<LockState<RawObject>, LockFailure>),
 }
 
@@ -273,9 +278,8 @@ impl ElectionTask {
             }
             Action::Write(w) => {
                 let started = Instant::now();
-                if w.purpose == WritePurpose::Renew || w.purpose == WritePurpose::Acquire {
-                    self.last_renew_wall = Some(SystemTime::now());
-                }
+                let renewal_sent =
+                    matches!(w.purpose, WritePurpose::Renew | WritePurpose::Acquire).then(SystemTime::now);
                 let fut = match &w.base {
                     Some(base) => backend.replace(&ns, &name, base, &w.record),
                     None => backend.create(&ns, &name, &w.record),
@@ -284,7 +288,11 @@ impl ElectionTask {
                     let r = tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
                         Err(LockFailure::transient(format!("no answer within {limit:?}")))
                     });
-                    PendingResult::Write(started, r)
+                    PendingResult::Write {
+                        sent: started,
+                        renewal_sent,
+                        result: r,
+                    }
                 }
                 .boxed();
                 (Some(pending), None)
@@ -351,13 +359,7 @@ impl ElectionTask {
             } => {
                 if let Some(p) = self.parties.get(&party) {
                     if p.candidate.is_some() {
-                        match farewell {
-                            Farewell::Abandon => self.machine.abandon_candidate(party),
-                            Farewell::Tell | Farewell::Silent => {
-                                self.machine
-                                    .remove_candidate(party, reason, farewell == Farewell::Tell)
-                            }
-                        }
+                        self.machine.remove_candidate(party, reason, farewell);
                         self.metrics().candidates.dec();
                     } else {
                         self.metrics().observers.dec();
@@ -489,10 +491,15 @@ impl ElectionTask {
                     pending = None;
                     let now = Instant::now();
                     match result {
-                        PendingResult::Write(started, r) => {
+                        PendingResult::Write { sent, renewal_sent, result: r } => {
                             tracing::debug!(election = %self.name, ok = r.is_ok(), result = ?r.as_ref().map(|o| &o.version).map_err(|e| e.clone()),
-                                sent_ago = ?now - started, "write done");
-                            self.machine.write_done(now, started, r)
+                                sent_ago = ?now - sent, "write done");
+                            if r.is_ok() && renewal_sent.is_some() {
+                                // As the leader's guarantee: counted from when the write that
+                                // succeeded was sent.
+                                self.last_renew_wall = renewal_sent;
+                            }
+                            self.machine.write_done(now, sent, r)
                         }
                         PendingResult::Read(r) => self.machine.read_done(now, r),
                     }

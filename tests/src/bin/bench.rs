@@ -15,10 +15,10 @@ use elector_broker::daemon::{Daemon, DaemonConfig};
 use elector_broker::election::ElectionTiming;
 use elector_client::protocol::{LockKind, Timing};
 use elector_client::{CampaignOptions, Client};
+use elector_tests::RawClient;
 use elector_tests::harness::TestBroker;
 use elector_tests::kube_api::TestApiServer;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 #[derive(Debug, Parser)]
@@ -272,44 +272,6 @@ async fn wait_for_socket(path: &Path) -> anyhow::Result<()> {
     anyhow::bail!("{} never appeared", path.display())
 }
 
-struct Raw {
-    r: BufReader<tokio::net::unix::OwnedReadHalf>,
-    w: tokio::net::unix::OwnedWriteHalf,
-}
-
-impl Raw {
-    async fn open(path: &Path) -> anyhow::Result<Raw> {
-        let (r, w) = UnixStream::connect(path).await?.into_split();
-        let mut raw = Raw {
-            r: BufReader::new(r),
-            w,
-        };
-        let hello = raw.line().await?;
-        anyhow::ensure!(hello["event"] == "hello", "connection refused: {hello}");
-        Ok(raw)
-    }
-    async fn send(&mut self, v: &Value) -> anyhow::Result<()> {
-        let mut l = serde_json::to_vec(v)?;
-        l.push(b'\n');
-        self.w.write_all(&l).await?;
-        Ok(())
-    }
-    async fn line(&mut self) -> anyhow::Result<Value> {
-        let mut s = String::new();
-        anyhow::ensure!(self.r.read_line(&mut s).await? > 0, "closed");
-        Ok(serde_json::from_str(&s)?)
-    }
-    async fn until(&mut self, event: &str) -> anyhow::Result<Value> {
-        loop {
-            let v = self.line().await?;
-            if v["event"] == event {
-                return Ok(v);
-            }
-            anyhow::ensure!(v["event"] != "error", "waiting for {event:?}: {v}");
-        }
-    }
-}
-
 /// The observers of the fan-out measurement: plain non-blocking sockets on one thread, woken
 /// by epoll, that recognise the awaited `leader` line by substring. The probe's own work per
 /// event (one read, no JSON parsing, no task wake-ups) stays small, so the latency measured is
@@ -460,13 +422,13 @@ async fn scale(clients: usize, observers: usize, rounds: usize) -> anyhow::Resul
     let rss_idle = rss_kib(pid).unwrap_or(0);
     let mut conns = Vec::with_capacity(clients);
     for i in 0..clients {
-        let mut c = Raw::open(&socket).await?;
-        c.send(&json!({"op":"campaign","election":format!("e-{i}"),"identity":format!("pod-{i}")}))
+        let mut c = RawClient::try_open(&socket).await?;
+        c.try_send(&json!({"op":"campaign","election":format!("e-{i}"),"identity":format!("pod-{i}")}))
             .await?;
         conns.push(c);
     }
     for c in &mut conns {
-        c.until("elected").await?;
+        c.try_until("elected").await?;
     }
     // Observers of one election, to measure fan-out.
     let mut probe = FanProbe::start(&socket, observers).await?;
@@ -478,11 +440,12 @@ async fn scale(clients: usize, observers: usize, rounds: usize) -> anyhow::Resul
     let first_leads = probe.round(Instant::now(), names[0]);
     let mut fan_conns = Vec::new();
     for name in names {
-        let mut c = Raw::open(&socket).await?;
-        c.send(&json!({"op":"campaign","election":"fan","identity":name}))
+        let mut c = RawClient::try_open(&socket).await?;
+        c.try_send(&json!({"op":"campaign","election":"fan","identity":name}))
             .await?;
         // "first" is elected (possibly before its reply arrives); "second" waits.
-        c.until(if name == "first" { "elected" } else { "ok" }).await?;
+        c.try_until(if name == "first" { "elected" } else { "ok" })
+            .await?;
         fan_conns.push(c);
     }
     first_leads.await?;
@@ -502,17 +465,17 @@ async fn scale(clients: usize, observers: usize, rounds: usize) -> anyhow::Resul
         let t0 = Instant::now();
         let samples = probe.round(t0, names[new]);
         fan_conns[old]
-            .send(&json!({"op":"resign","election":"fan"}))
+            .try_send(&json!({"op":"resign","election":"fan"}))
             .await?;
         lat.extend(samples.await?.iter().map(|d| d.as_secs_f64() * 1000.0));
         broker_cpu += cpu_ns(pid) - broker_cpu0;
         bench_cpu += cpu_ns(std::process::id()) - bench_cpu0;
-        fan_conns[old].until("ok").await?;
-        fan_conns[new].until("elected").await?;
+        fan_conns[old].try_until("ok").await?;
+        fan_conns[new].try_until("elected").await?;
         fan_conns[old]
-            .send(&json!({"op":"campaign","election":"fan","identity":names[old]}))
+            .try_send(&json!({"op":"campaign","election":"fan","identity":names[old]}))
             .await?;
-        fan_conns[old].until("ok").await?;
+        fan_conns[old].try_until("ok").await?;
     }
     probe.stop()?;
     let _ = child.kill();
@@ -539,23 +502,23 @@ async fn protocol() -> anyhow::Result<Vec<Value>> {
     let socket = dir.path().join("p.sock");
     let mut child = spawn_self(&["serve-broker", socket.to_str().context("path")?])?;
     wait_for_socket(&socket).await?;
-    let mut c = Raw::open(&socket).await?;
+    let mut c = RawClient::try_open(&socket).await?;
     let mut lat = Vec::new();
     for i in 0..1000 {
         let t = Instant::now();
-        c.send(&json!({"op":"campaign","id":i,"election":format!("p-{i}"),"identity":"me"}))
+        c.try_send(&json!({"op":"campaign","id":i,"election":format!("p-{i}"),"identity":"me"}))
             .await?;
-        c.until("ok").await?;
+        c.try_until("ok").await?;
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
         // Stay under the per-connection limit of campaigns.
-        c.send(&json!({"op":"resign","election":format!("p-{i}")}))
+        c.try_send(&json!({"op":"resign","election":format!("p-{i}")}))
             .await?;
-        c.until("ok").await?;
+        c.try_until("ok").await?;
     }
     // Events per second through one socket: pings pipelined in windows of 500 (below the
     // outbox limit: a client that never catches up is disconnected by design), each answered by
     // a pong.
-    let mut p = Raw::open(&socket).await?;
+    let mut p = RawClient::try_open(&socket).await?;
     let n = 100_000;
     let window = 500;
     let chunk = b"{\"op\":\"ping\"}\n".repeat(window);
@@ -563,10 +526,9 @@ async fn protocol() -> anyhow::Result<Vec<Value>> {
     let mut got = 0;
     let mut s = String::new();
     while got < n {
-        p.w.write_all(&chunk).await?;
+        p.try_send_raw(&chunk).await?;
         for _ in 0..window {
-            s.clear();
-            anyhow::ensure!(p.r.read_line(&mut s).await? > 0, "connection closed");
+            anyhow::ensure!(p.read_line(&mut s).await?, "connection closed");
             got += 1;
         }
     }

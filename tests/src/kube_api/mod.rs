@@ -160,6 +160,11 @@ impl LogEntry {
     pub fn is_write(&self) -> bool {
         matches!(self.verb.as_str(), "create" | "update" | "patch" | "delete")
     }
+
+    /// `verb path`, for assertion messages.
+    pub fn summary(&self) -> String {
+        format!("{} {}", self.verb, self.path)
+    }
 }
 
 /// Options for [`TestApiServer::start_with`].
@@ -525,6 +530,23 @@ impl TestApiServer {
     /// Every request answered so far.
     pub fn requests(&self) -> Vec<LogEntry> {
         self.shared.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every request of `users` answered so far.
+    pub fn requests_by(&self, users: &[User]) -> Vec<LogEntry> {
+        let mut log = self.requests();
+        log.retain(|r| users.iter().any(|u| u.name == r.user));
+        log
+    }
+
+    /// The requests of `users` refused with 403 Forbidden (by RBAC or an admission policy), as
+    /// [`LogEntry::summary`].
+    pub fn forbidden_requests_of(&self, users: &[User]) -> Vec<String> {
+        self.requests_by(users)
+            .iter()
+            .filter(|r| r.status == 403)
+            .map(LogEntry::summary)
+            .collect()
     }
 
     /// Forgets the request log (to count from a point on).

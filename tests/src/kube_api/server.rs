@@ -387,6 +387,32 @@ fn object_namespace<'a>(resource: &Resource, namespace: Option<&'a str>) -> Resu
     namespace.ok_or_else(|| status_response(&resources::bad_request("a namespace is required")))
 }
 
+/// Where a single object of `resource` lives and its name, for the verbs that name one (get,
+/// update, patch, delete): a request without them is a 400, as from the real API server.
+#[allow(clippy::result_large_err)]
+fn namespace_and_name<'a>(
+    resource: &Resource,
+    namespace: Option<&'a str>,
+    name: Option<&'a str>,
+) -> Result<(&'a str, &'a str), Response> {
+    let ns = object_namespace(resource, namespace)?;
+    let name = name.ok_or_else(|| status_response(&resources::bad_request("a name is required")))?;
+    Ok((ns, name))
+}
+
+/// The object in a create or update body, placed in `ns` (which its own namespace, if it
+/// names one, must be).
+#[allow(clippy::result_large_err)]
+fn body_object(resource: &Resource, body: &Bytes, ns: &str) -> Result<Value, Response> {
+    let mut obj = parse_body(body)?;
+    if resource.namespaced
+        && let Some(r) = check_namespace(&mut obj, ns)
+    {
+        return Err(r);
+    }
+    Ok(obj)
+}
+
 fn is_admission_config(resource: &Resource) -> bool {
     std::ptr::eq(resource, &VALIDATING_ADMISSION_POLICIES)
         || std::ptr::eq(resource, &VALIDATING_ADMISSION_POLICY_BINDINGS)
@@ -492,12 +518,9 @@ async fn objects(
     }
     match ctx.verb.as_str() {
         "get" => {
-            let ns = match object_namespace(resource, namespace) {
-                Ok(ns) => ns,
+            let (ns, name) = match namespace_and_name(resource, namespace, name) {
+                Ok(found) => found,
                 Err(r) => return r,
-            };
-            let Some(name) = name else {
-                return status_response(&resources::bad_request("a name is required"));
             };
             match store.get(&key(resource, ns, name)) {
                 Some(obj) => json_response(200, &with_type(resource, obj)),
@@ -540,15 +563,10 @@ async fn objects(
                 Ok(ns) => ns,
                 Err(r) => return r,
             };
-            let mut obj = match parse_body(&body) {
+            let mut obj = match body_object(resource, &body, ns) {
                 Ok(o) => o,
                 Err(r) => return r,
             };
-            if resource.namespaced
-                && let Some(r) = check_namespace(&mut obj, ns)
-            {
-                return r;
-            }
             let obj_name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
             let mut errors = resources::validate(resource, &obj, false);
             errors.extend(validate_kind(resource, &obj));
@@ -578,22 +596,14 @@ async fn objects(
             }
         }
         "update" => {
-            let ns = match object_namespace(resource, namespace) {
-                Ok(ns) => ns,
+            let (ns, name) = match namespace_and_name(resource, namespace, name) {
+                Ok(found) => found,
                 Err(r) => return r,
             };
-            let Some(name) = name else {
-                return status_response(&resources::bad_request("a name is required"));
-            };
-            let mut obj = match parse_body(&body) {
+            let obj = match body_object(resource, &body, ns) {
                 Ok(o) => o,
                 Err(r) => return r,
             };
-            if resource.namespaced
-                && let Some(r) = check_namespace(&mut obj, ns)
-            {
-                return r;
-            }
             let body_name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
             if body_name != name {
                 return status_response(&resources::bad_request(format!(
@@ -656,12 +666,9 @@ async fn objects(
             }
         }
         "patch" => {
-            let ns = match object_namespace(resource, namespace) {
-                Ok(ns) => ns,
+            let (ns, name) = match namespace_and_name(resource, namespace, name) {
+                Ok(found) => found,
                 Err(r) => return r,
-            };
-            let Some(name) = name else {
-                return status_response(&resources::bad_request("a name is required"));
             };
             let content_type = headers
                 .get(header::CONTENT_TYPE)
@@ -716,12 +723,9 @@ async fn objects(
             }
         }
         "delete" => {
-            let ns = match object_namespace(resource, namespace) {
-                Ok(ns) => ns,
+            let (ns, name) = match namespace_and_name(resource, namespace, name) {
+                Ok(found) => found,
                 Err(r) => return r,
-            };
-            let Some(name) = name else {
-                return status_response(&resources::bad_request("a name is required"));
             };
             let k = key(resource, ns, name);
             if let Some(a) = admission(ns) {

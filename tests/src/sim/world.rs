@@ -8,8 +8,8 @@ use std::time::Duration;
 use elector_broker::election::machine::{Action, WritePurpose};
 use elector_broker::election::record::LeaderRecord;
 use elector_broker::election::{
-    Candidacy, Claim, Contender, ElectionTiming, LockFailure, LockState, Notification, Observed, PartyId,
-    StepDown,
+    Candidacy, Claim, Contender, ElectionTiming, Farewell, LockFailure, LockState, Notification, Observed,
+    PartyId, StepDown,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -117,7 +117,7 @@ enum Answer {
 enum AppMsg {
     Join { claim: Option<Claim> },
     Observe,
-    Leave { notify: bool },
+    Leave { farewell: Farewell },
 }
 
 #[derive(Debug, Clone)]
@@ -834,12 +834,12 @@ impl World {
                 }
             }
             AppMsg::Observe => d.parties.push((party, app)),
-            AppMsg::Leave { notify } => {
+            AppMsg::Leave { farewell } => {
                 if d.parties
                     .iter()
                     .any(|(p, a)| *p == party && self.apps[*a].candidate)
                 {
-                    d.machine.remove_candidate(party, StepDown::Resigned, notify);
+                    d.machine.remove_candidate(party, StepDown::Resigned, farewell);
                 }
                 self.deliver(node, el);
                 if let Some(d) = self.nodes[node].drivers[el].as_mut() {
@@ -966,7 +966,7 @@ impl World {
         );
     }
 
-    fn leave(&mut self, app: usize, notify: bool) {
+    fn leave(&mut self, app: usize, farewell: Farewell) {
         self.oracle.stop(app);
         if let Some((party, inc)) = self.apps[app].conn.take() {
             let node = self.apps[app].node;
@@ -978,7 +978,7 @@ impl World {
                     inc,
                     app,
                     party,
-                    msg: AppMsg::Leave { notify },
+                    msg: AppMsg::Leave { farewell },
                 },
             );
         }
@@ -1111,10 +1111,10 @@ impl World {
                 let app = on[self.fault_rng.random_range(0..on.len())];
                 if kind == 12 {
                     self.apps[app].alive = false;
-                    self.leave(app, false);
+                    self.leave(app, Farewell::Silent);
                     format!("app {app} crashed")
                 } else if self.apps[app].conn.is_some() {
-                    self.leave(app, true);
+                    self.leave(app, Farewell::Tell);
                     self.at(ms(2000), Ev::Reconnect { app });
                     format!("app {app} resigned")
                 } else {
@@ -1143,7 +1143,7 @@ impl World {
                 for a in 0..self.apps.len() {
                     if self.apps[a].alive && self.apps[a].identity == self.apps[old].identity {
                         self.apps[a].alive = false;
-                        self.leave(a, false);
+                        self.leave(a, Farewell::Silent);
                     }
                 }
                 let last = self.apps[old].last_term.unwrap_or(0);
