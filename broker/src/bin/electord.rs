@@ -28,6 +28,12 @@ struct Args {
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
 
+    /// Record Kubernetes Events on the lock object when leadership changes ("pod-a became
+    /// leader"), rate-limited per lock; `--events=false`: none. Never in standalone mode.
+    #[arg(long, env = "ELECTOR_EVENTS", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    events: bool,
+
     /// This node's name (from the downward API in the DaemonSet).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -242,10 +248,9 @@ async fn main() -> anyhow::Result<()> {
                 secs(args.attest_wait, "--attest-wait")?,
             )));
         }
-        (
-            Backends::kubernetes(client, &node, Some(metrics.clone())).at(api_url),
-            readiness,
-        )
+        let backends = Backends::kubernetes(client, &node, Some(metrics.clone())).at(api_url);
+        let backends = if args.events { backends } else { backends.without_events() };
+        (backends, readiness)
     };
 
     let daemon = Daemon::start(config, backends, metrics, readiness).await?;

@@ -134,6 +134,7 @@ impl ElectionTask {
                 } => {
                     self.metrics().leadership_transitions.inc();
                     tracing::info!(election = %self.name, %identity, term, "elected");
+                    self.kube_event(&identity, term, crate::events::Change::Elected);
                     self.tell(
                         party,
                         PartyEvent::Elected {
@@ -182,6 +183,7 @@ impl ElectionTask {
                 } => {
                     let reason = lost_reason(reason);
                     tracing::info!(election = %self.name, %identity, term, %reason, "lost");
+                    self.kube_event(&identity, term, crate::events::Change::of_lost(reason));
                     self.tell(
                         party,
                         PartyEvent::Lost {
@@ -222,6 +224,15 @@ impl ElectionTask {
                     );
                 }
             }
+        }
+    }
+
+    /// Hands a leadership change to the Kubernetes Events recorder, if any (never waits).
+    fn kube_event(&self, identity: &str, term: u64, change: crate::events::Change) {
+        if let Some(events) = &self.elections.inner.backends.events {
+            let lock = crate::events::LockRef::of(&self.name, self.machine.lock_state());
+            let identity = identity.to_string();
+            events.record(crate::events::LeadershipChange { lock, identity, term, change });
         }
     }
 
