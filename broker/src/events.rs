@@ -400,7 +400,13 @@ impl Writer {
             .buckets
             .values_mut()
             .filter(|b| b.deferred.is_some())
-            .filter_map(|b| if b.bucket.try_take(now) { b.deferred.take() } else { None })
+            .filter_map(|b| {
+                if b.bucket.try_take(now) {
+                    b.deferred.take()
+                } else {
+                    None
+                }
+            })
             .collect();
         for change in due {
             self.write(change).await;
@@ -417,10 +423,12 @@ impl Writer {
 
     async fn write(&mut self, change: LeadershipChange) {
         let key = (change.lock.clone(), change.identity.clone());
-        let (recorder, used) = self
-            .recorders
-            .entry(key.clone())
-            .or_insert_with(|| (Recorder::new(self.client.clone(), self.reporter.clone()), Instant::now()));
+        let (recorder, used) = self.recorders.entry(key.clone()).or_insert_with(|| {
+            (
+                Recorder::new(self.client.clone(), self.reporter.clone()),
+                Instant::now(),
+            )
+        });
         *used = Instant::now();
         let recorder = recorder.clone();
         let event = Event {
@@ -431,8 +439,7 @@ impl Writer {
             secondary: None,
         };
         let reference = change.lock.object_reference();
-        let failure = match tokio::time::timeout(WRITE_TIMEOUT, recorder.publish(&event, &reference)).await
-        {
+        let failure = match tokio::time::timeout(WRITE_TIMEOUT, recorder.publish(&event, &reference)).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(crate::lock::kube::error_chain(&e)),
             Err(_) => Some(format!("no answer within {WRITE_TIMEOUT:?}")),
@@ -499,7 +506,12 @@ mod tests {
         for (i, &start) in granted.iter().enumerate() {
             for (j, &end) in granted.iter().enumerate().skip(i) {
                 let allowed = 4 + (end - start).as_nanos() / every.as_nanos();
-                assert!((j - i + 1) as u128 <= allowed, "{} in {:?}", j - i + 1, end - start);
+                assert!(
+                    (j - i + 1) as u128 <= allowed,
+                    "{} in {:?}",
+                    j - i + 1,
+                    end - start
+                );
             }
         }
     }
@@ -523,7 +535,10 @@ mod tests {
             "pod-a became leader (term 4, node n1)"
         );
         let lost = change(Change::of_lost(LostReason::RenewFailed));
-        assert_eq!(lost.note("n1"), "pod-a lost leadership (term 4, node n1): renew_failed");
+        assert_eq!(
+            lost.note("n1"),
+            "pod-a lost leadership (term 4, node n1): renew_failed"
+        );
         assert_eq!(lost.change.event_type(), EventType::Warning);
         let released = change(Change::of_lost(LostReason::BrokerShutdown));
         assert_eq!(

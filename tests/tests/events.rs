@@ -85,7 +85,9 @@ async fn after_a_failover_both_holders_became_leader_events_carry_their_terms() 
     assert!(second_term > first_term);
 
     let events = wait_for_events(&server, "job", |events| {
-        events.iter().any(|e| note_of(e).starts_with("pod-b became leader"))
+        events
+            .iter()
+            .any(|e| note_of(e).starts_with("pod-b became leader"))
     })
     .await;
     let admin = server.client(server.admin()).await.unwrap();
@@ -110,7 +112,12 @@ async fn after_a_failover_both_holders_became_leader_events_carry_their_terms() 
                 regarding.namespace.as_deref(),
                 regarding.name.as_deref(),
             ),
-            (Some("coordination.k8s.io/v1"), Some("Lease"), Some("demo"), Some("job"))
+            (
+                Some("coordination.k8s.io/v1"),
+                Some("Lease"),
+                Some("demo"),
+                Some("job")
+            )
         );
         assert_eq!(regarding.uid, lease.metadata.uid, "the Lease's uid");
     }
@@ -122,30 +129,37 @@ async fn a_flapping_election_makes_a_bounded_number_of_event_writes() {
     let server = TestApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (broker, user) = TestBroker::on_server(&server, "node-a", dir.path(), fast_timing());
-    let client = Client::connect(&broker.socket).await.unwrap();
+    // One connection per candidate: a connection campaigns once per election.
+    let clients = [
+        Client::connect(&broker.socket).await.unwrap(),
+        Client::connect(&broker.socket).await.unwrap(),
+    ];
     let options = |identity: &str| {
         CampaignOptions::new("flappy", identity)
             .namespace("demo")
             .lock(LockKind::Lease)
     };
     let started = Instant::now();
-    let mut leader = client.campaign(options("pod-a")).await.unwrap();
+    let mut leader = clients[0].campaign(options("pod-0")).await.unwrap();
     leader.elected().await.unwrap();
-    let mut waiting = client.campaign(options("pod-b")).await.unwrap();
+    let mut waiting = clients[1].campaign(options("pod-1")).await.unwrap();
     // 100 leadership changes: the leader resigns, the other candidate is elected, the one that
     // resigned campaigns again.
     let mut changes = 1;
-    let mut identities = ["pod-a", "pod-b"];
     while changes < 100 {
         leader.resign().await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), waiting.elected())
             .await
             .expect("the other candidate is elected")
             .unwrap();
+        let resigned = changes % 2 == 1;
         changes += 1;
-        identities.swap(0, 1);
         leader = waiting;
-        waiting = client.campaign(options(identities[1])).await.unwrap();
+        let again = if resigned { 0 } else { 1 };
+        waiting = clients[again]
+            .campaign(options(&format!("pod-{again}")))
+            .await
+            .unwrap();
     }
     drop(waiting);
     // Whatever was queued has been written (or given up) well within this.
@@ -158,7 +172,10 @@ async fn a_flapping_election_makes_a_bounded_number_of_event_writes() {
         writes <= bound,
         "{writes} Event writes for {changes} leadership changes in {elapsed:?} (bound {bound})"
     );
-    assert!(writes >= BURST as usize, "the first changes are written: {writes}");
+    assert!(
+        writes >= BURST as usize,
+        "the first changes are written: {writes}"
+    );
     // Repeats are aggregated: one Event per holder and change, counted in its series.
     let events = lease_events(&server, "flappy").await;
     assert!(events.len() <= 4, "{events:#?}");
@@ -178,18 +195,30 @@ async fn a_flapping_election_makes_a_bounded_number_of_event_writes() {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
     assert!(rate_limited > 100, "{metrics}");
-    drop((leader, client, broker));
+    drop((leader, clients, broker));
 }
 
 /// A real `electord` process against the test API server, with `extra` arguments.
-fn electord(dir: &Path, server: &TestApiServer, node: &str, extra: &[&str]) -> (tokio::process::Child, PathBuf) {
+fn electord(
+    dir: &Path,
+    server: &TestApiServer,
+    node: &str,
+    extra: &[&str],
+) -> (tokio::process::Child, PathBuf) {
     let user = server.add_user(node, vec![Rule::all()]);
     let socket = dir.join(format!("{node}.sock"));
     let child = tokio::process::Command::new(elector_tests::workspace_bin("elector-broker", "electord"))
         .arg("--kubeconfig")
         .arg(server.kubeconfig_path(&user))
         .args(["--node-name", node, "--attest=none", "--http-addr", ""])
-        .args(["--lease-duration", "2", "--renew-deadline", "1.5", "--retry-period", "0.25"])
+        .args([
+            "--lease-duration",
+            "2",
+            "--renew-deadline",
+            "1.5",
+            "--retry-period",
+            "0.25",
+        ])
         .arg("--socket")
         .arg(&socket)
         .args(extra)
@@ -336,16 +365,67 @@ async fn kubectl_describe_lease_shows_the_events() {
     ] {
         assert!(selector.split(',').any(|p| p == part), "{part} in {selector:?}");
     }
-    assert!(asked.path.starts_with("/api/v1/namespaces/demo/events"), "{}", asked.path);
+    assert!(
+        asked.path.starts_with("/api/v1/namespaces/demo/events"),
+        "{}",
+        asked.path
+    );
 
     // `kubectl get events` through either API version.
     let notes = kubectl(
         &kc,
-        &["-n", "demo", "get", "events.events.k8s.io", "-o", "jsonpath={.items[*].note}"],
+        &[
+            "-n",
+            "demo",
+            "get",
+            "events.events.k8s.io",
+            "-o",
+            "jsonpath={.items[*].note}",
+        ],
     )
     .await;
     assert!(notes.contains("pod-a became leader"), "{notes}");
-    let messages = kubectl(&kc, &["-n", "demo", "get", "events", "-o", "jsonpath={.items[*].message}"]).await;
+    let messages = kubectl(
+        &kc,
+        &[
+            "-n",
+            "demo",
+            "get",
+            "events",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ],
+    )
+    .await;
     assert!(messages.contains("pod-a released leadership"), "{messages}");
+
+    // The commands of docs/operations.md, "Events", as written there (placeholders filled).
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md")).unwrap();
+    for (prefix, shows) in [
+        ("kubectl describe lease <election>", "pod-a became leader"),
+        ("kubectl get events -n <ns>", "pod-a released leadership"),
+    ] {
+        let line = doc
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("docs/operations.md has no `{prefix} ...` line"))
+            .replace("<election>", "job")
+            .replace("<ns>", "demo");
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&line)
+            .env("KUBECONFIG", &kc)
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(shows),
+            "{line}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     drop((client, broker));
 }

@@ -249,7 +249,11 @@ async fn main() -> anyhow::Result<()> {
             )));
         }
         let backends = Backends::kubernetes(client, &node, Some(metrics.clone())).at(api_url);
-        let backends = if args.events { backends } else { backends.without_events() };
+        let backends = if args.events {
+            backends
+        } else {
+            backends.without_events()
+        };
         (backends, readiness)
     };
 

@@ -232,7 +232,12 @@ impl ElectionTask {
         if let Some(events) = &self.elections.inner.backends.events {
             let lock = crate::events::LockRef::of(&self.name, self.machine.lock_state());
             let identity = identity.to_string();
-            events.record(crate::events::LeadershipChange { lock, identity, term, change });
+            events.record(crate::events::LeadershipChange {
+                lock,
+                identity,
+                term,
+                change,
+            });
         }
     }
 

@@ -134,8 +134,7 @@ fn view(resource: &Resource, stored: &Value) -> Value {
             ("reportingComponent", json!("")),
             ("reportingInstance", json!("")),
         ] {
-            core.as_object_mut()
-                .map(|m| m.entry(field).or_insert(zero));
+            core.as_object_mut().map(|m| m.entry(field).or_insert(zero));
         }
         core
     } else {
@@ -210,7 +209,10 @@ fn to_stored(resource: &Resource, body: &Value) -> Result<Value, Value> {
         series.insert("lastObservedTime".into(), micro(t));
     }
     for field in ["deprecatedSource", "regarding"] {
-        if map.get(field).is_some_and(|v| v.as_object().is_some_and(Map::is_empty) || v.is_null()) {
+        if map
+            .get(field)
+            .is_some_and(|v| v.as_object().is_some_and(Map::is_empty) || v.is_null())
+        {
             map.remove(field);
         }
     }
@@ -271,7 +273,11 @@ fn qualified_name_errors(field: &str, value: &str) -> Vec<FieldError> {
     let ends_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && name.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
     if name.len() > 63 {
-        errors.push(invalid(field, value, "name part must be no more than 63 characters"));
+        errors.push(invalid(
+            field,
+            value,
+            "name part must be no more than 63 characters",
+        ));
     }
     if !chars_ok || !ends_ok {
         errors.push(invalid(field, value, "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"));
@@ -285,7 +291,13 @@ fn validate(resource: &Resource, event: &Value, ns: &str) -> Vec<FieldError> {
     let mut errors = resources::validate(resource, event, false);
     let core = is_core(resource);
     let regarding_ns = event["regarding"]["namespace"].as_str().unwrap_or_default();
-    let mismatch = || invalid("involvedObject.namespace", regarding_ns, "does not match event.namespace");
+    let mismatch = || {
+        invalid(
+            "involvedObject.namespace",
+            regarding_ns,
+            "does not match event.namespace",
+        )
+    };
     if event.get("eventTime").is_none() {
         let ok = if regarding_ns.is_empty() {
             ns.is_empty() || ns == "default"
@@ -378,7 +390,10 @@ fn immutable_errors(resource: &Resource, new: &Value, old: &Value) -> Vec<FieldE
     .filter(|(field, _)| new.get(*field) != old.get(*field))
     .map(|(field, internal)| FieldError {
         field: internal.into(),
-        message: format!("Invalid value: {}: field is immutable", new.get(field).unwrap_or(&Value::Null)),
+        message: format!(
+            "Invalid value: {}: field is immutable",
+            new.get(field).unwrap_or(&Value::Null)
+        ),
     })
     .collect()
 }
@@ -408,7 +423,8 @@ pub(super) fn serve(
     if !is_event(resource) {
         return None;
     }
-    let need_ns = || namespace.ok_or_else(|| status_response(&resources::bad_request("a namespace is required")));
+    let need_ns =
+        || namespace.ok_or_else(|| status_response(&resources::bad_request("a namespace is required")));
     let need_name = || name.ok_or_else(|| status_response(&resources::bad_request("a name is required")));
     let answer = match verb {
         "get" => (|| {
@@ -457,7 +473,11 @@ pub(super) fn serve(
             let event_name = event["metadata"]["name"].as_str().unwrap_or_default().to_string();
             let errors = validate(resource, &event, ns);
             if !errors.is_empty() {
-                return Err(status_response(&resources::invalid(resource, &event_name, &errors)));
+                return Err(status_response(&resources::invalid(
+                    resource,
+                    &event_name,
+                    &errors,
+                )));
             }
             let mut event = event;
             if let Some(m) = event.as_object_mut() {
@@ -482,7 +502,9 @@ pub(super) fn serve(
                     return Err(status_response(&resources::status(
                         415,
                         "UnsupportedMediaType",
-                        format!("the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json (got {content_type:?})"),
+                        format!(
+                            "the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json (got {content_type:?})"
+                        ),
                         Some(json!({})),
                     )));
                 }
@@ -585,18 +607,27 @@ mod tests {
         e["type"] = json!("Odd");
         e["series"] = json!({"count": 1, "lastObservedTime": "2026-01-01T00:00:01.000000Z"});
         e["deprecatedCount"] = json!(3);
-        let fields: Vec<String> = validate(&EVENTS, &e, "demo").into_iter().map(|e| e.field).collect();
+        let fields: Vec<String> = validate(&EVENTS, &e, "demo")
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
         assert_eq!(fields, ["series.count", "eventTime", "type", "count"]);
         let mut e = to_stored(&EVENTS, &event()).unwrap();
         e["reportingController"] = json!("not a name");
         e["action"] = json!("");
-        let fields: Vec<String> = validate(&EVENTS, &e, "demo").into_iter().map(|e| e.field).collect();
+        let fields: Vec<String> = validate(&EVENTS, &e, "demo")
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
         assert_eq!(fields, ["reportingController", "action"]);
         // The core view keeps to the legacy checks.
         let mut legacy = to_stored(&EVENTS, &event()).unwrap();
         legacy.as_object_mut().unwrap().remove("eventTime");
         legacy["regarding"]["namespace"] = json!("other");
-        let fields: Vec<String> = validate(&CORE_EVENTS, &legacy, "demo").into_iter().map(|e| e.field).collect();
+        let fields: Vec<String> = validate(&CORE_EVENTS, &legacy, "demo")
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
         assert_eq!(fields, ["involvedObject.namespace"]);
     }
 

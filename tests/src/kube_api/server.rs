@@ -466,7 +466,9 @@ async fn objects(
         ));
     }
     let store = &ctx.shared.store;
-    if let Some(answer) = super::events::serve(store, resource, &ctx.verb, namespace, name, query, headers, &body) {
+    if let Some(answer) =
+        super::events::serve(store, resource, &ctx.verb, namespace, name, query, headers, &body)
+    {
         return answer;
     }
     // Writes to namespaced objects pass through the admission policies.
