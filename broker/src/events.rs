@@ -559,6 +559,122 @@ mod tests {
         assert_eq!(r.resource_version, None, "kept out so repeats aggregate");
     }
 
+    fn counter(metrics: &Metrics, line_prefix: &str) -> u64 {
+        metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(line_prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// An API server that accepts every Event write and remembers it: (method, path, body).
+    type Seen = Arc<std::sync::Mutex<Vec<(String, String, serde_json::Value)>>>;
+
+    fn accepting_api() -> (kube::Client, Seen) {
+        let seen: Seen = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let log = log.clone();
+            async move {
+                let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+                let body = axum::body::to_bytes(req.into_body(), usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                let body = serde_json::from_slice(&body).unwrap_or_default();
+                log.lock().unwrap().push((method, path, body));
+                (
+                    axum::http::StatusCode::CREATED,
+                    axum::Json(serde_json::json!({
+                        "apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}
+                    })),
+                )
+            }
+        });
+        (kube::Client::new(app, "default"), seen)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flap_writes_a_burst_then_the_latest_change_when_a_token_comes() {
+        let (client, seen) = accepting_api();
+        let metrics = Arc::new(Metrics::new());
+        let events = LeadershipEvents::start(client, "n1", Some(metrics.clone())).unwrap();
+        let lock = LockRef {
+            kind: LockKind::Lease,
+            namespace: "demo".into(),
+            name: "job".into(),
+            uid: Some("u-1".into()),
+        };
+        let change = |identity: &str, term, change| LeadershipChange {
+            lock: lock.clone(),
+            identity: identity.into(),
+            term,
+            change,
+        };
+        for term in 0..30 {
+            events.record(change(&format!("pod-{}", term % 2), term, Change::Elected));
+        }
+        events.record(change("pod-0", 30, Change::Released(LostReason::Resigned)));
+        events.flush(Duration::from_secs(5)).await;
+        {
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen.len(), BURST as usize, "{seen:#?}");
+            // Each holder's first "became leader" is created, its repeats patch its series.
+            let creates: Vec<&str> = seen
+                .iter()
+                .filter(|(m, _, _)| m == "POST")
+                .map(|(_, _, body)| body["note"].as_str().unwrap_or_default())
+                .collect();
+            assert_eq!(
+                creates,
+                [
+                    "pod-0 became leader (term 0, node n1)",
+                    "pod-1 became leader (term 1, node n1)"
+                ]
+            );
+            assert!(
+                seen.iter()
+                    .all(|(_, path, _)| path.starts_with("/apis/events.k8s.io/v1/namespaces/demo/events"))
+            );
+            let (_, _, last) = seen.last().unwrap();
+            assert_eq!(last["series"]["count"], 5, "{last}");
+        }
+        assert_eq!(
+            counter(&metrics, "elector_kubernetes_events_written_total "),
+            BURST as u64
+        );
+        // Every change after the burst but the last was dropped; the last waits for a token.
+        assert_eq!(
+            counter(
+                &metrics,
+                "elector_kubernetes_events_dropped_total{reason=\"rate_limited\"} "
+            ),
+            20
+        );
+        tokio::time::sleep(REFILL_EVERY + Duration::from_secs(1)).await;
+        events.flush(Duration::from_secs(5)).await;
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), BURST as usize + 1);
+        let (method, _, body) = seen.last().unwrap();
+        assert_eq!(
+            (
+                method.as_str(),
+                body["note"].as_str(),
+                body["type"].as_str(),
+                body["action"].as_str()
+            ),
+            (
+                "POST",
+                Some("pod-0 released leadership (term 30, node n1): resigned"),
+                Some("Normal"),
+                Some("Released")
+            )
+        );
+        assert_eq!(body["regarding"]["uid"], "u-1");
+        assert_eq!(body["reportingController"], REPORTING_CONTROLLER);
+        assert_eq!(body["reportingInstance"], "n1");
+    }
+
     #[tokio::test]
     async fn a_full_queue_drops_and_counts_without_waiting() {
         // A queue nobody drains, filled past its capacity: `record` returns at once each time.
