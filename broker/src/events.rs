@@ -245,11 +245,13 @@ impl LeadershipEvents {
     /// Waits (at most `limit`) until every change queued so far has been written or given up:
     /// on shutdown, so that the last `released` Events are not lost with the process.
     pub async fn flush(&self, limit: Duration) {
-        let (tx, rx) = oneshot::channel();
-        let sent = tokio::time::timeout(limit, self.queue.send(Message::Flush(tx))).await;
-        if matches!(sent, Ok(Ok(()))) {
-            let _ = tokio::time::timeout(limit, rx).await;
-        }
+        let flushed = async {
+            let (tx, rx) = oneshot::channel();
+            if self.queue.send(Message::Flush(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, flushed).await;
     }
 }
 
