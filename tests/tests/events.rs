@@ -2,6 +2,7 @@
 //! test API server, with real brokers:
 //! - after a failover the server holds "became leader" Events about the Lease for both holders,
 //!   with their terms and nodes;
+//! - a broker's shutdown writes its leaders' `released` Events before it goes;
 //! - a flapping election (100 leadership changes) makes a bounded number of Event writes;
 //! - `electord --events=false` (the real binary) writes none, and the same binary without the
 //!   flag does;
@@ -122,6 +123,31 @@ async fn after_a_failover_both_holders_became_leader_events_carry_their_terms() 
         assert_eq!(regarding.uid, lease.metadata.uid, "the Lease's uid");
     }
     drop((second, cb, ca, first, b));
+}
+
+/// A broker shutting down (SIGTERM, `--on-shutdown=release`) releases its leaders' locks and
+/// records why: `released ... broker_shutdown` (the daemon flushes the Events queue before it
+/// returns).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_writes_the_released_events_before_the_broker_goes() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _) = TestBroker::on_server(&server, "node-a", dir.path(), fast_timing());
+    let client = Client::connect(&broker.socket).await.unwrap();
+    let c = client
+        .campaign(CampaignOptions::new("job", "pod-a").namespace("demo"))
+        .await
+        .unwrap();
+    let term = c.elected().await.unwrap();
+    broker.shutdown();
+    let note = format!("pod-a released leadership (term {term}, node node-a): broker_shutdown");
+    let events = wait_for_events(&server, "job", |e| e.iter().any(|e| note_of(e) == note)).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| note_of(e).starts_with("pod-a became leader"))
+    );
+    drop((c, client));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
