@@ -2,7 +2,7 @@
 //! test API server, with real brokers:
 //! - after a failover the server holds "became leader" Events about the Lease for both holders,
 //!   with their terms and nodes;
-//! - a broker's shutdown writes its leaders' `released` Events before it goes;
+//! - a preempted leader's Event is a Warning, a shutdown's says `broker_shutdown`;
 //! - a flapping election (100 leadership changes) makes a bounded number of Event writes;
 //! - `electord --events=false` (the real binary) writes none, and the same binary without the
 //!   flag does;
@@ -129,7 +129,7 @@ async fn after_a_failover_both_holders_became_leader_events_carry_their_terms() 
 /// records why: `released ... broker_shutdown` (the daemon flushes the Events queue before it
 /// returns).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_writes_the_released_events_before_the_broker_goes() {
+async fn a_shutdown_records_released_broker_shutdown_events() {
     let server = TestApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (broker, _) = TestBroker::on_server(&server, "node-a", dir.path(), fast_timing());
@@ -148,6 +148,42 @@ async fn a_shutdown_writes_the_released_events_before_the_broker_goes() {
             .any(|e| note_of(e).starts_with("pod-a became leader"))
     );
     drop((c, client));
+}
+
+/// Someone else writes the Lease: the leader is told `lost` (`preempted`), and the Event is a
+/// Warning that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_leader_gets_a_lost_leadership_warning() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _) = TestBroker::on_server(&server, "node-a", dir.path(), fast_timing());
+    let client = Client::connect(&broker.socket).await.unwrap();
+    let c = client
+        .campaign(CampaignOptions::new("job", "pod-a").namespace("demo"))
+        .await
+        .unwrap();
+    let term = c.elected().await.unwrap();
+    let admin = server.client(server.admin()).await.unwrap();
+    Api::<Lease>::namespaced(admin, "demo")
+        .patch(
+            "job",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"holderIdentity": "intruder"}})),
+        )
+        .await
+        .unwrap();
+    let note = format!("pod-a lost leadership (term {term}, node node-a): preempted");
+    let events = wait_for_events(&server, "job", |e| e.iter().any(|e| note_of(e) == note)).await;
+    let lost = events.iter().find(|e| note_of(e) == note).unwrap();
+    assert_eq!(
+        (
+            lost.type_.as_deref(),
+            lost.action.as_deref(),
+            lost.reason.as_deref()
+        ),
+        (Some("Warning"), Some("LostLeadership"), Some("LeaderElection"))
+    );
+    drop((c, client, broker));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
