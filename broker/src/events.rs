@@ -242,6 +242,23 @@ impl LeadershipEvents {
         }
     }
 
+    /// Queues `identity`'s `change` in `term` of `election`, whose lock was last seen as `seen`.
+    pub fn leadership_changed(
+        &self,
+        election: &ElectionName,
+        seen: &LockState<RawObject>,
+        identity: &str,
+        term: u64,
+        change: Change,
+    ) {
+        self.record(LeadershipChange {
+            lock: LockRef::of(election, seen),
+            identity: identity.to_string(),
+            term,
+            change,
+        });
+    }
+
     /// Waits (at most `limit`) until every change queued so far has been written or given up:
     /// on shutdown, so that the last `released` Events are not lost with the process.
     pub async fn flush(&self, limit: Duration) {

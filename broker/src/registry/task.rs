@@ -230,14 +230,7 @@ impl ElectionTask {
     /// Hands a leadership change to the Kubernetes Events recorder, if any (never waits).
     fn kube_event(&self, identity: &str, term: u64, change: crate::events::Change) {
         if let Some(events) = &self.elections.inner.backends.events {
-            let lock = crate::events::LockRef::of(&self.name, self.machine.lock_state());
-            let identity = identity.to_string();
-            events.record(crate::events::LeadershipChange {
-                lock,
-                identity,
-                term,
-                change,
-            });
+            events.leadership_changed(&self.name, self.machine.lock_state(), identity, term, change);
         }
     }
 

@@ -409,6 +409,7 @@ fn key(ns: &str, name: &str) -> ObjectKey {
 /// Answers a request about Events through `resource` (either view), or `None` for what the
 /// server's generic handling serves (watch and delete of `events.k8s.io/v1`, delete of
 /// core/v1). RBAC has been checked.
+///
 /// The request-scoped closures answer `Err(response)` early, as the server's handlers do.
 #[allow(clippy::too_many_arguments, clippy::result_large_err)]
 pub(super) fn serve(
