@@ -120,6 +120,7 @@ pub struct Daemon {
     grace: Duration,
     on_shutdown: ShutdownMode,
     superseded: CancellationToken,
+    events: Option<crate::events::LeadershipEvents>,
 }
 
 impl Daemon {
@@ -130,6 +131,7 @@ impl Daemon {
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
     ) -> Result<Self, DaemonError> {
+        let events = backends.events.clone();
         let elections = Elections::new(backends, config.defaults, Some(metrics));
         let bound = socket::bind(&config.socket)?;
         let socket_shutdown = CancellationToken::new();
@@ -176,6 +178,7 @@ impl Daemon {
             grace: config.shutdown_grace,
             on_shutdown: config.on_shutdown,
             superseded,
+            events,
         })
     }
 
@@ -232,6 +235,10 @@ impl Daemon {
     /// Shutdown in a given mode (see [`Daemon::shutdown`]).
     pub async fn shutdown_as(self, mode: ShutdownMode) {
         self.elections.shutdown(self.grace, mode).await;
+        // The `released` Events of the leaders just released, before the process goes.
+        if let Some(events) = &self.events {
+            events.flush(Duration::from_secs(2)).await;
+        }
         self.socket_shutdown.cancel();
         if let Some(task) = self.socket_task {
             let _ = tokio::time::timeout(self.grace, task).await;

@@ -4,6 +4,7 @@
 //! - [`election`]: the lock record format and the I/O-free election state machine;
 //! - [`lock`]: lock backends (Endpoints, Lease, memory) and the per-namespace watch hub;
 //! - [`registry`]: one task per election, joining the two;
+//! - [`events`]: Kubernetes Events on the lock object when leadership changes;
 //! - [`socket`]: the Unix-socket protocol server applications talk to;
 //! - [`http`]: health, readiness, metrics and `/elections`;
 //! - [`logging`]: the binaries' log format (text, coloured only on a terminal, or JSON);
@@ -12,6 +13,7 @@
 pub mod attest;
 pub mod daemon;
 pub mod election;
+pub mod events;
 pub mod http;
 pub mod lock;
 pub mod logging;

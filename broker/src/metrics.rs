@@ -45,6 +45,8 @@ pub struct Metrics {
     pub events_dropped: Counter,
     pub rejected_requests: Family<CodeLabels, Counter>,
     pub attestation_failures: Family<ReasonLabels, Counter>,
+    pub kubernetes_events_written: Counter,
+    pub kubernetes_events_dropped: Family<ReasonLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,6 +82,8 @@ impl Metrics {
             events_dropped: Counter::default(),
             rejected_requests: Family::default(),
             attestation_failures: Family::default(),
+            kubernetes_events_written: Counter::default(),
+            kubernetes_events_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -148,6 +152,16 @@ impl Metrics {
             "Connections rejected because the calling pod could not be attested, by reason",
             m.attestation_failures.clone(),
         );
+        registry.register(
+            "kubernetes_events_written",
+            "Kubernetes Events about leadership changes written (created or aggregated)",
+            m.kubernetes_events_written.clone(),
+        );
+        registry.register(
+            "kubernetes_events_dropped",
+            "Kubernetes Events about leadership changes not written: queue_full, rate_limited, write_failed",
+            m.kubernetes_events_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -175,6 +189,14 @@ impl Metrics {
 
     pub fn attestation_failure(&self, reason: &str) {
         self.attestation_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn kubernetes_event_dropped(&self, reason: &str) {
+        self.kubernetes_events_dropped
             .get_or_create(&ReasonLabels {
                 reason: reason.into(),
             })

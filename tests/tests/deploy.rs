@@ -308,6 +308,14 @@ async fn rbac_is_exactly_what_the_broker_uses() {
         tokio::time::sleep(Duration::from_millis(600)).await;
         a.resign().await.unwrap();
         b.elected().await.unwrap();
+        // pod-b steps down and leads again: the repeated "became leader" Event is counted in
+        // the first one's series (a patch).
+        b.resign().await.unwrap();
+        let b = cb
+            .campaign(CampaignOptions::new("rbac-job", "pod-b").lock(lock))
+            .await
+            .unwrap();
+        b.elected().await.unwrap();
         // Someone else writes (a conflict makes the broker re-read with a get).
         let _ = cb.observe("rbac-job", None, lock).await.unwrap();
         drop((b, ca));

@@ -70,6 +70,11 @@ struct ClusterArgs {
     /// kubeconfig to use; without it, the in-cluster service account (or $KUBECONFIG / ~/.kube/config).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// Record Kubernetes Events on the lock object when leadership changes ("pod-a became
+    /// leader"), rate-limited per lock; `--events=false`: none. Never in standalone mode.
+    #[arg(long, env = "ELECTOR_EVENTS", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    events: bool,
 }
 
 /// A connection to the Kubernetes API, as [`ClusterArgs::try_client`] makes it.
@@ -373,8 +378,13 @@ async fn main() -> anyhow::Result<()> {
         Some(cluster) => {
             let readiness = cluster.readiness();
             config.attestor = args.attest.attestor(attest, &cluster, &node)?;
-            let backends = Backends::kubernetes(cluster.client, &node, Some(metrics.clone()));
-            (backends.at(cluster.url), readiness)
+            let backends = Backends::kubernetes(cluster.client, &node, Some(metrics.clone())).at(cluster.url);
+            let backends = if args.cluster.events {
+                backends
+            } else {
+                backends.without_events()
+            };
+            (backends, readiness)
         }
     };
 

@@ -84,6 +84,8 @@ pub struct Backends {
     pub lease: Arc<dyn LockBackend>,
     /// Where the locks live, for people: the API server's URL, or "memory".
     pub location: Arc<str>,
+    /// Kubernetes Events on leadership changes (`None`: standalone, or `--events=false`).
+    pub events: Option<crate::events::LeadershipEvents>,
 }
 
 impl Backends {
@@ -100,17 +102,23 @@ impl Backends {
             endpoints: Arc::new(memory::MemoryLock::default()),
             lease: Arc::new(memory::MemoryLock::default()),
             location: "memory".into(),
+            events: None,
         }
     }
 
     /// Both kinds on a Kubernetes API server, for the broker on `node` (named in every write's
-    /// `elector.dev/node` annotation).
+    /// `elector.dev/node` annotation), recording Kubernetes Events on leadership changes (see
+    /// [`Backends::without_events`]).
     pub fn kubernetes(
         client: ::kube::Client,
         node: &str,
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Self {
+        let events = crate::events::LeadershipEvents::start(client.clone(), node, metrics.clone())
+            .map_err(|e| tracing::warn!("no Kubernetes Events: {e}"))
+            .ok();
         Backends {
+            events,
             endpoints: Arc::new(kube::KubeLock::<k8s_openapi::api::core::v1::Endpoints>::new(
                 client.clone(),
                 node,
@@ -121,6 +129,12 @@ impl Backends {
             )),
             location: "the Kubernetes API".into(),
         }
+    }
+
+    /// No Kubernetes Events (`electord --events=false`).
+    pub fn without_events(mut self) -> Self {
+        self.events = None;
+        self
     }
 
     /// Names where the locks live (the API server's URL) in logs and `unknown` views.

@@ -139,6 +139,7 @@ impl ElectionTask {
                 } => {
                     self.metrics().leadership_transitions.inc();
                     tracing::info!(election = %self.name, %identity, term, "elected");
+                    self.kube_event(&identity, term, crate::events::Change::Elected);
                     self.tell(
                         party,
                         PartyEvent::Elected {
@@ -187,6 +188,7 @@ impl ElectionTask {
                 } => {
                     let reason = lost_reason(reason);
                     tracing::info!(election = %self.name, %identity, term, %reason, "lost");
+                    self.kube_event(&identity, term, crate::events::Change::of_lost(reason));
                     self.tell(
                         party,
                         PartyEvent::Lost {
@@ -227,6 +229,13 @@ impl ElectionTask {
                     );
                 }
             }
+        }
+    }
+
+    /// Hands a leadership change to the Kubernetes Events recorder, if any (never waits).
+    fn kube_event(&self, identity: &str, term: u64, change: crate::events::Change) {
+        if let Some(events) = &self.elections.inner.backends.events {
+            events.leadership_changed(&self.name, self.machine.lock_state(), identity, term, change);
         }
     }
 

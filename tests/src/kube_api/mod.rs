@@ -2,7 +2,7 @@
 //!
 //! It speaks the Kubernetes REST API for what elector (and `kubectl get`) uses: core/v1
 //! `endpoints` and `pods`, coordination.k8s.io/v1 `leases`; get, list, watch, create, replace,
-//! JSON merge patch and delete; discovery. Its answers are held to a real kube-apiserver's by
+//! JSON merge patch and delete; discovery; and Events, events.k8s.io/v1 and core/v1 ([`events`]). Its answers are held to a real kube-apiserver's by
 //! replaying `shared/kube-api-transcripts/` (see `tests/transcripts.rs`).
 //!
 //! On top it has what tests need and a real server does not give: bearer-token users with
@@ -27,6 +27,7 @@
 //! ```
 
 pub mod admission;
+pub mod events;
 pub mod resources;
 pub mod selector;
 mod server;

@@ -77,21 +77,24 @@ pub static VALIDATING_ADMISSION_POLICY_BINDINGS: Resource = Resource {
     namespaced: false,
 };
 
-pub static ALL: [&Resource; 6] = [
+pub static ALL: [&Resource; 8] = [
     &ENDPOINTS,
     &PODS,
     &LEASES,
     &NAMESPACES,
     &VALIDATING_ADMISSION_POLICIES,
     &VALIDATING_ADMISSION_POLICY_BINDINGS,
+    &super::events::CORE_EVENTS,
+    &super::events::EVENTS,
 ];
 
 /// The API groups served besides core, with the resources of each listed in [`ALL`].
 /// `authentication.k8s.io` serves only `selfsubjectreviews` (a create-only virtual resource).
-pub static GROUPS: [&str; 3] = [
+pub static GROUPS: [&str; 4] = [
     "coordination.k8s.io",
     "admissionregistration.k8s.io",
     "authentication.k8s.io",
+    "events.k8s.io",
 ];
 
 impl Resource {
@@ -384,7 +387,7 @@ pub fn field_value<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
         "metadata.namespace" => &object["metadata"]["namespace"],
         "spec.nodeName" => &object["spec"]["nodeName"],
         "status.phase" => &object["status"]["phase"],
-        _ => return None,
+        _ => return super::events::field_value(object, field),
     };
     Some(v.as_str().unwrap_or(""))
 }

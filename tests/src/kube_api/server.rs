@@ -96,7 +96,7 @@ fn route(path: &str) -> Route {
     }
 }
 
-fn json_response(status: u16, body: &Value) -> Response {
+pub(super) fn json_response(status: u16, body: &Value) -> Response {
     let mut resp = Response::new(Body::from(serde_json::to_vec(body).unwrap_or_default()));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut()
@@ -104,7 +104,7 @@ fn json_response(status: u16, body: &Value) -> Response {
     resp
 }
 
-fn status_response(body: &Value) -> Response {
+pub(super) fn status_response(body: &Value) -> Response {
     let code = body["code"].as_u64().unwrap_or(500) as u16;
     json_response(code, body)
 }
@@ -492,6 +492,11 @@ async fn objects(
         ));
     }
     let store = &ctx.shared.store;
+    if let Some(answer) =
+        super::events::serve(store, resource, &ctx.verb, namespace, name, query, headers, &body)
+    {
+        return answer;
+    }
     // Writes to namespaced objects pass through the admission policies.
     let admission = |ns: &str| {
         resource
@@ -783,7 +788,7 @@ fn self_subject_review(user: &User) -> Response {
 }
 
 #[allow(clippy::result_large_err)]
-fn parse_body(body: &Bytes) -> Result<Value, Response> {
+pub(super) fn parse_body(body: &Bytes) -> Result<Value, Response> {
     match serde_json::from_slice::<Value>(body) {
         Ok(v) if v.is_object() => Ok(v),
         Ok(_) => Err(status_response(&resources::bad_request(
@@ -796,7 +801,7 @@ fn parse_body(body: &Bytes) -> Result<Value, Response> {
 }
 
 /// Fills in the namespace from the path, or answers 400 when the body names another.
-fn check_namespace(obj: &mut Value, ns: &str) -> Option<Response> {
+pub(super) fn check_namespace(obj: &mut Value, ns: &str) -> Option<Response> {
     let meta = metadata_mut(obj);
     match meta.get("namespace").and_then(Value::as_str) {
         Some(body_ns) if !body_ns.is_empty() && body_ns != ns => {
@@ -810,7 +815,7 @@ fn check_namespace(obj: &mut Value, ns: &str) -> Option<Response> {
 }
 
 /// RFC 7386 JSON merge patch.
-fn merge_patch(target: &mut Value, patch: &Value) {
+pub(super) fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(p) = patch else {
         *target = patch.clone();
         return;
