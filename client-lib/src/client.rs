@@ -779,9 +779,13 @@ fn dispatch(
                 };
                 reg.state.send_modify(|s| {
                     s.connected = true;
-                    s.leader = l.leader.clone();
-                    s.term = l.term;
                     s.unknown = l.unknown.clone();
+                    // A leader (in jeopardy, resuming at a new broker that has not read the
+                    // lock yet) goes on naming itself until it is told `safe` or `lost`.
+                    if !(role == Role::Campaign && s.is_leader) {
+                        s.leader = l.leader.clone();
+                        s.term = l.term;
+                    }
                 });
                 let _ = reg.events.send(CampaignEvent::Leader {
                     leader: l.leader.clone(),
@@ -952,6 +956,30 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_leader_resuming_keeps_naming_itself_while_the_new_broker_cannot_tell() {
+        let (reg, state, _events) = registration();
+        let mut regs = HashMap::from([(key(), reg)]);
+        dispatch(
+            elected(Duration::from_secs(60)),
+            &mut regs,
+            &mut HashMap::new(),
+            true,
+        );
+        regs[&key()].broker_gone(tokio::time::Instant::now(), LostReason::Disconnected);
+        // The new broker's first word on the election: it cannot read the lock yet.
+        let unknown: Event = serde_json::from_value(serde_json::json!({
+            "event": "leader", "election": "e", "namespace": "ns", "lock": "lease",
+            "leader": null, "is_me": false, "unknown": "the lock cannot be read: timeout"
+        }))
+        .unwrap();
+        dispatch(unknown, &mut regs, &mut HashMap::new(), true);
+        let s = state.borrow().clone();
+        assert!(s.is_leader && s.jeopardy, "{s:?}");
+        assert_eq!((s.leader.as_deref(), s.term), (Some("me"), Some(4)), "{s:?}");
+        assert!(s.unknown.is_some());
     }
 
     #[tokio::test]
