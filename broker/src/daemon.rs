@@ -3,53 +3,73 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::http::HttpLimits;
+pub use crate::http::Readiness;
 use crate::lock::Backends;
 use crate::metrics::Metrics;
 use crate::registry::{Defaults, Elections, ShutdownMode};
 use crate::socket::{self, BrokerIdentity, Limits, SocketOptions, SocketServer};
 
-/// What `/readyz` checks.
-#[derive(Debug)]
-pub struct Readiness {
-    /// `None` in standalone mode: there is no API to reach.
-    last_api_contact: Option<Mutex<Option<Instant>>>,
-    window: Duration,
+/// File descriptors kept for the broker itself, outside both connection limits: the runtime,
+/// the Kubernetes client's connections and watches, the socket's lock file, `/proc` reads while
+/// attesting, and the socket server's spare descriptor (to refuse clients on `EMFILE`).
+pub const RESERVED_FDS: u64 = 64;
+
+/// HTTP gets at most one part in this many of the descriptors left after the reserve; the rest
+/// is the election socket's, so no HTTP load can take them.
+const HTTP_FD_SHARE: u64 = 8;
+
+/// How the process's file descriptors are shared out (see [`FdBudget::plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudget {
+    /// The soft `RLIMIT_NOFILE` in force.
+    pub limit: u64,
+    /// Socket client connections allowed (`--max-connections`, clamped).
+    pub socket_connections: usize,
+    /// HTTP connections allowed (`--http-max-connections`, clamped; 0 without HTTP).
+    pub http_connections: usize,
 }
 
-impl Readiness {
-    pub fn standalone() -> Self {
-        Readiness {
-            last_api_contact: None,
-            window: Duration::ZERO,
-        }
-    }
-
-    pub fn kubernetes(window: Duration) -> Self {
-        Readiness {
-            last_api_contact: Some(Mutex::new(None)),
-            window,
-        }
-    }
-
-    pub fn api_contact(&self) {
-        if let Some(m) = &self.last_api_contact {
-            *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        }
-    }
-
-    pub fn check(&self) -> Result<(), String> {
-        let Some(m) = &self.last_api_contact else {
-            return Ok(());
+impl FdBudget {
+    /// Raises the soft `RLIMIT_NOFILE` to the hard limit (best effort) and returns the soft
+    /// limit in force afterwards.
+    pub fn raise_nofile_limit() -> u64 {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+            return 1024;
         };
-        match *m.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(t) if t.elapsed() <= self.window => Ok(()),
-            Some(t) => Err(format!("the Kubernetes API last answered {:?} ago", t.elapsed())),
-            None => Err("the Kubernetes API has not answered yet".into()),
+        if soft < hard {
+            // An unlimited hard limit is capped by the kernel's nr_open (1Mi by default).
+            let target = hard.min(1 << 20);
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+                tracing::warn!("cannot raise the open-file limit from {soft} to {target}: {e}");
+                return soft;
+            }
+            return target;
+        }
+        soft
+    }
+
+    /// Shares `limit` descriptors out: [`RESERVED_FDS`] for the broker, at most an eighth of the
+    /// rest for HTTP, the remainder for the election socket; each limit is what was asked for
+    /// when it fits.
+    pub fn plan(limit: u64, socket_wanted: usize, http_wanted: usize) -> FdBudget {
+        let available = limit.saturating_sub(RESERVED_FDS);
+        let http_room = usize::try_from((available / HTTP_FD_SHARE).max(1)).unwrap_or(usize::MAX);
+        let http_connections = http_wanted.min(http_room);
+        let socket_room = usize::try_from(available)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(http_connections)
+            .max(1);
+        FdBudget {
+            limit,
+            socket_connections: socket_wanted.min(socket_room),
+            http_connections,
         }
     }
 }
@@ -63,6 +83,8 @@ pub struct DaemonConfig {
     pub limits: Limits,
     /// Where `/healthz`, `/readyz`, `/metrics` and `/elections` are served (`None`: nowhere).
     pub http_addr: Option<SocketAddr>,
+    /// Limits of the HTTP server (its connection cap is clamped to the fd budget).
+    pub http: HttpLimits,
     /// How long shutdown may take to release held locks.
     pub shutdown_grace: Duration,
     /// Release held locks on shutdown, or hand them off to a successor broker.
@@ -88,6 +110,7 @@ impl DaemonConfig {
             defaults: Defaults::default(),
             limits: Limits::default(),
             http_addr: None,
+            http: HttpLimits::default(),
             shutdown_grace: Duration::from_secs(5),
             on_shutdown: ShutdownMode::Release,
             attestor: None,
@@ -132,6 +155,39 @@ impl Daemon {
         readiness: Arc<Readiness>,
     ) -> Result<Self, DaemonError> {
         let events = backends.events.clone();
+        let mut config = config;
+        let budget = FdBudget::plan(
+            FdBudget::raise_nofile_limit(),
+            config.limits.max_connections,
+            if config.http_addr.is_some() {
+                config.http.max_connections
+            } else {
+                0
+            },
+        );
+        if budget.socket_connections < config.limits.max_connections
+            || (config.http_addr.is_some() && budget.http_connections < config.http.max_connections)
+        {
+            tracing::warn!(
+                open_file_limit = budget.limit,
+                max_connections = budget.socket_connections,
+                http_max_connections = budget.http_connections,
+                "the open-file limit cannot hold the connection limits asked for: clamped (raise the pod's or the runtime's RLIMIT_NOFILE)"
+            );
+        } else {
+            tracing::info!(
+                open_file_limit = budget.limit,
+                max_connections = budget.socket_connections,
+                http_max_connections = budget.http_connections,
+                "file descriptor budget"
+            );
+        }
+        config.limits.max_connections = budget.socket_connections;
+        config.limits.max_connections_per_uid = config
+            .limits
+            .max_connections_per_uid
+            .min(budget.socket_connections);
+        config.http.max_connections = budget.http_connections.max(1);
         let elections = Elections::new(backends, config.defaults, Some(metrics));
         let bound = socket::bind(&config.socket)?;
         let socket_shutdown = CancellationToken::new();
@@ -156,6 +212,7 @@ impl Daemon {
                     listener,
                     elections.clone(),
                     readiness,
+                    config.http.clone(),
                     http_shutdown.clone(),
                 ));
                 (Some(task), bound)
@@ -247,5 +304,31 @@ impl Daemon {
         if let Some(t) = self.http_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fd_budget_keeps_the_socket_its_share() {
+        // Plenty: everything as asked.
+        assert_eq!(
+            FdBudget::plan(1 << 20, 4096, 256),
+            FdBudget {
+                limit: 1 << 20,
+                socket_connections: 4096,
+                http_connections: 256
+            }
+        );
+        // 1024 descriptors: 960 after the reserve, HTTP gets at most 120, the socket the rest.
+        let b = FdBudget::plan(1024, 4096, 256);
+        assert_eq!((b.socket_connections, b.http_connections), (840, 120));
+        // No HTTP: all of it for the socket.
+        assert_eq!(FdBudget::plan(1024, 4096, 0).socket_connections, 960);
+        // Absurdly low limits still leave one of each.
+        let b = FdBudget::plan(10, 4096, 256);
+        assert_eq!((b.socket_connections, b.http_connections), (1, 1));
     }
 }

@@ -1,33 +1,155 @@
-//! The broker's HTTP endpoints: `/healthz` (alive), `/readyz` (socket listening and the API
-//! reachable recently), `/metrics` (Prometheus text) and `/elections` (JSON).
+//! The broker's HTTP endpoints, `/healthz` (alive), `/readyz` (socket listening and the API
+//! reachable recently), `/metrics` (Prometheus text) and `/elections` (JSON), and the bounded
+//! HTTP/1 server that both `electord` and `elector-shim` serve with ([`serve_bounded`]).
+//!
+//! Guarantees of [`serve_bounded`], so that no HTTP client can hurt the election socket:
+//! - at most [`HttpLimits::max_connections`] connections at once: the accept loop takes a
+//!   semaphore permit before it accepts, so connections beyond the cap wait in the kernel's
+//!   backlog and hold none of this process's file descriptors;
+//! - a connection must send a request's whole header within [`HttpLimits::header_timeout`]
+//!   (hyper's `header_read_timeout`), also for the next request of a kept-alive connection: idle,
+//!   slowloris and keep-alive connections are closed after it;
+//! - a response that makes no write progress for [`HttpLimits::write_timeout`] (a client that
+//!   does not read) closes the connection, freeing its buffers;
+//! - on accept errors (`EMFILE` and the like) the loop backs off (10 ms, doubling to 1 s)
+//!   instead of spinning.
+//!
+//! `/elections` is streamed (a JSON array written a few elections at a time, as the client
+//! reads), at most [`HttpLimits::max_listings`] at once (others get `503` and `Retry-After`),
+//! and shown only to callers the [`ListingAccess`] allows: by default loopback only (`kubectl
+//! exec ... -- elector status`), since it names every election and identity of the node.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
-use crate::daemon::Readiness;
-use crate::registry::Elections;
+use crate::registry::{ElectionInfo, Elections};
+
+/// Why `/readyz` says not ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("the Kubernetes API last answered {0:?} ago")]
+    ApiSilentFor(Duration),
+    #[error("the Kubernetes API has not answered yet")]
+    ApiNeverAnswered,
+}
+
+/// What `/readyz` checks.
+#[derive(Debug)]
+pub struct Readiness {
+    /// `None` in standalone mode: there is no API to reach.
+    last_api_contact: Option<Mutex<Option<Instant>>>,
+    window: Duration,
+}
+
+impl Readiness {
+    pub fn standalone() -> Self {
+        Readiness {
+            last_api_contact: None,
+            window: Duration::ZERO,
+        }
+    }
+
+    pub fn kubernetes(window: Duration) -> Self {
+        Readiness {
+            last_api_contact: Some(Mutex::new(None)),
+            window,
+        }
+    }
+
+    pub fn api_contact(&self) {
+        if let Some(m) = &self.last_api_contact {
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+    }
+
+    pub fn check(&self) -> Result<(), NotReady> {
+        let Some(m) = &self.last_api_contact else {
+            return Ok(());
+        };
+        match *m.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(t) if t.elapsed() <= self.window => Ok(()),
+            Some(t) => Err(NotReady::ApiSilentFor(t.elapsed())),
+            None => Err(NotReady::ApiNeverAnswered),
+        }
+    }
+}
+
+/// Who may read `/elections` (every election and identity of the node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ListingAccess {
+    /// Only callers on the loopback interface (inside the broker's pod: `kubectl exec`).
+    #[default]
+    Local,
+    /// Anyone who can reach the port.
+    Everyone,
+}
+
+/// Limits of an HTTP server (the broker's and the shim's).
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Connections at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// A request's header must arrive within this long (idle kept-alive connections too).
+    pub header_timeout: Duration,
+    /// A response write that makes no progress for this long closes the connection.
+    pub write_timeout: Duration,
+    /// `/elections` responses at once.
+    pub max_listings: usize,
+    /// Who may read `/elections`.
+    pub listing_access: ListingAccess,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            max_listings: 4,
+            listing_access: ListingAccess::Local,
+        }
+    }
+}
+
+/// Elections per chunk of a streamed `/elections`.
+const LISTING_CHUNK: usize = 64;
 
 #[derive(Debug, Clone)]
 struct AppState {
     elections: Elections,
     readiness: Arc<Readiness>,
+    listings: Arc<Semaphore>,
+    access: ListingAccess,
 }
 
-/// The router, for serving or for tests.
-pub fn router(elections: Elections, readiness: Arc<Readiness>) -> Router {
+/// The broker's router. Handlers that need the caller's address read the
+/// `ConnectInfo<SocketAddr>` that [`serve_bounded`] puts on every request.
+pub fn router(elections: Elections, readiness: Arc<Readiness>, limits: &HttpLimits) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/elections", get(elections_json))
-        .with_state(AppState { elections, readiness })
+        .with_state(AppState {
+            elections,
+            readiness,
+            listings: Arc::new(Semaphore::new(limits.max_listings.max(1))),
+            access: limits.listing_access,
+        })
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
@@ -47,27 +169,195 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn elections_json(State(s): State<AppState>) -> impl IntoResponse {
-    axum::Json(s.elections.info().await)
+async fn elections_json(State(s): State<AppState>, request: axum::extract::Request) -> Response {
+    let local = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|ConnectInfo(addr)| addr.ip().is_loopback());
+    if s.access == ListingAccess::Local && !local {
+        return (
+            StatusCode::FORBIDDEN,
+            "/elections is served on the loopback interface only (electord --http-elections=everyone opens it): kubectl exec into the broker's pod and run `elector status`\n",
+        )
+            .into_response();
+    }
+    let Ok(permit) = s.listings.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "too many /elections requests at once; retry\n",
+        )
+            .into_response();
+    };
+    let infos = s.elections.info().await;
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(listing_chunks(infos, permit)),
+    )
+        .into_response()
 }
 
-/// Serves the endpoints on `listener` until `shutdown` fires.
+/// The JSON array of `infos`, a few elections per chunk; the permit goes with the last chunk
+/// (or with the connection, if it dies first).
+fn listing_chunks(
+    infos: Vec<ElectionInfo>,
+    permit: OwnedSemaphorePermit,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
+    let state = (infos.into_iter(), Some(permit), true);
+    futures::stream::unfold(state, |(mut rest, permit, first)| async move {
+        let permit = permit?;
+        let mut buf = Vec::with_capacity(LISTING_CHUNK * 400);
+        if first {
+            buf.push(b'[');
+        }
+        let mut last = false;
+        for i in 0..LISTING_CHUNK {
+            let Some(info) = rest.next() else {
+                last = true;
+                break;
+            };
+            if !(first && i == 0) {
+                buf.push(b',');
+            }
+            // An ElectionInfo is plain data: serializing it into memory cannot fail.
+            let _ = serde_json::to_writer(&mut buf, &info);
+        }
+        if last {
+            buf.push(b']');
+            drop(permit);
+            return Some((Ok(Bytes::from(buf)), (rest, None, false)));
+        }
+        Some((Ok(Bytes::from(buf)), (rest, Some(permit), false)))
+    })
+}
+
+/// Serves `app` on `listener` within `limits` (see the module docs) until `shutdown` fires,
+/// then lets requests in flight finish (up to a second).
+pub async fn serve_bounded(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let connections = TaskTracker::new();
+    let mut backoff = Duration::ZERO;
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => {
+                    backoff = Duration::ZERO;
+                    a
+                }
+                Err(e) => {
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tracing::warn!("HTTP accept failed: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            },
+        };
+        let mut io = tokio_io_timeout::TimeoutStream::new(tcp);
+        io.set_write_timeout(Some(limits.write_timeout));
+        let io = TokioIo::new(Box::pin(io));
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                app.clone().oneshot(request)
+            });
+        let header_timeout = limits.header_timeout;
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(64 * 1024);
+            let conn = builder.serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
+}
+
+/// Serves the broker's endpoints on `listener` until `shutdown` fires.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     elections: Elections,
     readiness: Arc<Readiness>,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) {
-    let app = router(elections, readiness);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    {
-        tracing::error!("HTTP server failed: {e}");
-    }
+    let app = router(elections, readiness, &limits);
+    serve_bounded(listener, app, limits, shutdown).await;
 }
 
 /// Binds the HTTP listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn a_listing_is_one_json_array_and_frees_its_permit_at_the_end() {
+        let semaphore = Arc::new(Semaphore::new(1));
+        for n in [0, 1, LISTING_CHUNK, LISTING_CHUNK + 1, 3 * LISTING_CHUNK] {
+            let infos: Vec<ElectionInfo> = (0..n)
+                .map(|i| ElectionInfo {
+                    name: elector_client::protocol::ElectionName {
+                        election: format!("e{i}"),
+                        namespace: "ns".into(),
+                        lock: Default::default(),
+                    },
+                    leader: None,
+                    term: None,
+                    held_by_this_broker: false,
+                    candidates: Vec::new(),
+                    observers: 0,
+                    last_renew: None,
+                    lease_duration_seconds: 15,
+                    renew_deadline_seconds: 10.0,
+                    retry_period_seconds: 2.0,
+                })
+                .collect();
+            let permit = semaphore.clone().try_acquire_owned().unwrap();
+            let chunks: Vec<_> = listing_chunks(infos, permit).collect().await;
+            let body: Vec<u8> = chunks.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v.as_array().unwrap().len(), n);
+            assert_eq!(semaphore.available_permits(), 1, "permit back after {n}");
+        }
+    }
+
+    #[test]
+    fn readiness_errors_are_typed() {
+        let r = Readiness::kubernetes(Duration::from_secs(30));
+        assert_eq!(r.check(), Err(NotReady::ApiNeverAnswered));
+        r.api_contact();
+        assert_eq!(r.check(), Ok(()));
+        assert_eq!(Readiness::standalone().check(), Ok(()));
+    }
 }

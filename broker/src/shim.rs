@@ -9,7 +9,10 @@
 //! - a standby reports the *current* leader: the name is driven by the broker's events;
 //! - a leader whose renewals fail stops reporting itself at once (`lost` clears it);
 //! - broker unreachable: the name is unknown (`""`) and `/healthz` answers 503 while the
-//!   client reconnects with back-off.
+//!   client reconnects with back-off;
+//! - the HTTP port is bounded ([`crate::http::serve_bounded`]): a connection cap, and idle,
+//!   slowloris and non-reading clients closed after a timeout (`--http-max-connections`,
+//!   `--http-timeout`), so its memory returns to baseline after any load.
 //!
 //! Errors: transient ones (no broker yet, a broker restart, `unattested` while the pod is not
 //! yet in the broker's pod watch, limits, `shutting_down`) are retried with back-off, forever.
@@ -32,6 +35,8 @@ use elector_client::{CampaignOptions, Client, LeadershipState};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::{HttpLimits, serve_bounded};
+
 /// Why the shim stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
@@ -48,6 +53,9 @@ pub enum ShimError {
         code: ErrorCode,
         message: String,
     },
+    /// `--ttl` cannot be an election's lease duration.
+    #[error("--ttl must be a whole number of seconds, at least 2 (got {ttl:?})")]
+    InvalidTtl { ttl: Duration },
     /// Serving HTTP failed.
     #[error("serving HTTP: {0}")]
     Http(#[from] std::io::Error),
@@ -175,13 +183,10 @@ pub struct ShimConfig {
 
 impl ShimConfig {
     /// The election timing the original derived from `--ttl`.
-    pub fn timing(&self) -> Result<Timing, String> {
+    pub fn timing(&self) -> Result<Timing, ShimError> {
         let ttl = self.ttl.as_secs();
         if self.ttl.subsec_nanos() != 0 || ttl < 2 {
-            return Err(format!(
-                "--ttl must be a whole number of seconds, at least 2 (got {:?})",
-                self.ttl
-            ));
+            return Err(ShimError::InvalidTtl { ttl: self.ttl });
         }
         Ok(Timing {
             lease_duration: Some(ttl),
@@ -224,10 +229,10 @@ pub async fn campaign_loop(
         Ok(t) => t,
         Err(e) => {
             view.send_replace(ShimView {
-                problem: Some(e.clone()),
+                problem: Some(e.to_string()),
                 ..Default::default()
             });
-            return Err(ShimError::Config(e));
+            return Err(e);
         }
     };
     let mut backoff = RetryDelays::starting_at(Duration::from_millis(100));
@@ -324,10 +329,22 @@ pub fn router(view: watch::Receiver<ShimView>) -> Router {
 }
 
 /// Runs the shim until `stop` fires or a permanent error: campaign, and serve HTTP on `http`
-/// if given (the server stops with the campaign).
+/// if given (the server stops with the campaign), with the default [`HttpLimits`].
 pub async fn run(
     config: ShimConfig,
     http: Option<tokio::net::TcpListener>,
+    stop: CancellationToken,
+) -> Result<(), ShimError> {
+    run_limited(config, http, HttpLimits::default(), stop).await
+}
+
+/// [`run`], with the HTTP server's connection cap and timeouts as given (see
+/// [`crate::http::serve_bounded`]: idle and slowloris connections are closed after
+/// `limits.header_timeout`).
+pub async fn run_limited(
+    config: ShimConfig,
+    http: Option<tokio::net::TcpListener>,
+    limits: HttpLimits,
     stop: CancellationToken,
 ) -> Result<(), ShimError> {
     let (tx, rx) = watch::channel(ShimView::default());
@@ -341,9 +358,7 @@ pub async fn run(
         }
     });
     if let Some(listener) = http {
-        axum::serve(listener, router(rx))
-            .with_graceful_shutdown(async move { serving.cancelled().await })
-            .await?;
+        serve_bounded(listener, router(rx), limits, serving).await;
     }
     match campaign.await {
         Ok(outcome) => outcome,
@@ -390,7 +405,7 @@ mod tests {
             ttl: Duration::from_millis(1500),
             ..c
         };
-        assert!(bad.timing().is_err());
+        assert!(matches!(bad.timing(), Err(ShimError::InvalidTtl { .. })));
     }
 
     #[test]

@@ -37,6 +37,13 @@ struct Args {
     /// Where to serve {"name":...}, e.g. 0.0.0.0:4040; empty: no HTTP server.
     #[arg(long, default_value = "")]
     http: String,
+    /// Maximum HTTP connections at once (more wait in the backlog).
+    #[arg(long, default_value_t = 256)]
+    http_max_connections: usize,
+    /// Seconds an HTTP client has to send a request's header (idle kept-alive connections too),
+    /// and that a response may make no write progress, before its connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    http_timeout: f64,
     /// The elector broker's socket.
     #[arg(long, env = "ELECTOR_SOCKET", default_value = elector_client::protocol::DEFAULT_SOCKET_PATH)]
     socket: PathBuf,
@@ -75,7 +82,17 @@ async fn main() -> anyhow::Result<()> {
         ttl: args.ttl,
         socket: args.socket,
     };
-    config.timing().map_err(anyhow::Error::msg)?;
+    config.timing()?;
+    anyhow::ensure!(
+        args.http_timeout.is_finite() && args.http_timeout > 0.0,
+        "--http-timeout must be a positive number of seconds"
+    );
+    let limits = elector_broker::http::HttpLimits {
+        max_connections: args.http_max_connections.max(1),
+        header_timeout: Duration::from_secs_f64(args.http_timeout),
+        write_timeout: Duration::from_secs_f64(args.http_timeout),
+        ..Default::default()
+    };
     let stop = CancellationToken::new();
     let s = stop.clone();
     tokio::spawn(async move {
@@ -97,6 +114,6 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
-    shim::run(config, listener, stop).await?;
+    shim::run_limited(config, listener, limits, stop).await?;
     Ok(())
 }

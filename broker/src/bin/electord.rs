@@ -17,6 +17,7 @@ use clap::Parser;
 use elector_broker::attest::{Attestor, PodCache};
 use elector_broker::daemon::{Daemon, DaemonConfig, Readiness};
 use elector_broker::election::ElectionTiming;
+use elector_broker::http::{HttpLimits, ListingAccess};
 use elector_broker::lock::Backends;
 use elector_broker::metrics::Metrics;
 use elector_broker::registry::Defaults;
@@ -41,6 +42,9 @@ struct Args {
     http_addr: String,
 
     #[command(flatten)]
+    http: HttpArgs,
+
+    #[command(flatten)]
     timing: TimingArgs,
 
     #[command(flatten)]
@@ -58,6 +62,38 @@ struct Args {
 
     #[command(flatten)]
     logging: elector_broker::logging::LogArgs,
+}
+
+/// The HTTP server's limits, and who may read `/elections`.
+#[derive(Debug, clap::Args)]
+struct HttpArgs {
+    /// Maximum HTTP connections at once (more wait in the backlog); clamped to an eighth of the
+    /// open-file budget, so that the socket keeps the rest.
+    #[arg(long, env = "ELECTOR_HTTP_MAX_CONNECTIONS", default_value_t = 256)]
+    http_max_connections: usize,
+
+    /// Seconds an HTTP client has to send a request's header (idle kept-alive connections
+    /// too), and that a response may make no write progress, before its connection is closed.
+    #[arg(long, env = "ELECTOR_HTTP_TIMEOUT", default_value_t = 10.0)]
+    http_timeout: f64,
+
+    /// Who may read /elections (every election and identity on the node): `local` (loopback
+    /// only: `kubectl exec` into the pod) or `everyone` who reaches the port.
+    #[arg(long, env = "ELECTOR_HTTP_ELECTIONS", value_enum, default_value_t = ListingAccess::Local)]
+    http_elections: ListingAccess,
+}
+
+impl HttpArgs {
+    fn limits(&self) -> anyhow::Result<HttpLimits> {
+        let timeout = secs(self.http_timeout, "--http-timeout")?;
+        Ok(HttpLimits {
+            max_connections: self.http_max_connections,
+            header_timeout: timeout,
+            write_timeout: timeout,
+            listing_access: self.http_elections,
+            ..HttpLimits::default()
+        })
+    }
 }
 
 /// Where the locks live: the cluster (a kube client) or, with `--standalone`, this process.
@@ -363,6 +399,7 @@ async fn main() -> anyhow::Result<()> {
         },
         limits: args.limits.limits(),
         http_addr: http_addr(&args.http_addr)?,
+        http: args.http.limits()?,
         shutdown_grace: args.shutdown.grace()?,
         on_shutdown: args.shutdown.on_shutdown,
         attestor: None,
