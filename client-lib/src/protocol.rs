@@ -533,8 +533,20 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
             ),
         )
     })?;
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| RequestError::new(None, ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
+    let value = match serde_json::from_str::<UniqueKeys>(text) {
+        Ok(UniqueKeys(value)) => value,
+        // Only a duplicate key is a data error here: the JSON itself is well formed.
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            return Err(RequestError::new(None, ErrorCode::InvalidRequest, e.to_string()));
+        }
+        Err(e) => {
+            return Err(RequestError::new(
+                None,
+                ErrorCode::InvalidJson,
+                format!("invalid JSON: {e}"),
+            ));
+        }
+    };
     let Value::Object(obj) = &value else {
         return Err(RequestError::new(
             None,
@@ -544,7 +556,17 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
     };
     let id = match obj.get("id") {
         None | Some(Value::Null) => None,
-        Some(v @ (Value::String(_) | Value::Number(_))) => Some(v.clone()),
+        Some(v @ Value::String(_)) => Some(v.clone()),
+        Some(Value::Number(n)) if exact_id(n) => Some(Value::Number(n.clone())),
+        Some(Value::Number(n)) => {
+            return Err(RequestError::new(
+                None,
+                ErrorCode::InvalidRequest,
+                format!(
+                    "field `id` {n} cannot be echoed exactly: a numeric id must be an integer of at most 2^53 - 1 in magnitude; send other ids as strings"
+                ),
+            ));
+        }
         Some(_) => {
             return Err(RequestError::new(
                 None,
@@ -580,6 +602,87 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
     }
     serde_json::from_value::<Request>(value)
         .map_err(|e| RequestError::new(id, ErrorCode::InvalidRequest, format!("bad request: {e}")))
+}
+
+/// The largest integer every JSON implementation holds exactly (2^53 - 1).
+const MAX_EXACT_ID: u64 = (1 << 53) - 1;
+
+/// Whether a numeric id comes back exactly as sent: an integer within +-(2^53 - 1). Larger
+/// ones and fractions would come back rounded (or in another notation).
+fn exact_id(n: &serde_json::Number) -> bool {
+    n.as_u64().is_some_and(|v| v <= MAX_EXACT_ID)
+        || n.as_i64().is_some_and(|v| v.unsigned_abs() <= MAX_EXACT_ID)
+}
+
+/// A JSON value in which no object repeats a key (`{"op":"ping","op":"campaign"}` is
+/// refused: with the last key winning, what runs would not be what a reader of the line sees).
+struct UniqueKeys(Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor).map(UniqueKeys)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueKeys(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                let shown: String = key.chars().take(64).collect();
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key {shown:?}: each key may appear once per object"
+                )));
+            }
+            let UniqueKeys(v) = map.next_value()?;
+            object.insert(key, v);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// Parses one event line from the broker.
@@ -656,6 +759,25 @@ mod tests {
         assert_eq!(e.id, Some(Value::from("q")));
         let e = parse_request(br#"{"op":"campaign","election":5,"identity":"p"}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidRequest);
+        let e = parse_request(br#"{"op":"ping","op":"campaign","election":"e","identity":"p"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert!(e.message.contains("duplicate key \"op\""), "{}", e.message);
+        let e = parse_request(br#"{"op":"campaign","election":"e","identity":"p","timing":{"retry_period":1,"retry_period":2}}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        for big in [
+            "18446744073709551616",
+            "9007199254740992",
+            "-9007199254740992",
+            "1.5",
+            "1e3",
+        ] {
+            let e = parse_request(format!(r#"{{"op":"ping","id":{big}}}"#).as_bytes()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{big}");
+        }
+        for exact in ["9007199254740991", "-9007199254740991", "0"] {
+            let r = parse_request(format!(r#"{{"op":"ping","id":{exact}}}"#).as_bytes()).unwrap();
+            assert_eq!(r.id().unwrap().to_string(), exact);
+        }
         let e = parse_request(br#"{"op":"ping","bogus":1}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidRequest);
         assert!(e.message.contains("bogus"));

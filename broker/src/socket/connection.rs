@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
@@ -486,168 +486,251 @@ fn truncate(s: &str) -> String {
     s.chars().take(80).collect()
 }
 
-pub(crate) async fn serve(stream: UnixStream, pid: Option<i32>, shared: Arc<ServerShared>) {
-    let metrics = shared.elections.metrics().clone();
-    let limits = shared.limits.clone();
-    let caller = match &shared.attestor {
-        None => None,
-        // Boxed, like `handle` below: awaited once, it need not stay in every connection's state.
-        Some(attestor) => match Box::pin(attestor.attest(pid)).await {
-            Ok(c) => Some(c),
-            Err(e) => {
-                metrics.rejected(ErrorCode::Unattested.as_str());
-                metrics.attestation_failure(e.reason());
-                tracing::warn!(pid = ?pid, reason = e.reason(), "rejected an unattested caller: {e}");
-                let bye = err(
-                    None,
-                    ErrorCode::Unattested,
-                    format!("the broker could not tell which pod is calling: {e}"),
-                );
-                let mut stream = stream;
-                let _ = tokio::time::timeout(
-                    limits.write_timeout,
-                    stream.write_all(&bye.into_event().to_line()),
-                )
-                .await;
-                let _ = stream.shutdown().await;
-                return;
-            }
-        },
+/// Serves one accepted connection through its phases: attestation, greeting, the read loop,
+/// teardown. `admission` (the connection's place in the server's limits) is given back when
+/// this returns.
+pub(crate) async fn serve(
+    stream: UnixStream,
+    pid: Option<i32>,
+    shared: Arc<ServerShared>,
+    admission: super::Admission,
+) {
+    let _admission = admission;
+    let mut stream = stream;
+    let Ok(caller) = attest(&mut stream, pid, &shared).await else {
+        return;
     };
-    let (read, write) = stream.into_split();
-    let outbox = Arc::new(Outbox::new(limits.outbox_limit, metrics.clone()));
-    let default_namespace = caller
-        .as_ref()
-        .map(|c| c.pod.namespace.clone())
-        .unwrap_or_else(|| shared.identity.default_namespace.clone());
-    outbox.push(Event::Hello(Hello {
-        protocol: protocol::PROTOCOL_VERSION,
-        broker_version: env!("CARGO_PKG_VERSION").to_string(),
-        node: shared.identity.node.clone(),
-        default_namespace,
-        protocol_minor: Some(protocol::PROTOCOL_MINOR),
-        monotonic_now: Some(monotonic_now_ns()),
-        caller: caller.as_ref().map(|c| WireCaller {
-            namespace: Some(c.pod.namespace.clone()),
-            pod: Some(c.pod.name.clone()),
-        }),
-    }));
-    let mut writer_task = tokio::spawn(writer(
-        write,
-        outbox.clone(),
-        limits.write_timeout,
-        metrics.clone(),
-    ));
-    // Requests are small: start with a small buffer (it grows up to the line limit when a long
-    // line arrives). With 8 KiB, the default, 10,000 idle connections would hold 80 MiB.
-    let mut frames = FramedRead::with_capacity(read, LineCodec::new(MAX_LINE_BYTES), 512);
-    let mut conn = Conn {
-        caller,
-        outbox: outbox.clone(),
-        shared: shared.clone(),
-        memberships: Vec::new(),
-        gated: None,
+    let mut session = Session::greet(stream, caller, shared);
+    let end = session.read_requests().await;
+    session.teardown(end).await;
+}
+
+/// The caller was not attested: it was told why and the connection is closed.
+struct Unattested;
+
+/// Phase 1: with `--attest=kubernetes`, which pod is calling (`Ok(None)` without attestation).
+async fn attest(
+    stream: &mut UnixStream,
+    pid: Option<i32>,
+    shared: &ServerShared,
+) -> Result<Option<Caller>, Unattested> {
+    let Some(attestor) = &shared.attestor else {
+        return Ok(None);
     };
-    let mut deadline = Instant::now() + limits.first_request_timeout;
-    let mut seen_request = false;
-    let mut consecutive_errors = 0u32;
-    let mut writer_done = None;
-    let mut half_closed = false;
-    // The broker ends the connection while the app may live on (it sent only bad requests).
-    let mut cut = false;
-    loop {
-        tokio::select! {
-            frame = frames.next() => {
-                let result = match frame {
-                    None => {
-                        half_closed = true;
-                        break;
+    // Boxed: awaited once, it need not stay in every connection's state.
+    match Box::pin(attestor.attest(pid)).await {
+        Ok(c) => Ok(Some(c)),
+        Err(e) => {
+            let metrics = shared.elections.metrics();
+            metrics.rejected(ErrorCode::Unattested.as_str());
+            metrics.attestation_failure(e.reason());
+            tracing::warn!(pid = ?pid, reason = e.reason(), "rejected an unattested caller: {e}");
+            let bye = err(
+                None,
+                ErrorCode::Unattested,
+                format!("the broker could not tell which pod is calling: {e}"),
+            );
+            let _ = tokio::time::timeout(
+                shared.limits.write_timeout,
+                stream.write_all(&bye.into_event().to_line()),
+            )
+            .await;
+            let _ = stream.shutdown().await;
+            Err(Unattested)
+        }
+    }
+}
+
+/// How the read loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadEnd {
+    /// The client shut its sending side down: it asks nothing more, but may wait for answers.
+    HalfClosed,
+    /// The connection is done (closed, broken, timed out, broker shutdown).
+    Done,
+    /// The broker cut the connection while its app may live on (it sent only bad requests).
+    Cut,
+}
+
+/// A greeted connection: its requests, its elections, and the task writing its outbox.
+struct Session {
+    conn: Conn,
+    outbox: Arc<Outbox>,
+    frames: FramedRead<OwnedReadHalf, LineCodec>,
+    writer_task: tokio::task::JoinHandle<WriterEnd>,
+    /// Set once the writer task has ended.
+    writer_done: Option<WriterEnd>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Session {
+    /// Phase 2: queue the greeting (`hello`) and start the writer.
+    fn greet(stream: UnixStream, caller: Option<Caller>, shared: Arc<ServerShared>) -> Session {
+        let metrics = shared.elections.metrics().clone();
+        let limits = &shared.limits;
+        let (read, write) = stream.into_split();
+        let outbox = Arc::new(Outbox::new(limits.outbox_limit, metrics.clone()));
+        let default_namespace = caller
+            .as_ref()
+            .map(|c| c.pod.namespace.clone())
+            .unwrap_or_else(|| shared.identity.default_namespace.clone());
+        outbox.push(Event::Hello(Hello {
+            protocol: protocol::PROTOCOL_VERSION,
+            broker_version: env!("CARGO_PKG_VERSION").to_string(),
+            node: shared.identity.node.clone(),
+            default_namespace,
+            protocol_minor: Some(protocol::PROTOCOL_MINOR),
+            monotonic_now: Some(monotonic_now_ns()),
+            caller: caller.as_ref().map(|c| WireCaller {
+                namespace: Some(c.pod.namespace.clone()),
+                pod: Some(c.pod.name.clone()),
+            }),
+        }));
+        let writer_task = tokio::spawn(writer(
+            write,
+            outbox.clone(),
+            limits.write_timeout,
+            metrics.clone(),
+        ));
+        // Requests are small: start with a small buffer (it grows up to the line limit when a
+        // long line arrives). With 8 KiB, the default, 10,000 idle connections would hold 80 MiB.
+        let frames = FramedRead::with_capacity(read, LineCodec::new(MAX_LINE_BYTES), 512);
+        Session {
+            conn: Conn {
+                caller,
+                outbox: outbox.clone(),
+                shared,
+                memberships: Vec::new(),
+                gated: None,
+            },
+            outbox,
+            frames,
+            writer_task,
+            writer_done: None,
+            metrics,
+        }
+    }
+
+    /// Phase 3: answer requests until the connection is done. Backpressure: while the outbox
+    /// holds half its limit, no request is read, so a client that pipelines many requests and
+    /// reads its replies is never cut off; one that stops reading stalls the writer, which
+    /// closes the connection after the write timeout (`slow_consumer`).
+    async fn read_requests(&mut self) -> ReadEnd {
+        let shared = self.conn.shared.clone();
+        let limits = &shared.limits;
+        let mut deadline = Instant::now() + limits.first_request_timeout;
+        let mut seen_request = false;
+        let mut consecutive_errors = 0u32;
+        loop {
+            if !self.outbox.has_room_for_replies() {
+                tokio::select! {
+                    _ = self.outbox.room_for_replies() => {}
+                    end = &mut self.writer_task => {
+                        self.writer_done = Some(end.unwrap_or(WriterEnd::Broken));
+                        return ReadEnd::Done;
                     }
-                    Some(Err(_)) => break,
-                    Some(Ok(Frame::TooLong)) => Err(err(None, ErrorCode::LineTooLong, format!(
-                        "line longer than {MAX_LINE_BYTES} bytes: discarded"
-                    ))),
-                    Some(Ok(Frame::Line(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
-                    Some(Ok(Frame::Line(line))) => match protocol::parse_request(&line) {
-                        // Boxed: the futures of the requests would otherwise make every idle
-                        // connection's task as big as the biggest of them.
-                        Ok(req) => Box::pin(conn.handle(req)).await,
-                        Err(e) => Err(e),
-                    },
-                };
-                seen_request = true;
+                    _ = shared.shutdown.cancelled() => return ReadEnd::Done,
+                }
+                // The client is reading: its next request starts a fresh idle period.
                 deadline = Instant::now() + limits.idle_timeout;
-                match result {
-                    Ok(reply) => {
-                        consecutive_errors = 0;
-                        outbox.push(reply);
-                        if let Some(sink) = conn.gated.take() {
-                            sink.open();
-                        }
-                    }
-                    Err(e) => {
-                        metrics.rejected(e.code.as_str());
-                        tracing::debug!(code = %e.code, message = %e.message, "rejected request");
-                        consecutive_errors += 1;
-                        outbox.push(e.into_event());
-                        if consecutive_errors >= limits.max_consecutive_errors {
-                            metrics.rejected(ErrorCode::TooManyErrors.as_str());
-                            outbox.push(err(None, ErrorCode::TooManyErrors, format!(
-                                "{consecutive_errors} bad requests in a row: closing the connection"
-                            )).into_event());
-                            cut = true;
-                            break;
-                        }
-                    }
-                }
+                continue;
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                if conn.has_elections() {
+            tokio::select! {
+                frame = self.frames.next() => {
+                    let result = match frame {
+                        None => return ReadEnd::HalfClosed,
+                        Some(Err(_)) => return ReadEnd::Done,
+                        Some(Ok(Frame::TooLong)) => Err(err(None, ErrorCode::LineTooLong, format!(
+                            "line longer than {MAX_LINE_BYTES} bytes: discarded"
+                        ))),
+                        Some(Ok(Frame::Line(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                        Some(Ok(Frame::Line(line))) => match protocol::parse_request(&line) {
+                            // Boxed: the futures of the requests would otherwise make every
+                            // idle connection's task as big as the biggest of them.
+                            Ok(req) => Box::pin(self.conn.handle(req)).await,
+                            Err(e) => Err(e),
+                        },
+                    };
+                    seen_request = true;
                     deadline = Instant::now() + limits.idle_timeout;
-                    continue;
+                    match result {
+                        Ok(reply) => {
+                            consecutive_errors = 0;
+                            self.outbox.push(reply);
+                            if let Some(sink) = self.conn.gated.take() {
+                                sink.open();
+                            }
+                        }
+                        Err(e) => {
+                            self.metrics.rejected(e.code.as_str());
+                            tracing::debug!(code = %e.code, message = %e.message, "rejected request");
+                            consecutive_errors += 1;
+                            self.outbox.push(e.into_event());
+                            if consecutive_errors >= limits.max_consecutive_errors {
+                                self.metrics.rejected(ErrorCode::TooManyErrors.as_str());
+                                self.outbox.push(err(None, ErrorCode::TooManyErrors, format!(
+                                    "{consecutive_errors} bad requests in a row: closing the connection"
+                                )).into_event());
+                                return ReadEnd::Cut;
+                            }
+                        }
+                    }
                 }
-                let message = if seen_request {
-                    format!("idle for {:?} with nothing campaigned or observed: closing", limits.idle_timeout)
-                } else {
-                    format!("no request within {:?} of connecting: closing", limits.first_request_timeout)
-                };
-                metrics.rejected(ErrorCode::Timeout.as_str());
-                outbox.push(err(None, ErrorCode::Timeout, message).into_event());
-                break;
+                _ = tokio::time::sleep_until(deadline) => {
+                    if self.conn.has_elections() {
+                        deadline = Instant::now() + limits.idle_timeout;
+                        continue;
+                    }
+                    let message = if seen_request {
+                        format!("idle for {:?} with nothing campaigned or observed: closing", limits.idle_timeout)
+                    } else {
+                        format!("no request within {:?} of connecting: closing", limits.first_request_timeout)
+                    };
+                    self.metrics.rejected(ErrorCode::Timeout.as_str());
+                    self.outbox.push(err(None, ErrorCode::Timeout, message).into_event());
+                    return ReadEnd::Done;
+                }
+                end = &mut self.writer_task => {
+                    self.writer_done = Some(end.unwrap_or(WriterEnd::Broken));
+                    return ReadEnd::Done;
+                }
+                _ = shared.shutdown.cancelled() => return ReadEnd::Done,
             }
-            end = &mut writer_task => {
-                writer_done = Some(end.unwrap_or(WriterEnd::Broken));
-                break;
+        }
+    }
+
+    /// Phase 4: leave every election at once, flush what is queued, close.
+    async fn teardown(mut self, end: ReadEnd) {
+        let shared = self.conn.shared.clone();
+        let limits = &shared.limits;
+        if end == ReadEnd::HalfClosed && self.writer_done.is_none() {
+            // The client shut down its sending side (`nc -U` does at the end of its input): it
+            // asks nothing more. Its campaigns end at once, but each observation first gets the
+            // answer it asked for, its first `leader` event, so a one-shot "who leads?" works.
+            // Bounded: parties are told within a retry period, if only that who leads is unknown.
+            self.conn.resign_campaigns();
+            tokio::select! {
+                _ = tokio::time::timeout(limits.first_request_timeout, self.conn.observations_told()) => {}
+                end = &mut self.writer_task => self.writer_done = Some(end.unwrap_or(WriterEnd::Broken)),
+                _ = shared.shutdown.cancelled() => {}
             }
-            _ = shared.shutdown.cancelled() => break,
         }
-    }
-    if half_closed && writer_done.is_none() {
-        // The client shut down its sending side (`nc -U` does at the end of its input): it asks
-        // nothing more. Its campaigns end at once, but each observation first gets the answer
-        // it asked for, its first `leader` event, so a one-shot "who leads?" works. Bounded:
-        // parties are told within a retry period, if only that who leads is unknown.
-        conn.resign_campaigns();
-        tokio::select! {
-            _ = tokio::time::timeout(limits.first_request_timeout, conn.observations_told()) => {}
-            end = &mut writer_task => writer_done = Some(end.unwrap_or(WriterEnd::Broken)),
-            _ = shared.shutdown.cancelled() => {}
+        // Resign everything at once: that is how a crashed app hands over in milliseconds. A
+        // connection the broker cut (its app stopped reading, or sent only bad requests) is not
+        // evidence that the app is gone: its leaderships are abandoned, not released.
+        let cut = end == ReadEnd::Cut || matches!(self.writer_done, Some(WriterEnd::Stuck));
+        self.conn
+            .leave_all(if cut { Farewell::Abandon } else { Farewell::Silent });
+        self.outbox.close();
+        if self.writer_done.is_none() {
+            match tokio::time::timeout(limits.write_timeout, &mut self.writer_task).await {
+                Ok(Ok(end)) => self.writer_done = Some(end),
+                _ => self.writer_task.abort(),
+            }
         }
-    }
-    // Resign everything at once: that is how a crashed app hands over in milliseconds. A
-    // connection the broker cut (its app stopped reading, or sent only bad requests) is not
-    // evidence that the app is gone: its leaderships are abandoned, not released.
-    let cut = cut || matches!(writer_done, Some(WriterEnd::Stuck));
-    conn.leave_all(if cut { Farewell::Abandon } else { Farewell::Silent });
-    outbox.close();
-    if writer_done.is_none() {
-        match tokio::time::timeout(limits.write_timeout, &mut writer_task).await {
-            Ok(Ok(end)) => writer_done = Some(end),
-            _ => writer_task.abort(),
+        if matches!(self.writer_done, Some(WriterEnd::Stuck)) {
+            self.metrics.rejected(ErrorCode::SlowConsumer.as_str());
+            tracing::info!("closed a connection whose client stopped reading");
         }
-    }
-    if matches!(writer_done, Some(WriterEnd::Stuck)) {
-        metrics.rejected(ErrorCode::SlowConsumer.as_str());
-        tracing::info!("closed a connection whose client stopped reading");
     }
 }

@@ -12,7 +12,12 @@
 //! - bad input gets an `error` event with a stable code and never harms the connection (unless
 //!   it keeps coming), other connections, or the broker;
 //! - a connection closing resigns all of its campaigns at once;
-//! - a client that does not read cannot block the broker or make it grow without bound.
+//! - a client that does not read cannot block the broker or make it grow without bound; one
+//!   that pipelines requests and reads is slowed down (backpressure), never cut off;
+//! - at most `max_connections` clients (clamped to the file-descriptor budget by
+//!   [`crate::daemon::FdBudget`]); the others, and any client that arrives when the process is
+//!   out of descriptors (`EMFILE`, via a spare descriptor), get `too_many_connections` and are
+//!   closed, never left hanging; accept errors back off instead of spinning.
 
 mod connection;
 pub mod outbox;
@@ -24,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -262,8 +268,76 @@ pub(crate) struct ServerShared {
     pub shutdown: CancellationToken,
     /// `Some`: callers are attested (`--attest=kubernetes`).
     pub attestor: Option<Arc<Attestor>>,
+    /// One permit per connection (`max_connections`).
+    connections: Arc<Semaphore>,
     conns_per_uid: Mutex<HashMap<u32, usize>>,
-    total: Mutex<usize>,
+}
+
+/// A connection's place in the server's limits: its permit among `max_connections`, its
+/// count among its uid's, and its `connected_clients`; all given back when it is dropped,
+/// with the connection's task.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    _permit: OwnedSemaphorePermit,
+    uid: u32,
+    shared: Arc<ServerShared>,
+}
+
+impl Admission {
+    /// Admits one more connection from `uid`, or says which limit it would break.
+    fn new(shared: &Arc<ServerShared>, uid: u32) -> Result<Admission, String> {
+        let limits = &shared.limits;
+        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+            return Err(format!(
+                "the broker has its maximum of {} connections",
+                limits.max_connections
+            ));
+        };
+        let mut per_uid = shared.conns_per_uid.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = per_uid.entry(uid).or_default();
+        if *mine >= limits.max_connections_per_uid {
+            return Err(format!(
+                "uid {uid} has its maximum of {} connections",
+                limits.max_connections_per_uid
+            ));
+        }
+        *mine += 1;
+        shared.elections.metrics().connected_clients.inc();
+        Ok(Admission {
+            _permit: permit,
+            uid,
+            shared: shared.clone(),
+        })
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.shared.elections.metrics().connected_clients.dec();
+        let mut per_uid = self
+            .shared
+            .conns_per_uid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// A descriptor kept open (on `/dev/null`) for one purpose: when `accept` fails with `EMFILE`,
+/// closing it lets the server accept the waiting client and tell it `too_many_connections`
+/// instead of leaving it hanging.
+#[derive(Debug)]
+struct SpareFd(Option<std::fs::File>);
+
+impl SpareFd {
+    fn open() -> SpareFd {
+        SpareFd(std::fs::File::open("/dev/null").ok())
+    }
 }
 
 /// The socket server.
@@ -285,6 +359,7 @@ impl SocketServer {
         shutdown: CancellationToken,
         attestor: Option<Arc<Attestor>>,
     ) -> Self {
+        let limits_max = limits.max_connections;
         SocketServer {
             socket,
             superseded: CancellationToken::new(),
@@ -294,8 +369,8 @@ impl SocketServer {
                 identity,
                 shutdown,
                 attestor,
+                connections: Arc::new(Semaphore::new(limits_max)),
                 conns_per_uid: Mutex::new(HashMap::new()),
-                total: Mutex::new(0),
             }),
             tracker: TaskTracker::new(),
         }
@@ -310,6 +385,8 @@ impl SocketServer {
     /// Accepts connections until the shutdown token fires, then waits for the connections to
     /// finish (they flush `lost`/`broker_shutdown` events first) and removes the socket file.
     pub async fn run(self) {
+        let mut spare = SpareFd::open();
+        let mut backoff = Duration::ZERO;
         let mut check = tokio::time::interval(SUPERSEDED_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -322,11 +399,22 @@ impl SocketServer {
                     }
                 }
                 accepted = self.socket.listener.accept() => match accepted {
-                    Ok((stream, _)) => self.accept(stream),
+                    Ok((stream, _)) => {
+                        backoff = Duration::ZERO;
+                        self.accept(stream);
+                    }
                     Err(e) => {
-                        tracing::warn!("accept failed: {e}");
-                        // Out of file descriptors and the like: do not spin.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let out_of_fds = matches!(
+                            nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                            nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE
+                        );
+                        if out_of_fds && self.refuse_with_spare(&mut spare).await {
+                            continue;
+                        }
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                        tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
+                        tokio::time::sleep(backoff).await;
                     }
                 },
             }
@@ -340,55 +428,56 @@ impl SocketServer {
         drop(socket._owner);
     }
 
+    /// Out of descriptors: frees the spare one to accept a waiting client and tell it
+    /// `too_many_connections`, then takes the spare back. False if that did not work either.
+    async fn refuse_with_spare(&self, spare: &mut SpareFd) -> bool {
+        if spare.0.take().is_none() {
+            *spare = SpareFd::open();
+            return false;
+        }
+        let refused =
+            match tokio::time::timeout(Duration::from_millis(10), self.socket.listener.accept()).await {
+                Ok(Ok((stream, _))) => {
+                    let metrics = self.shared.elections.metrics();
+                    metrics.rejected(ErrorCode::TooManyConnections.as_str());
+                    let line = RequestError::new(
+                        None,
+                        ErrorCode::TooManyConnections,
+                        "the broker is out of file descriptors; retry later",
+                    )
+                    .into_event()
+                    .to_line();
+                    // A fresh socket's buffer is empty: the line fits without waiting.
+                    let _ = stream.try_write(&line);
+                    true
+                }
+                _ => false,
+            };
+        *spare = SpareFd::open();
+        if refused {
+            tracing::warn!("out of file descriptors: refused a client with too_many_connections");
+        }
+        refused
+    }
+
     fn accept(&self, stream: UnixStream) {
         let cred = stream.peer_cred().ok();
         let uid = cred.map(|c| c.uid()).unwrap_or(u32::MAX);
         let pid = cred.and_then(|c| c.pid());
-        let shared = self.shared.clone();
-        let limits = &shared.limits;
-        let admitted = {
-            let mut total = shared.total.lock().unwrap_or_else(|p| p.into_inner());
-            let mut per_uid = shared.conns_per_uid.lock().unwrap_or_else(|p| p.into_inner());
-            let mine = per_uid.entry(uid).or_default();
-            if *total >= limits.max_connections {
-                Err(format!(
-                    "the broker has its maximum of {} connections",
-                    limits.max_connections
-                ))
-            } else if *mine >= limits.max_connections_per_uid {
-                Err(format!(
-                    "uid {uid} has its maximum of {} connections",
-                    limits.max_connections_per_uid
-                ))
-            } else {
-                *total += 1;
-                *mine += 1;
-                Ok(())
-            }
-        };
-        let metrics = shared.elections.metrics().clone();
-        match admitted {
+        match Admission::new(&self.shared, uid) {
             Err(message) => {
-                metrics.rejected(ErrorCode::TooManyConnections.as_str());
+                self.shared
+                    .elections
+                    .metrics()
+                    .rejected(ErrorCode::TooManyConnections.as_str());
                 self.tracker.spawn(async move {
                     let line = RequestError::new(None, ErrorCode::TooManyConnections, message).into_event();
                     let _ = tokio::time::timeout(Duration::from_secs(1), write_line(stream, line)).await;
                 });
             }
-            Ok(()) => {
-                metrics.connected_clients.inc();
-                self.tracker.spawn(async move {
-                    connection::serve(stream, pid, shared.clone()).await;
-                    metrics.connected_clients.dec();
-                    *shared.total.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-                    let mut per_uid = shared.conns_per_uid.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(n) = per_uid.get_mut(&uid) {
-                        *n -= 1;
-                        if *n == 0 {
-                            per_uid.remove(&uid);
-                        }
-                    }
-                });
+            Ok(admission) => {
+                self.tracker
+                    .spawn(connection::serve(stream, pid, self.shared.clone(), admission));
             }
         }
     }

@@ -6,6 +6,11 @@
 //! reaches its limit the client is considered stuck and the connection is closed with a final
 //! `slow_consumer` error.
 //!
+//! Replies cannot get there by themselves: the connection reads no request while the queue
+//! holds half its limit ([`Outbox::has_room_for_replies`]) and resumes when the writer drains
+//! it, so a client that pipelines many requests and reads is slowed down, never cut off. The
+//! other half is room for election events.
+//!
 //! A leader change fanned out to many connections is queued as a shared [`LeaderNotice`] and
 //! encoded once, not once per connection.
 
@@ -75,6 +80,8 @@ struct State {
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
+    /// Woken when the writer took the queue.
+    drained: Notify,
     limit: usize,
     metrics: Arc<Metrics>,
 }
@@ -84,6 +91,7 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            drained: Notify::new(),
             limit: limit.max(1),
             metrics,
         }
@@ -134,7 +142,27 @@ impl Outbox {
         if s.overflowed {
             return None;
         }
-        Some(std::mem::take(&mut s.queue))
+        let taken = std::mem::take(&mut s.queue);
+        drop(s);
+        self.drained.notify_one();
+        Some(taken)
+    }
+
+    /// Whether the queue is below half its limit: room for the replies to more requests.
+    pub fn has_room_for_replies(&self) -> bool {
+        let s = self.lock();
+        s.queue.len() < self.limit.div_ceil(2) || s.overflowed || s.closed
+    }
+
+    /// Waits until [`Outbox::has_room_for_replies`].
+    pub async fn room_for_replies(&self) {
+        loop {
+            let drained = self.drained.notified();
+            if self.has_room_for_replies() {
+                return;
+            }
+            drained.await;
+        }
     }
 
     /// Waits until something is queued (or the outbox overflowed).
@@ -332,6 +360,17 @@ mod tests {
             o.push(Event::Pong(Pong::default()));
         }
         assert!(o.drain().is_none(), "a stuck client overflows");
+    }
+
+    #[test]
+    fn replies_wait_for_room_instead_of_overflowing() {
+        let o = Outbox::new(4, Arc::new(Metrics::new()));
+        o.push(Event::Pong(Pong::default()));
+        assert!(o.has_room_for_replies());
+        o.push(Event::Pong(Pong::default()));
+        assert!(!o.has_room_for_replies(), "half full: read no more requests");
+        assert_eq!(o.drain().unwrap().len(), 2);
+        assert!(o.has_room_for_replies());
     }
 
     #[test]
