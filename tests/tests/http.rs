@@ -177,9 +177,9 @@ async fn last_renew_is_the_last_successful_renewal() {
 fn readiness_follows_api_contact() {
     assert!(Readiness::standalone().check().is_ok());
     let r = Arc::new(Readiness::kubernetes(Duration::from_millis(100)));
-    assert!(r.check().unwrap_err().contains("not answered yet"));
+    assert!(r.check().unwrap_err().to_string().contains("not answered yet"));
     r.api_contact();
     assert!(r.check().is_ok());
     std::thread::sleep(Duration::from_millis(150));
-    assert!(r.check().unwrap_err().contains("last answered"));
+    assert!(r.check().unwrap_err().to_string().contains("last answered"));
 }
