@@ -352,6 +352,56 @@ mod tests {
         }
     }
 
+    async fn get_elections(app: &Router, from: &str) -> Response {
+        let mut request = axum::http::Request::get("/elections")
+            .body(Body::empty())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(from.parse::<SocketAddr>().unwrap()));
+        app.clone().oneshot(request).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn elections_are_listed_to_loopback_only_and_a_few_at_once() {
+        let elections = Elections::new(
+            crate::lock::Backends::memory(),
+            crate::registry::Defaults::default(),
+            None,
+        );
+        let limits = HttpLimits {
+            max_listings: 1,
+            ..HttpLimits::default()
+        };
+        let app = router(elections.clone(), Arc::new(Readiness::standalone()), &limits);
+        assert_eq!(
+            get_elections(&app, "10.1.2.3:5000").await.status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(get_elections(&app, "[::1]:5000").await.status(), StatusCode::OK);
+        // A listing whose body is not read yet holds its permit: the next one waits its turn.
+        let unread = get_elections(&app, "127.0.0.1:5000").await;
+        assert_eq!(unread.status(), StatusCode::OK);
+        let busy = get_elections(&app, "127.0.0.1:5001").await;
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers()[header::RETRY_AFTER], "1");
+        drop(unread);
+        assert_eq!(
+            get_elections(&app, "127.0.0.1:5002").await.status(),
+            StatusCode::OK
+        );
+
+        let open = HttpLimits {
+            listing_access: ListingAccess::Everyone,
+            ..HttpLimits::default()
+        };
+        let app = router(elections, Arc::new(Readiness::standalone()), &open);
+        assert_eq!(
+            get_elections(&app, "10.1.2.3:5000").await.status(),
+            StatusCode::OK
+        );
+    }
+
     #[test]
     fn readiness_errors_are_typed() {
         let r = Readiness::kubernetes(Duration::from_secs(30));
