@@ -1,6 +1,7 @@
 //! elector's benchmarks: `cargo run --release -p elector-tests --bin bench -- <scenario> [--json]`
 //!
-//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `all`. Each prints a table (or JSON).
+//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `http`, `all` (`http` is not part of
+//! `all`: it is about hostile load, not speed). Each prints a table (or JSON).
 //! Brokers run on the test API server (failover, api-load) or standalone (scale, protocol); for
 //! RSS and CPU the broker (or shim) runs as a child process of this program, so the numbers are
 //! its own.
@@ -966,7 +967,7 @@ async fn http_load(elections: usize, readers: usize, shim_idle: usize) -> anyhow
                "after_mib": after, "after_rounds_2_3_mib": [after_rounds[1], after_rounds[2]], "target": "peak bounded (4 listings at once), after ~ baseline"}),
         json!({"scenario": "http: slow /elections readers",
                "served_200": ok, "refused_503": busy, "closed_by_broker_after_12s": closed,
-               "target": "at most 4 served at once; non-readers closed after the 10 s write timeout"}),
+               "target": "at most 4 served at once (a listing whose body fits in the socket buffers frees its slot early); non-readers closed after the 10 s write timeout"}),
         json!({"scenario": "http: socket ping during the /elections load",
                "before_ms": ping_before, "p50_during_ms": pct(&ping_during, 50.0),
                "max_during_ms": ping_during.last().copied().unwrap_or(f64::NAN), "after_ms": ping_after, "target": "-"}),
