@@ -281,6 +281,51 @@ async fn clients_beyond_the_fd_budget_get_too_many_connections_not_a_hang() {
     campaign_and_win(&broker.socket, "after-the-flood").await;
 }
 
+/// A broker that runs out of descriptors anyway (its limit lowered under it, so the budget it
+/// planned at start no longer holds): each waiting client is accepted on the spare descriptor
+/// and told `too_many_connections`, none is left hanging, and the broker does not spin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_waiting_clients_are_refused_not_left_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Electord::start(dir.path(), None, &["--http-addr", ""]);
+    let pid = broker.child.id();
+    let limit = broker.open_fds() + 8;
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "prlimit --pid");
+    let mut greeted = Vec::new();
+    let mut refused = 0;
+    for i in 0..40 {
+        let (first, stream) = greeting(&broker.socket, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        match first["event"].as_str() {
+            Some("hello") => greeted.push(stream),
+            Some("error") => {
+                assert_eq!(first["code"], "too_many_connections", "{first}");
+                refused += 1;
+            }
+            _ => panic!("client {i}: {first}"),
+        }
+    }
+    // About 8 fit under the new limit (one more while the spare is free).
+    assert!(greeted.len() <= 12, "{} greeted", greeted.len());
+    assert!(refused >= 28, "{refused} refused");
+    assert_eq!(greeted.len() + refused, 40);
+    assert!(
+        broker.log().contains("out of file descriptors"),
+        "{}",
+        broker.log()
+    );
+    // The ones served are served well, and the broker recovers when descriptors free up.
+    drop(greeted);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    campaign_and_win(&broker.socket, "after-emfile").await;
+}
+
 /// 100,000 pings pipelined in one write: every pong arrives, in order; the connection is not
 /// cut off as a slow consumer, because the broker stops reading while the replies wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
