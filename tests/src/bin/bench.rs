@@ -794,17 +794,17 @@ fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
 }
 
 /// The socket's ping round trip on an open connection, in ms.
-async fn ping_ms(raw: &mut Raw) -> anyhow::Result<f64> {
+async fn ping_ms(raw: &mut RawClient) -> anyhow::Result<f64> {
     let t = Instant::now();
-    raw.send(&json!({"op":"ping","id":"canary"})).await?;
-    raw.until("pong").await?;
+    raw.try_send(&json!({"op":"ping","id":"canary"})).await?;
+    raw.try_until("pong").await?;
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
 /// A `/elections` reader that reads the first KiB and then stops reading, holding the
 /// connection: the HTTP status it got (0: none), and the connection.
 async fn slow_reader(addr: std::net::SocketAddr) -> (u16, Option<tokio::net::TcpStream>) {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return (0, None);
     };
@@ -847,7 +847,7 @@ async fn slow_readers_round(
     pid: u32,
     http: std::net::SocketAddr,
     readers: usize,
-    canary: &mut Raw,
+    canary: &mut RawClient,
 ) -> anyhow::Result<Round> {
     let mib = |kib: Option<u64>| kib.unwrap_or(0) as f64 / 1024.0;
     let started = Instant::now();
@@ -897,17 +897,17 @@ async fn http_load(elections: usize, readers: usize, shim_idle: usize) -> anyhow
     // `elections` elections, 250 per connection (the per-connection limit is 256).
     let mut holders = Vec::new();
     for chunk in (0..elections).collect::<Vec<_>>().chunks(250) {
-        let mut raw = Raw::open(&socket).await?;
+        let mut raw = RawClient::try_open(&socket).await?;
         for i in chunk {
-            raw.send(&json!({"op":"campaign","id":i,"election":format!("bench-{i}"),"identity":format!("pod-{i}")}))
+            raw.try_send(&json!({"op":"campaign","id":i,"election":format!("bench-{i}"),"identity":format!("pod-{i}")}))
                 .await?;
         }
         for _ in chunk {
-            raw.until("ok").await?;
+            raw.try_until("ok").await?;
         }
         holders.push(raw);
     }
-    let mut canary = Raw::open(&socket).await?;
+    let mut canary = RawClient::try_open(&socket).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let baseline = mib(rss_kib(pid));
     let ping_before = ping_ms(&mut canary).await?;
