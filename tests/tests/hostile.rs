@@ -315,11 +315,12 @@ async fn out_of_descriptors_waiting_clients_are_refused_not_left_hanging() {
     assert!(greeted.len() <= 12, "{} greeted", greeted.len());
     assert!(refused >= 28, "{refused} refused");
     assert_eq!(greeted.len() + refused, 40);
-    assert!(
-        broker.log().contains("out of file descriptors"),
-        "{}",
-        broker.log()
-    );
+    // The log is read on another thread: give it time on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broker.log().contains("out of file descriptors") {
+        assert!(Instant::now() < deadline, "{}", broker.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The ones served are served well, and the broker recovers when descriptors free up.
     drop(greeted);
     tokio::time::sleep(Duration::from_millis(200)).await;
