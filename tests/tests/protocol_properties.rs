@@ -8,12 +8,16 @@ use elector_client::protocol::{
 use proptest::prelude::*;
 use serde_json::Value;
 
-/// A request id: a string or a number.
+/// The largest integer every JSON reader carries exactly (2^53 − 1): the bound on numeric ids.
+const MAX_EXACT: i64 = (1 << 53) - 1;
+
+/// A request id the protocol echoes: a string, or an integer of at most 2^53 − 1 in magnitude
+/// (others are refused: `numeric_ids_beyond_2_53_are_refused`).
 fn id() -> impl Strategy<Value = Option<Value>> {
     proptest::option::of(prop_oneof![
         any::<String>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
+        (0..=MAX_EXACT as u64).prop_map(Value::from),
+        (-MAX_EXACT..=MAX_EXACT).prop_map(Value::from),
     ])
 }
 
@@ -178,4 +182,16 @@ fn check_decodes(line: &[u8]) -> Result<(), TestCaseError> {
         }
     }
     Ok(())
+}
+
+proptest! {
+    /// Any integral id beyond 2^53 − 1 in magnitude is refused with `invalid_request`, never
+    /// echoed rounded.
+    #[test]
+    fn numeric_ids_beyond_2_53_are_refused(big in (MAX_EXACT as u64 + 1)..=u64::MAX, negative in any::<bool>()) {
+        let id = if negative && big <= i64::MAX as u64 { format!("-{big}") } else { big.to_string() };
+        let line = format!("{{\"op\":\"ping\",\"id\":{id}}}");
+        let e = parse_request(line.as_bytes()).expect_err("refused");
+        prop_assert_eq!(e.code, ErrorCode::InvalidRequest);
+    }
 }
