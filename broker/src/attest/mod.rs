@@ -242,8 +242,32 @@ pub struct Caller {
     pub container_id: Option<String>,
 }
 
-/// A policy violation: the error code and the message for the client.
-pub type PolicyError = (elector_client::protocol::ErrorCode, String);
+/// What an attested caller may not do. The message is for the client; [`PolicyError::code`]
+/// is the protocol's error code for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// An election outside the caller's own namespace.
+    #[error(
+        "pod {namespace}/{pod} may only take part in elections of its own namespace {namespace:?}, not {requested:?}"
+    )]
+    ForeignNamespace {
+        namespace: String,
+        pod: String,
+        requested: String,
+    },
+    /// An identity other than the caller's pod name (or `<pod name>/<suffix>`).
+    #[error("pod {pod} may campaign as {pod:?} or \"{pod}{IDENTITY_SEPARATOR}<suffix>\", not {requested:?}")]
+    ForeignIdentity { pod: String, requested: String },
+}
+
+impl PolicyError {
+    pub fn code(&self) -> elector_client::protocol::ErrorCode {
+        match self {
+            PolicyError::ForeignNamespace { .. } => elector_client::protocol::ErrorCode::ForbiddenNamespace,
+            PolicyError::ForeignIdentity { .. } => elector_client::protocol::ErrorCode::ForbiddenIdentity,
+        }
+    }
+}
 
 impl Caller {
     /// The namespace to use: the caller's, and only the caller's.
@@ -251,13 +275,11 @@ impl Caller {
         match requested {
             None => Ok(self.pod.namespace.clone()),
             Some(ns) if ns == self.pod.namespace => Ok(ns.to_string()),
-            Some(ns) => Err((
-                elector_client::protocol::ErrorCode::ForbiddenNamespace,
-                format!(
-                    "pod {}/{} may only take part in elections of its own namespace {:?}, not {ns:?}",
-                    self.pod.namespace, self.pod.name, self.pod.namespace
-                ),
-            )),
+            Some(ns) => Err(PolicyError::ForeignNamespace {
+                namespace: self.pod.namespace.clone(),
+                pod: self.pod.name.clone(),
+                requested: ns.to_string(),
+            }),
         }
     }
 
@@ -275,12 +297,10 @@ impl Caller {
             {
                 Ok(id.to_string())
             }
-            Some(id) => Err((
-                elector_client::protocol::ErrorCode::ForbiddenIdentity,
-                format!(
-                    "pod {pod} may campaign as {pod:?} or \"{pod}{IDENTITY_SEPARATOR}<suffix>\", not {id:?}"
-                ),
-            )),
+            Some(id) => Err(PolicyError::ForeignIdentity {
+                pod: pod.clone(),
+                requested: id.to_string(),
+            }),
         }
     }
 }

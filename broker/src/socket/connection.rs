@@ -78,6 +78,13 @@ async fn writer(
     }
 }
 
+/// What a membership of a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Campaign,
+    Observation,
+}
+
 /// One campaign (with its identity) or observation of this connection.
 struct Membership {
     name: ElectionName,
@@ -87,10 +94,16 @@ struct Membership {
 }
 
 impl Membership {
-    fn is(&self, campaign: bool, namespace: &str, election: &str) -> bool {
-        self.identity.is_some() == campaign
-            && self.name.namespace == namespace
-            && self.name.election == election
+    fn role(&self) -> Role {
+        if self.identity.is_some() {
+            Role::Campaign
+        } else {
+            Role::Observation
+        }
+    }
+
+    fn is(&self, role: Role, namespace: &str, election: &str) -> bool {
+        self.role() == role && self.name.namespace == namespace && self.name.election == election
     }
 }
 
@@ -115,7 +128,7 @@ impl Conn {
         if let Some(caller) = &self.caller {
             return caller
                 .namespace(ns.as_deref())
-                .map_err(|(code, m)| err(id.clone(), code, m));
+                .map_err(|e| err(id.clone(), e.code(), e.to_string()));
         }
         let ns = ns
             .clone()
@@ -216,7 +229,7 @@ impl Conn {
             Some(caller) => Some(
                 caller
                     .identity(req.identity.as_deref())
-                    .map_err(|(code, m)| err(id.clone(), code, m))?,
+                    .map_err(|e| err(id.clone(), e.code(), e.to_string()))?,
             ),
             None => req.identity.clone(),
         };
@@ -241,7 +254,7 @@ impl Conn {
             }
         };
         let timing = self.timing(&req)?;
-        if let Some(m) = self.find(true, &namespace, &req.election) {
+        if let Some(m) = self.find(Role::Campaign, &namespace, &req.election) {
             return Err(err(
                 id,
                 ErrorCode::AlreadyCampaigning,
@@ -303,7 +316,7 @@ impl Conn {
 
     async fn resign(&mut self, req: ElectionRef) -> Result<Event, RequestError> {
         let namespace = self.namespace(&req.id, &req.namespace)?;
-        let Some(m) = self.remove(true, &namespace, &req.election) else {
+        let Some(m) = self.remove(Role::Campaign, &namespace, &req.election) else {
             return Err(err(
                 req.id,
                 ErrorCode::NotCampaigning,
@@ -333,7 +346,7 @@ impl Conn {
             namespace: namespace.clone(),
             lock: req.lock.unwrap_or_default(),
         };
-        if let Some(m) = self.find(false, &namespace, &req.election) {
+        if let Some(m) = self.find(Role::Observation, &namespace, &req.election) {
             if m.name.lock != name.lock {
                 return Err(err(
                     req.id,
@@ -367,7 +380,7 @@ impl Conn {
 
     async fn unobserve(&mut self, req: ElectionRef) -> Result<Event, RequestError> {
         let namespace = self.namespace(&req.id, &req.namespace)?;
-        let Some(m) = self.remove(false, &namespace, &req.election) else {
+        let Some(m) = self.remove(Role::Observation, &namespace, &req.election) else {
             return Err(err(
                 req.id,
                 ErrorCode::NotObserving,
@@ -433,17 +446,15 @@ impl Conn {
         !self.memberships.is_empty()
     }
 
-    fn find(&self, campaign: bool, namespace: &str, election: &str) -> Option<&Membership> {
-        self.memberships
-            .iter()
-            .find(|m| m.is(campaign, namespace, election))
+    fn find(&self, role: Role, namespace: &str, election: &str) -> Option<&Membership> {
+        self.memberships.iter().find(|m| m.is(role, namespace, election))
     }
 
-    fn remove(&mut self, campaign: bool, namespace: &str, election: &str) -> Option<Membership> {
+    fn remove(&mut self, role: Role, namespace: &str, election: &str) -> Option<Membership> {
         let i = self
             .memberships
             .iter()
-            .position(|m| m.is(campaign, namespace, election))?;
+            .position(|m| m.is(role, namespace, election))?;
         Some(self.memberships.swap_remove(i))
     }
 
