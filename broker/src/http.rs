@@ -36,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::registry::{ElectionInfo, Elections};
+use crate::registry::Elections;
+use elector_client::protocol::ElectionName;
 
 /// Why `/readyz` says not ready.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -189,45 +190,47 @@ async fn elections_json(State(s): State<AppState>, request: axum::extract::Reque
         )
             .into_response();
     };
-    let infos = s.elections.info().await;
+    let names = s.elections.names();
     (
         [(header::CONTENT_TYPE, "application/json")],
-        Body::from_stream(listing_chunks(infos, permit)),
+        Body::from_stream(listing_chunks(s.elections.clone(), names, permit)),
     )
         .into_response()
 }
 
-/// The JSON array of `infos`, a few elections per chunk; the permit goes with the last chunk
-/// (or with the connection, if it dies first).
+/// The JSON array of the elections named, [`LISTING_CHUNK`] per chunk, each chunk's state asked
+/// of the elections only when the client has read the previous one: a listing holds the names
+/// and one chunk, never every election's state at once. The permit goes with the last chunk (or
+/// with the connection, if it dies first).
 fn listing_chunks(
-    infos: Vec<ElectionInfo>,
+    elections: Elections,
+    names: Vec<ElectionName>,
     permit: OwnedSemaphorePermit,
 ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
-    let state = (infos.into_iter(), Some(permit), true);
-    futures::stream::unfold(state, |(mut rest, permit, first)| async move {
+    // (where the next chunk starts, whether an element was written yet: commas go between)
+    let state = (elections, names, 0usize, false, Some(permit));
+    futures::stream::unfold(state, |(elections, names, at, mut any, permit)| async move {
         let permit = permit?;
-        let mut buf = Vec::with_capacity(LISTING_CHUNK * 400);
-        if first {
+        let end = (at + LISTING_CHUNK).min(names.len());
+        let infos = elections.info_of(&names[at..end]).await;
+        let mut buf = Vec::with_capacity(infos.len() * 400 + 2);
+        if at == 0 {
             buf.push(b'[');
         }
-        let mut last = false;
-        for i in 0..LISTING_CHUNK {
-            let Some(info) = rest.next() else {
-                last = true;
-                break;
-            };
-            if !(first && i == 0) {
+        for info in &infos {
+            if any {
                 buf.push(b',');
             }
+            any = true;
             // An ElectionInfo is plain data: serializing it into memory cannot fail.
-            let _ = serde_json::to_writer(&mut buf, &info);
+            let _ = serde_json::to_writer(&mut buf, info);
         }
-        if last {
+        if end == names.len() {
             buf.push(b']');
             drop(permit);
-            return Some((Ok(Bytes::from(buf)), (rest, None, false)));
+            return Some((Ok(Bytes::from(buf)), (elections, names, end, any, None)));
         }
-        Some((Ok(Bytes::from(buf)), (rest, Some(permit), false)))
+        Some((Ok(Bytes::from(buf)), (elections, names, end, any, Some(permit))))
     })
 }
 
@@ -321,35 +324,73 @@ mod tests {
     use super::*;
     use futures::StreamExt;
 
+    /// A party that ignores its events.
+    #[derive(Debug)]
+    struct Deaf;
+
+    impl crate::registry::PartySink for Deaf {
+        fn deliver(&self, _: &ElectionName, _: crate::registry::PartyEvent) {}
+        fn destination(&self) -> usize {
+            0
+        }
+    }
+
+    fn observed(elections: &Elections, i: usize) {
+        let name = ElectionName {
+            election: format!("e{i:03}"),
+            namespace: "ns".into(),
+            lock: Default::default(),
+        };
+        elections.observe(&name, elections.new_party(), Arc::new(Deaf));
+    }
+
     #[tokio::test]
     async fn a_listing_is_one_json_array_and_frees_its_permit_at_the_end() {
         let semaphore = Arc::new(Semaphore::new(1));
-        for n in [0, 1, LISTING_CHUNK, LISTING_CHUNK + 1, 3 * LISTING_CHUNK] {
-            let infos: Vec<ElectionInfo> = (0..n)
-                .map(|i| ElectionInfo {
-                    name: elector_client::protocol::ElectionName {
-                        election: format!("e{i}"),
-                        namespace: "ns".into(),
-                        lock: Default::default(),
-                    },
-                    leader: None,
-                    term: None,
-                    held_by_this_broker: false,
-                    candidates: Vec::new(),
-                    observers: 0,
-                    last_renew: None,
-                    lease_duration_seconds: 15,
-                    renew_deadline_seconds: 10.0,
-                    retry_period_seconds: 2.0,
-                })
-                .collect();
+        let elections = Elections::new(
+            crate::lock::Backends::memory(),
+            crate::registry::Defaults::default(),
+            None,
+        );
+        let mut n = 0;
+        for want in [0, 1, LISTING_CHUNK, LISTING_CHUNK + 1, 3 * LISTING_CHUNK] {
+            while n < want {
+                observed(&elections, n);
+                n += 1;
+            }
             let permit = semaphore.clone().try_acquire_owned().unwrap();
-            let chunks: Vec<_> = listing_chunks(infos, permit).collect().await;
+            let chunks: Vec<_> = listing_chunks(elections.clone(), elections.names(), permit)
+                .collect()
+                .await;
             let body: Vec<u8> = chunks.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(v.as_array().unwrap().len(), n);
+            let listed: Vec<&str> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["election"].as_str().unwrap())
+                .collect();
+            assert_eq!(listed.len(), n);
+            assert!(listed.is_sorted(), "{listed:?}");
             assert_eq!(semaphore.available_permits(), 1, "permit back after {n}");
         }
+        // Elections that end while a listing runs are left out; the JSON stays whole.
+        let names = elections.names();
+        let gone = ElectionName {
+            election: "vanished".into(),
+            namespace: "ns".into(),
+            lock: Default::default(),
+        };
+        let mut with_gone = vec![gone.clone()];
+        with_gone.extend(names);
+        with_gone.push(gone);
+        let permit = semaphore.clone().try_acquire_owned().unwrap();
+        let chunks: Vec<_> = listing_chunks(elections.clone(), with_gone, permit)
+            .collect()
+            .await;
+        let body: Vec<u8> = chunks.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), n);
     }
 
     async fn get_elections(app: &Router, from: &str) -> Response {

@@ -275,22 +275,35 @@ impl Elections {
 
     /// Every election's state.
     pub async fn info(&self) -> Vec<ElectionInfo> {
+        self.info_of(&self.names()).await
+    }
+
+    /// The names of every election, sorted (for a listing taken a few elections at a time).
+    pub fn names(&self) -> Vec<ElectionName> {
+        let mut names: Vec<ElectionName> = self.map().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The state of these elections, in this order; those that ended meanwhile are left out.
+    pub async fn info_of(&self, names: &[ElectionName]) -> Vec<ElectionInfo> {
         let receivers: Vec<_> = {
             let map = self.map();
-            map.values()
-                .filter_map(|h| {
+            names
+                .iter()
+                .filter_map(|name| {
                     let (tx, rx) = oneshot::channel();
+                    let h = map.get(name)?;
                     h.commands.send(Box::new(Command::Info(tx))).ok().map(|_| rx)
                 })
                 .collect()
         };
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(receivers.len());
         for rx in receivers {
             if let Ok(i) = rx.await {
                 out.push(i);
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 
