@@ -1,7 +1,6 @@
 //! elector's benchmarks: `cargo run --release -p elector-tests --bin bench -- <scenario> [--json]`
 //!
-//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `http`, `all` (`http` is not part of
-//! `all`: it is about hostile load, not speed). Each prints a table (or JSON).
+//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `restart`, `all`. Each prints a table (or JSON).
 //! Brokers run on the test API server (failover, api-load) or standalone (scale, protocol); for
 //! RSS and CPU the broker (or shim) runs as a child process of this program, so the numbers are
 //! its own.
@@ -55,7 +54,8 @@ enum Scenario {
         #[arg(long, default_value_t = 50)]
         rounds: usize,
     },
-    /// Campaign-to-reply latency, events per second through one socket, shim RSS.
+    /// Campaign-to-reply latency, events per second through one socket; the shipped elector-shim
+    /// (RSS, CPU per request) and electord (idle RSS), binary sizes.
     Protocol,
     /// Leadership through broker restarts: `electord` killed (-9) and restarted, and a surge
     /// upgrade, with every election led on that broker. Leadership changes and jeopardy.
@@ -80,21 +80,6 @@ enum Scenario {
     /// (internal) Run a standalone broker on a socket until killed.
     #[command(hide = true)]
     ServeBroker { socket: PathBuf },
-    /// (internal) Run an elector-shim until killed.
-    #[command(hide = true)]
-    ServeShim { socket: PathBuf },
-    /// (internal) Run a standalone broker with its HTTP port (default limits) until killed.
-    #[command(hide = true)]
-    ServeHttpBroker {
-        socket: PathBuf,
-        http: std::net::SocketAddr,
-    },
-    /// (internal) Run an elector-shim on an HTTP port (default limits) until killed.
-    #[command(hide = true)]
-    ServeHttpShim {
-        socket: PathBuf,
-        http: std::net::SocketAddr,
-    },
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -558,20 +543,112 @@ async fn protocol() -> anyhow::Result<Vec<Value>> {
         }
     }
     let eps = got as f64 / t.elapsed().as_secs_f64();
-    // Shim RSS: one shim campaigning through the broker.
-    let mut shim = spawn_self(&["serve-shim", socket.to_str().context("path")?])?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let shim_rss = rss_kib(shim.id()).unwrap_or(0);
-    let _ = shim.kill();
-    let _ = shim.wait();
     let _ = child.kill();
     let _ = child.wait();
     let mut camp = summary("protocol: campaign to reply", lat, "-");
     camp["note"] = json!("one connection, 1000 sequential campaigns in new elections (each resigned after)");
-    Ok(vec![
+    let mut rows = vec![
         camp,
         json!({"scenario": "protocol: events through one socket", "events_per_s": eps, "target": "-"}),
-        json!({"scenario": "protocol: elector-shim RSS", "rss_mib": shim_rss as f64 / 1024.0, "target": "small (one per pod)"}),
+    ];
+    rows.extend(shipped(1_000).await?);
+    Ok(rows)
+}
+
+/// Sends `GET /` to an elector-shim over a fresh connection (as the 2016 sidecar's users poll
+/// it) and returns the body.
+async fn shim_get(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: shim\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await?;
+    anyhow::ensure!(resp.starts_with("HTTP/1.1 200"), "shim answered: {resp}");
+    Ok(resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+fn free_port() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// The shipped binaries as users run them: `electord --standalone` (idle RSS) and two
+/// `elector-shim` candidates of one election on it. The standby shim serves `requests` GETs,
+/// then the leading shim is killed and the standby takes over; its RSS after that, and its CPU
+/// per request, are the shim's cost. Also the release binaries' sizes.
+async fn shipped(requests: usize) -> anyhow::Result<Vec<Value>> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("shipped.sock");
+    let electord = elector_tests::workspace_bin("elector-broker", "electord");
+    let shim_bin = elector_tests::workspace_bin("elector-broker", "elector-shim");
+    let cli = elector_tests::workspace_bin("elector-cli", "elector");
+    let mut broker = std::process::Command::new(&electord)
+        .args(["--standalone", "--http-addr", "", "--attest", "none", "--socket"])
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    wait_for_socket(&socket).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let broker_idle = rss_kib(broker.id()).unwrap_or(0);
+    let shim = |id: &str, addr: std::net::SocketAddr| -> anyhow::Result<std::process::Child> {
+        Ok(std::process::Command::new(&shim_bin)
+            .args(["--election", "shim-bench", "--ttl", "2s", "--id", id, "--http"])
+            .arg(addr.to_string())
+            .arg("--socket")
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()?)
+    };
+    let (addr_a, addr_b) = (free_port()?, free_port()?);
+    let mut a = shim("shim-a", addr_a)?;
+    let until = |addr, name: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(body) = shim_get(addr).await
+                && body.contains(&format!("\"{name}\""))
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the shim never named {name}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    until(addr_a, "shim-a").await?;
+    let mut b = shim("shim-b", addr_b)?;
+    until(addr_b, "shim-a").await?;
+    let rss_start = rss_kib(b.id()).unwrap_or(0);
+    let cpu0 = cpu_ns(b.id());
+    let t = Instant::now();
+    for _ in 0..requests {
+        shim_get(addr_b).await?;
+    }
+    let elapsed = t.elapsed();
+    let cpu_per_request_us = (cpu_ns(b.id()) - cpu0) as f64 / 1e3 / requests as f64;
+    a.kill()?;
+    a.wait()?;
+    until(addr_b, "shim-b").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = rss_kib(b.id()).unwrap_or(0);
+    let _ = b.kill();
+    let _ = b.wait();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1024.0 / 1024.0).unwrap_or(f64::NAN);
+    Ok(vec![
+        json!({"scenario": "protocol: elector-shim (shipped binary)",
+               "rss_mib_started": rss_start as f64 / 1024.0,
+               "rss_mib_after_requests_and_leader_change": rss_after as f64 / 1024.0,
+               "requests": requests, "cpu_us_per_request": cpu_per_request_us,
+               "requests_per_s": requests as f64 / elapsed.as_secs_f64(),
+               "note": "GET / over a new TCP connection each; then the leading shim is killed and this one takes over",
+               "target": "small (one per pod)"}),
+        json!({"scenario": "protocol: electord --standalone idle (shipped binary)",
+               "rss_mib": broker_idle as f64 / 1024.0, "target": "-"}),
+        json!({"scenario": "binary sizes (this build's profile)",
+               "electord_mib": size(&electord), "elector_shim_mib": size(&shim_bin),
+               "elector_mib": size(&cli), "target": "-"}),
     ])
 }
 
@@ -1018,47 +1095,6 @@ fn main() -> anyhow::Result<()> {
                 d.shutdown().await;
                 return Ok(());
             }
-            Scenario::ServeShim { socket } => {
-                let config = elector_broker::shim::ShimConfig {
-                    election: "shim-bench".into(),
-                    namespace: "default".into(),
-                    id: "shim".into(),
-                    ttl: Duration::from_secs(10),
-                    socket,
-                };
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                elector_broker::shim::run(config, Some(listener), tokio_util::sync::CancellationToken::new())
-                    .await?;
-                return Ok(());
-            }
-            Scenario::ServeHttpBroker { socket, http } => {
-                let mut config = DaemonConfig::for_socket(&socket, "bench");
-                config.limits.max_connections = 50_000;
-                config.limits.max_connections_per_uid = 50_000;
-                config.http_addr = Some(http);
-                let d = Daemon::start_standalone(config).await?;
-                tokio::signal::ctrl_c().await?;
-                d.shutdown().await;
-                return Ok(());
-            }
-            Scenario::ServeHttpShim { socket, http } => {
-                let config = elector_broker::shim::ShimConfig {
-                    election: "shim-bench".into(),
-                    namespace: "default".into(),
-                    id: "shim".into(),
-                    ttl: Duration::from_secs(10),
-                    socket,
-                };
-                let listener = tokio::net::TcpListener::bind(http).await?;
-                elector_broker::shim::run(config, Some(listener), tokio_util::sync::CancellationToken::new())
-                    .await?;
-                return Ok(());
-            }
-            Scenario::Http {
-                elections,
-                readers,
-                shim_idle,
-            } => http_load(elections, readers, shim_idle).await?,
             Scenario::Failover { trials } => failover(trials).await?,
             Scenario::ApiLoad { elections, seconds } => api_load(elections, seconds).await?,
             Scenario::Scale {
