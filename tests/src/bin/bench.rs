@@ -1,6 +1,6 @@
 //! elector's benchmarks: `cargo run --release -p elector-tests --bin bench -- <scenario> [--json]`
 //!
-//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `restart`, `all`. Each prints a table (or JSON).
+//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `restart`, `cluster`, `all`. Each prints a table (or JSON).
 //! Brokers run on the test API server (failover, api-load) or standalone (scale, protocol); for
 //! RSS and CPU the broker (or shim) runs as a child process of this program, so the numbers are
 //! its own.
@@ -63,17 +63,16 @@ enum Scenario {
         #[arg(long, default_value_t = 1_000)]
         elections: usize,
     },
-    /// Hostile HTTP load: slow `/elections` readers at many elections (broker RSS and the
-    /// socket's ping latency before, during, after), idle connections on the shim's port.
-    Http {
-        #[arg(long, default_value_t = 10_000)]
-        elections: usize,
-        /// `/elections` requests that read 1 KiB and then stop reading.
-        #[arg(long, default_value_t = 200)]
-        readers: usize,
-        /// Idle connections opened to the shim's HTTP port.
-        #[arg(long, default_value_t = 17_000)]
-        shim_idle: usize,
+    /// A whole cluster's API cost: `brokers` electord processes on one test API server, elections
+    /// of 3 candidates on 3 distinct brokers, all in one namespace and spread over 10.
+    Cluster {
+        #[arg(long, default_value_t = 30)]
+        brokers: usize,
+        /// Elections each broker takes part in (so brokers × this / 3 elections in all).
+        #[arg(long, default_value_t = 6)]
+        elections_per_broker: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
     },
     /// Every scenario with its defaults.
     All,
@@ -866,194 +865,164 @@ async fn restart(elections: usize) -> anyhow::Result<Vec<Value>> {
     Ok(rows)
 }
 
-fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
+/// Child processes killed when dropped (a failed bench leaves no brokers behind).
+struct Children(Vec<std::process::Child>);
 
-/// The socket's ping round trip on an open connection, in ms.
-async fn ping_ms(raw: &mut RawClient) -> anyhow::Result<f64> {
-    let t = Instant::now();
-    raw.try_send(&json!({"op":"ping","id":"canary"})).await?;
-    raw.try_until("pong").await?;
-    Ok(t.elapsed().as_secs_f64() * 1e3)
-}
-
-/// A `/elections` reader that reads the first KiB and then stops reading, holding the
-/// connection: the HTTP status it got (0: none), and the connection.
-async fn slow_reader(addr: std::net::SocketAddr) -> (u16, Option<tokio::net::TcpStream>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, None);
-    };
-    if s.write_all(b"GET /elections HTTP/1.1\r\nHost: bench\r\n\r\n")
-        .await
-        .is_err()
-    {
-        return (0, None);
-    }
-    let mut buf = vec![0u8; 1024];
-    let n = match tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await {
-        Ok(Ok(n)) => n,
-        _ => 0,
-    };
-    let status = std::str::from_utf8(&buf[..n])
-        .ok()
-        .and_then(|t| t.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0);
-    (status, Some(s))
-}
-
-/// Whether the server closed `s` (EOF or reset), reading whatever it still sends.
-async fn server_closed(s: &mut tokio::net::TcpStream) -> bool {
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => {}
-            Err(_) => return false,
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
 
-type Round = (usize, usize, usize, f64, f64, f64, Vec<f64>);
-
-/// One round of `readers` slow `/elections` readers: (served, refused, closed by the broker,
-/// peak RSS, RSS while held, RSS 3 s after they closed, ping times during) in MiB and ms.
-async fn slow_readers_round(
-    pid: u32,
-    http: std::net::SocketAddr,
-    readers: usize,
-    canary: &mut RawClient,
-) -> anyhow::Result<Round> {
-    let mib = |kib: Option<u64>| kib.unwrap_or(0) as f64 / 1024.0;
-    let started = Instant::now();
-    let slow: Vec<_> = futures::future::join_all((0..readers).map(|_| slow_reader(http))).await;
-    let ok = slow.iter().filter(|(s, _)| *s == 200).count();
-    let busy = slow.iter().filter(|(s, _)| *s == 503).count();
-    let mut conns: Vec<_> = slow.into_iter().filter_map(|(_, c)| c).collect();
-    let mut peak = 0f64;
-    let mut ping_during = Vec::new();
-    while started.elapsed() < Duration::from_secs(5) {
-        peak = peak.max(mib(rss_kib(pid)));
-        ping_during.push(ping_ms(canary).await?);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    ping_during.sort_by(|a, b| a.total_cmp(b));
-    // Past the write timeout (10 s): the broker closed the readers that stopped reading.
-    tokio::time::sleep(Duration::from_secs(12).saturating_sub(started.elapsed())).await;
-    let mut closed = 0;
-    for c in &mut conns {
-        if server_closed(c).await {
-            closed += 1;
-        }
-    }
-    let held_rss = mib(rss_kib(pid));
-    drop(conns);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = mib(rss_kib(pid));
-
-    Ok((ok, busy, closed, peak, held_rss, after, ping_during))
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-async fn http_load(elections: usize, readers: usize, shim_idle: usize) -> anyhow::Result<Vec<Value>> {
-    // The bench itself holds thousands of connections.
-    elector_broker::daemon::FdBudget::raise_nofile_limit();
+fn spread(v: &[f64]) -> Value {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    json!({"mean": mean(v), "min": min, "max": max})
+}
+
+/// `bench cluster`: both layouts, one after the other, each on a fresh test API server.
+async fn cluster(brokers: usize, per_broker: usize, seconds: u64) -> anyhow::Result<Vec<Value>> {
+    anyhow::ensure!(brokers >= 3, "elections need 3 distinct brokers");
+    let mut rows = Vec::new();
+    for namespaces in [1, 10] {
+        rows.push(cluster_layout(brokers, per_broker, namespaces, seconds).await?);
+    }
+    Ok(rows)
+}
+
+/// `brokers` shipped electord processes (defaults: lease 15 s, retry 2 s), each its own API
+/// user, on one test API server. Election `j` (of `brokers × per_broker / 3`) lives in namespace
+/// `j mod namespaces` and has one candidate on each of brokers `j`, `j+1`, `j+2` (mod brokers).
+/// After every election has a leader and a settling pause, the API server's request log and
+/// per-watch event counts over `seconds` give the cost; each watch event is attributed to its
+/// broker and split by whether the broker has a candidate in that object's election.
+async fn cluster_layout(
+    brokers: usize,
+    per_broker: usize,
+    namespaces: usize,
+    seconds: u64,
+) -> anyhow::Result<Value> {
+    let server = TestApiServer::start().await?;
+    for s in 0..namespaces {
+        server.create_namespace(&format!("bench-{s}"), &[]).await?;
+    }
     let dir = tempfile::tempdir()?;
-    let socket = dir.path().join("elector.sock");
-    let http = free_local_addr()?;
-    let mut child = spawn_self(&[
-        "serve-http-broker",
-        socket.to_str().context("path")?,
-        &http.to_string(),
-    ])?;
-    wait_for_socket(&socket).await?;
-    let pid = child.id();
-    let mib = |kib: Option<u64>| kib.unwrap_or(0) as f64 / 1024.0;
-    let idle_rss = mib(rss_kib(pid));
-    // `elections` elections, 250 per connection (the per-connection limit is 256).
-    let mut holders = Vec::new();
-    for chunk in (0..elections).collect::<Vec<_>>().chunks(250) {
-        let mut raw = RawClient::try_open(&socket).await?;
-        for i in chunk {
-            raw.try_send(&json!({"op":"campaign","id":i,"election":format!("bench-{i}"),"identity":format!("pod-{i}")}))
+    let electord = elector_tests::workspace_bin("elector-broker", "electord");
+    let mut children = Children(Vec::new());
+    let mut sockets = Vec::new();
+    for b in 0..brokers {
+        let node = format!("node-{b}");
+        let user = server.add_user(&node, vec![elector_tests::kube_api::Rule::all()]);
+        let socket = dir.path().join(format!("{node}.sock"));
+        children.0.push(
+            std::process::Command::new(&electord)
+                .arg("--kubeconfig")
+                .arg(server.kubeconfig_path(&user))
+                .args(["--node-name", &node, "--http-addr", "", "--attest", "none"])
+                .arg("--socket")
+                .arg(&socket)
+                .env("RUST_LOG", "error")
+                .stdout(std::process::Stdio::null())
+                .spawn()?,
+        );
+        sockets.push(socket);
+    }
+    for s in &sockets {
+        wait_for_socket(s).await?;
+    }
+    let elections = brokers * per_broker / 3;
+    // (namespace, name) of each election, and the brokers with a candidate in it.
+    let layout: Vec<(String, String, [usize; 3])> = (0..elections)
+        .map(|j| {
+            (
+                format!("bench-{}", j % namespaces),
+                format!("cluster-{j}"),
+                [j % brokers, (j + 1) % brokers, (j + 2) % brokers],
+            )
+        })
+        .collect();
+    let mut apps = Vec::with_capacity(elections * 3);
+    for (ns, name, on) in &layout {
+        for (c, b) in on.iter().enumerate() {
+            let client = Client::connect(&sockets[*b]).await?;
+            let campaign = client
+                .campaign(CampaignOptions::new(name.clone(), format!("{name}-app{c}")).namespace(ns.clone()))
                 .await?;
-        }
-        for _ in chunk {
-            raw.try_until("ok").await?;
-        }
-        holders.push(raw);
-    }
-    let mut canary = RawClient::try_open(&socket).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let baseline = mib(rss_kib(pid));
-    let ping_before = ping_ms(&mut canary).await?;
-
-    // Three rounds of slow readers: memory must come back after each, not grow between them.
-    let mut rounds = Vec::new();
-    for _ in 0..3 {
-        rounds.push(slow_readers_round(pid, http, readers, &mut canary).await?);
-    }
-    let (ok, busy, closed, peak, held_rss, after, ping_during) = rounds[0].clone();
-    let after_rounds: Vec<f64> = rounds.iter().map(|r| r.5).collect();
-    let ping_after = ping_ms(&mut canary).await?;
-
-    // The shim: idle connections on its port.
-    let shim_http = free_local_addr()?;
-    let mut shim = spawn_self(&[
-        "serve-http-shim",
-        socket.to_str().context("path")?,
-        &shim_http.to_string(),
-    ])?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let shim_pid = shim.id();
-    let shim_before = mib(rss_kib(shim_pid));
-    let opened = futures::future::join_all((0..shim_idle).map(|_| async move {
-        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(shim_http))
-            .await
-            .ok()
-            .and_then(Result::ok)
-    }))
-    .await;
-    let mut idle: Vec<_> = opened.into_iter().flatten().collect();
-    let shim_idle_open = idle.len();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let shim_during = mib(rss_kib(shim_pid));
-    let shim_fds = std::fs::read_dir(format!("/proc/{shim_pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    // Past the header timeout (10 s): the shim closed every idle connection it accepted.
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    let mut shim_closed = 0;
-    for c in idle.iter_mut().take(1000) {
-        if server_closed(c).await {
-            shim_closed += 1;
+            apps.push((client, campaign));
         }
     }
-    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while apps.iter().filter(|(_, c)| c.is_leader()).count() < elections {
+        anyhow::ensure!(Instant::now() < deadline, "not every election got a leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let shim_after = mib(rss_kib(shim_pid));
-    let _ = shim.kill();
-    let _ = shim.wait();
-    drop(holders);
-    let _ = child.kill();
-    let _ = child.wait();
-    Ok(vec![
-        json!({"scenario": format!("http: broker RSS, {elections} elections, {readers} slow /elections readers"),
-               "idle_mib": idle_rss, "baseline_mib": baseline, "peak_mib": peak, "while_held_mib": held_rss,
-               "after_mib": after, "after_rounds_2_3_mib": [after_rounds[1], after_rounds[2]], "target": "peak bounded (4 listings at once), after ~ baseline"}),
-        json!({"scenario": "http: slow /elections readers",
-               "served_200": ok, "refused_503": busy, "closed_by_broker_after_12s": closed,
-               "target": "at most 4 served at once (a listing whose body fits in the socket buffers frees its slot early); non-readers closed after the 10 s write timeout"}),
-        json!({"scenario": "http: socket ping during the /elections load",
-               "before_ms": ping_before, "p50_during_ms": pct(&ping_during, 50.0),
-               "max_during_ms": ping_during.last().copied().unwrap_or(f64::NAN), "after_ms": ping_after, "target": "-"}),
-        json!({"scenario": format!("http: elector-shim RSS, {shim_idle} idle connections"),
-               "before_mib": shim_before, "during_mib": shim_during, "after_mib": shim_after,
-               "connected": shim_idle_open, "shim_fds_during": shim_fds,
-               "closed_of_first_1000_after_11s": shim_closed,
-               "target": "<= 256 accepted at once (the rest wait in the backlog), after ~ before"}),
-    ])
+    server.clear_requests();
+    server.reset_watch_stats();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (log, watches) = (server.requests(), server.watch_stats());
+    let secs = t.elapsed().as_secs_f64();
+    let rss: Vec<f64> = children
+        .0
+        .iter()
+        .map(|c| rss_kib(c.id()).unwrap_or(0) as f64 / 1024.0)
+        .collect();
+    drop(apps);
+    drop(children);
+
+    let writes = log.iter().filter(|r| r.is_write()).count() as f64;
+    let reads = log.iter().filter(|r| r.verb == "get" || r.verb == "list").count() as f64;
+    let watch_starts = log.iter().filter(|r| r.verb == "watch").count();
+    let mine: std::collections::HashSet<(usize, &str, &str)> = layout
+        .iter()
+        .flat_map(|(ns, name, on)| on.iter().map(move |b| (*b, ns.as_str(), name.as_str())))
+        .collect();
+    let (mut own, mut discarded) = (vec![0f64; brokers], vec![0f64; brokers]);
+    let mut total = 0u64;
+    for w in &watches {
+        total += w.events;
+        let Some(b) = w.user.strip_prefix("node-").and_then(|b| b.parse::<usize>().ok()) else {
+            continue;
+        };
+        let ns = w.namespace.as_deref().unwrap_or_default();
+        for (name, n) in &w.events_by_name {
+            if mine.contains(&(b, ns, name.as_str())) {
+                own[b] += *n as f64 / secs;
+            } else {
+                discarded[b] += *n as f64 / secs;
+            }
+        }
+    }
+    let per_broker_total: Vec<f64> = own.iter().zip(&discarded).map(|(a, b)| a + b).collect();
+    let open = watches.iter().filter(|w| w.open).count();
+    let by_selector = watches.iter().filter(|w| w.open && w.field_selector.is_some()).count();
+    let retry = 2.0;
+    let (m, k) = (elections as f64, 3.0);
+    Ok(json!({
+        "scenario": format!("cluster: {brokers} brokers, {elections} elections x 3, {namespaces} namespace(s)"),
+        "seconds": secs,
+        "writes_per_s": writes / secs,
+        "reads_per_s": reads / secs,
+        "watch_requests_in_window": watch_starts,
+        "open_watches": open,
+        "open_watches_by_name": by_selector,
+        "watch_events_per_s": total as f64 / secs,
+        "per_broker_events_per_s": spread(&per_broker_total),
+        "per_broker_own_events_per_s": spread(&own),
+        "per_broker_discarded_events_per_s": spread(&discarded),
+        "broker_rss_mib": spread(&rss),
+        "client_go_requests_per_s": m * 2.0 / retry + (m * k - m) / (2.2 * retry),
+        "client_go_writes_per_s": m / retry,
+        "target": "-",
+    }))
 }
 
 fn print_table(rows: &[Value]) {
@@ -1104,12 +1073,18 @@ fn main() -> anyhow::Result<()> {
             } => scale(clients, observers, rounds).await?,
             Scenario::Protocol => protocol().await?,
             Scenario::Restart { elections } => restart(elections).await?,
+            Scenario::Cluster {
+                brokers,
+                elections_per_broker,
+                seconds,
+            } => cluster(brokers, elections_per_broker, seconds).await?,
             Scenario::All => {
                 let mut rows = failover(30).await?;
                 rows.extend(api_load(100, 20).await?);
                 rows.extend(scale(10_000, 1_000, 50).await?);
                 rows.extend(protocol().await?);
                 rows.extend(restart(1_000).await?);
+                rows.extend(cluster(30, 6, 20).await?);
                 rows
             }
         };
