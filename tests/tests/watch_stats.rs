@@ -53,7 +53,9 @@ fn by_name(names: &[String]) -> HashMap<String, u64> {
 fn find<'a>(stats: &'a [WatchStats], user: &str, ns: &str, field: Option<&str>) -> &'a WatchStats {
     stats
         .iter()
-        .find(|s| s.user == user && s.namespace.as_deref() == Some(ns) && s.field_selector.as_deref() == field)
+        .find(|s| {
+            s.user == user && s.namespace.as_deref() == Some(ns) && s.field_selector.as_deref() == field
+        })
         .unwrap_or_else(|| panic!("no watch of {user} on {ns} {field:?} in {stats:#?}"))
 }
 
@@ -69,7 +71,9 @@ async fn delivered_watch_events_are_counted_exactly_per_watch_and_name() {
     let ns2: Api<Lease> = Api::namespaced(admin.clone(), "other");
     server.create_namespace("other", &[]).await.unwrap();
     // One lease exists before the watches start: a watch from "0" lists it as ADDED.
-    ns1.create(&PostParams::default(), &lease("a", "x")).await.unwrap();
+    ns1.create(&PostParams::default(), &lease("a", "x"))
+        .await
+        .unwrap();
 
     let wp = WatchParams::default();
     let mut whole = Api::<Lease>::namespaced(a_client.clone(), "default")
@@ -96,8 +100,12 @@ async fn delivered_watch_events_are_counted_exactly_per_watch_and_name() {
     .await
     .unwrap();
 
-    ns1.create(&PostParams::default(), &lease("b", "x")).await.unwrap();
-    ns2.create(&PostParams::default(), &lease("c", "x")).await.unwrap();
+    ns1.create(&PostParams::default(), &lease("b", "x"))
+        .await
+        .unwrap();
+    ns2.create(&PostParams::default(), &lease("c", "x"))
+        .await
+        .unwrap();
     for holder in ["y", "z"] {
         let mut l = ns1.get("a").await.unwrap();
         l.spec.as_mut().unwrap().holder_identity = Some(holder.into());
@@ -118,7 +126,10 @@ async fn delivered_watch_events_are_counted_exactly_per_watch_and_name() {
     assert_eq!(w.resource, "leases");
     assert_eq!(w.events, 5);
     assert_eq!(w.events_by_name, by_name(&whole_names));
-    assert_eq!(w.events_by_name, HashMap::from([("a".into(), 3), ("b".into(), 2)]));
+    assert_eq!(
+        w.events_by_name,
+        HashMap::from([("a".into(), 3), ("b".into(), 2)])
+    );
     let o = find(&stats, "bob", "default", Some("metadata.name=a"));
     assert_eq!(o.events, 3);
     assert_eq!(o.events_by_name, by_name(&one_names));
@@ -130,7 +141,12 @@ async fn delivered_watch_events_are_counted_exactly_per_watch_and_name() {
 
     // A reset zeroes open watches' counts; counting goes on from there.
     server.reset_watch_stats();
-    assert!(server.watch_stats().iter().all(|s| s.events == 0 && s.events_by_name.is_empty()));
+    assert!(
+        server
+            .watch_stats()
+            .iter()
+            .all(|s| s.events == 0 && s.events_by_name.is_empty())
+    );
     let mut l = ns2.get("c").await.unwrap();
     l.spec.as_mut().unwrap().holder_identity = Some("y".into());
     ns2.replace("c", &PostParams::default(), &l).await.unwrap();

@@ -195,10 +195,7 @@ impl WatchHub {
     /// Old watches are stopped by the new ones' `Synced` (see [`Self::apply`]).
     fn rescope(&self, state: &mut State, key: &Key) {
         let limit = self.name_watch_limit;
-        let State {
-            namespaces,
-            next_id,
-        } = state;
+        let State { namespaces, next_id } = state;
         let Some(ns) = namespaces.get_mut(key) else {
             return;
         };
@@ -257,7 +254,9 @@ impl WatchHub {
                         // Every subscriber moves to this watch; the watches by name stop.
                         for (n, s) in &mut ns.subscribers {
                             s.source = Some(id);
-                            s.tx.send_replace(present.remove(n).map_or(LockState::Missing, LockState::Present));
+                            s.tx.send_replace(
+                                present.remove(n).map_or(LockState::Missing, LockState::Present),
+                            );
                         }
                         ns.name_watches.clear();
                     }
@@ -267,7 +266,9 @@ impl WatchHub {
                         }
                         if let Some(s) = ns.subscribers.get_mut(n) {
                             s.source = Some(id);
-                            s.tx.send_replace(present.remove(n).map_or(LockState::Missing, LockState::Present));
+                            s.tx.send_replace(
+                                present.remove(n).map_or(LockState::Missing, LockState::Present),
+                            );
                         }
                         // The namespace watch stops once no subscriber is fed by it.
                         if ns.scope == Scope::Names
@@ -394,7 +395,9 @@ mod tests {
             let (name, who) = (name.to_string(), who.to_string());
             async move {
                 match lease.get("ns", &name).await.unwrap() {
-                    LockState::Present(base) => lease.replace("ns", &name, &base, &record(&who)).await.unwrap(),
+                    LockState::Present(base) => {
+                        lease.replace("ns", &name, &base, &record(&who)).await.unwrap()
+                    }
                     _ => lease.create("ns", &name, &record(&who)).await.unwrap(),
                 };
             }

@@ -501,7 +501,11 @@ async fn scale(clients: usize, observers: usize, rounds: usize) -> anyhow::Resul
     let mut fan = summary(
         &format!("scale: fan-out to {observers} observers"),
         lat,
-        if observers <= 1_000 { "p99 <= 5 ms (1,000 observers), five runs of five" } else { "reported" },
+        if observers <= 1_000 {
+            "p99 <= 5 ms (1,000 observers), five runs of five"
+        } else {
+            "reported"
+        },
     );
     fan["clients"] = json!(clients + observers + 2);
     fan["rounds"] = json!(rounds);
@@ -640,7 +644,11 @@ async fn shipped(requests: usize) -> anyhow::Result<Vec<Value>> {
     let _ = b.wait();
     let _ = broker.kill();
     let _ = broker.wait();
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1024.0 / 1024.0).unwrap_or(f64::NAN);
+    let size = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.len() as f64 / 1024.0 / 1024.0)
+            .unwrap_or(f64::NAN)
+    };
     Ok(vec![
         json!({"scenario": "protocol: elector-shim (shipped binary)",
                "rss_mib_started": rss_start as f64 / 1024.0,
@@ -1011,7 +1019,10 @@ async fn cluster_layout(
     }
     let per_broker_total: Vec<f64> = own.iter().zip(&discarded).map(|(a, b)| a + b).collect();
     let open = watches.iter().filter(|w| w.open).count();
-    let by_selector = watches.iter().filter(|w| w.open && w.field_selector.is_some()).count();
+    let by_selector = watches
+        .iter()
+        .filter(|w| w.open && w.field_selector.is_some())
+        .count();
     let retry = 2.0;
     let (m, k) = (elections as f64, 3.0);
     Ok(json!({
