@@ -570,7 +570,7 @@ async fn protocol() -> anyhow::Result<Vec<Value>> {
 /// Sends `GET /` to an elector-shim over a fresh connection (as the 2016 sidecar's users poll
 /// it) and returns the body.
 async fn shim_get(addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: shim\r\nConnection: close\r\n\r\n")
         .await?;
