@@ -175,3 +175,99 @@ async fn delivered_watch_events_are_counted_exactly_per_watch_and_name() {
     assert_eq!(server.watch_stats().len(), 2);
     drop((one, other));
 }
+
+/// Through a broker on the test API server: with few elections in a namespace it watches each
+/// lock by name (and is sent nothing about other locks there); with more than 16 in one
+/// namespace it watches that namespace instead, and its watches by name there end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_watches_few_locks_by_name_and_many_by_namespace() {
+    use elector_broker::election::ElectionTiming;
+    use elector_client::{CampaignOptions, Client};
+    use elector_tests::harness::TestBroker;
+
+    let server = TestApiServer::start().await.unwrap();
+    server.create_namespace("many", &[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _) = TestBroker::on_server(&server, "node-a", dir.path(), ElectionTiming::default());
+    let client = Client::connect(&broker.socket).await.unwrap();
+    let mut campaigns = Vec::new();
+    for i in 0..3 {
+        campaigns.push(
+            client
+                .campaign(CampaignOptions::new(format!("few-{i}"), "app"))
+                .await
+                .unwrap(),
+        );
+    }
+    let all_lead = |c: &[elector_client::Campaign]| c.iter().all(|c| c.is_leader());
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !all_lead(&campaigns) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every campaign leads");
+    // Someone else's lock in the same namespace, written after the broker's watches started.
+    let admin: Api<Lease> = Api::namespaced(server.client(server.admin()).await.unwrap(), "default");
+    admin
+        .create(&PostParams::default(), &lease("stranger", "x"))
+        .await
+        .unwrap();
+    for holder in ["y", "z"] {
+        let mut l = admin.get("stranger").await.unwrap();
+        l.spec.as_mut().unwrap().holder_identity = Some(holder.into());
+        admin
+            .replace("stranger", &PostParams::default(), &l)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let open_of = |ns: &str| -> Vec<WatchStats> {
+        server
+            .watch_stats()
+            .into_iter()
+            .filter(|s| s.user == "node-a" && s.open && s.namespace.as_deref() == Some(ns))
+            .collect()
+    };
+    let mut selectors: Vec<_> = open_of("default").into_iter().map(|s| s.field_selector).collect();
+    selectors.sort();
+    assert_eq!(
+        selectors,
+        (0..3)
+            .map(|i| Some(format!("metadata.name=few-{i}")))
+            .collect::<Vec<_>>()
+    );
+    let stats = server.watch_stats();
+    assert!(
+        stats
+            .iter()
+            .filter(|s| s.user == "node-a")
+            .all(|s| !s.events_by_name.contains_key("stranger")),
+        "the broker was sent another lock's events: {stats:#?}"
+    );
+
+    // 17 elections in one namespace: one namespace watch there.
+    for i in 0..17 {
+        campaigns.push(
+            client
+                .campaign(CampaignOptions::new(format!("many-{i}"), "app").namespace("many"))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let open = open_of("many");
+            if all_lead(&campaigns) && open.len() == 1 && open[0].field_selector.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("one namespace watch in \"many\": {:#?}", open_of("many")));
+    assert_eq!(open_of("default").len(), 3);
+    drop(campaigns);
+    drop(client);
+    drop(broker);
+}
