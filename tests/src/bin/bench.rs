@@ -1,16 +1,18 @@
 //! elector's benchmarks: `cargo run --release -p elector-tests --bin bench -- <scenario> [--json]`
 //!
-//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `restart`, `cluster`, `all`. Each prints a table (or JSON).
+//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `restart`, `cluster`, `http`, `all`
+//! (`http` is not part of `all`: it is about hostile load, not speed). Each prints a table (or JSON).
 //! Brokers run on the test API server (failover, api-load) or standalone (scale, protocol); for
 //! RSS and CPU the broker (or shim) runs as a child process of this program, so the numbers are
 //! its own.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use elector_broker::daemon::{Daemon, DaemonConfig};
 use elector_broker::election::ElectionTiming;
 use elector_client::protocol::{LockKind, Timing};
 use elector_client::{CampaignOptions, Client};
@@ -73,8 +75,32 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// Hostile HTTP load: slow `/elections` readers at many elections (broker RSS and the
+    /// socket's ping latency before, during, after), idle connections on the shim's port.
+    Http {
+        #[arg(long, default_value_t = 10_000)]
+        elections: usize,
+        /// `/elections` requests that read 1 KiB and then stop reading.
+        #[arg(long, default_value_t = 200)]
+        readers: usize,
+        /// Idle connections opened to the shim's HTTP port.
+        #[arg(long, default_value_t = 17_000)]
+        shim_idle: usize,
+    },
     /// Every scenario with its defaults.
     All,
+    /// (internal) Run a standalone broker with its HTTP port (default limits) until killed.
+    #[command(hide = true)]
+    ServeHttpBroker {
+        socket: PathBuf,
+        http: std::net::SocketAddr,
+    },
+    /// (internal) Run an elector-shim on an HTTP port (default limits) until killed.
+    #[command(hide = true)]
+    ServeHttpShim {
+        socket: PathBuf,
+        http: std::net::SocketAddr,
+    },
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -263,6 +289,13 @@ fn cpu_ns(pid: u32) -> u64 {
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+fn spawn_self(args: &[&str]) -> anyhow::Result<std::process::Child> {
+    Ok(std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .spawn()?)
 }
 
 /// The shipped `electord --standalone` on `socket`, with the connection limits lifted to the
@@ -580,10 +613,6 @@ async fn shim_get(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     Ok(resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
 
-fn free_port() -> anyhow::Result<std::net::SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// The shipped binaries as users run them: `electord --standalone` (idle RSS) and two
 /// `elector-shim` candidates of one election on it. The standby shim serves `requests` GETs,
 /// then the leading shim is killed and the standby takes over; its RSS after that, and its CPU
@@ -609,7 +638,7 @@ async fn shipped(requests: usize) -> anyhow::Result<Vec<Value>> {
             .stdout(std::process::Stdio::null())
             .spawn()?)
     };
-    let (addr_a, addr_b) = (free_port()?, free_port()?);
+    let (addr_a, addr_b) = (free_local_addr()?, free_local_addr()?);
     let mut a = shim("shim-a", addr_a)?;
     let until = |addr, name: &'static str| async move {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1044,6 +1073,196 @@ async fn cluster_layout(
     }))
 }
 
+fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// The socket's ping round trip on an open connection, in ms.
+async fn ping_ms(raw: &mut RawClient) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    raw.try_send(&json!({"op":"ping","id":"canary"})).await?;
+    raw.try_until("pong").await?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// A `/elections` reader that reads the first KiB and then stops reading, holding the
+/// connection: the HTTP status it got (0: none), and the connection.
+async fn slow_reader(addr: std::net::SocketAddr) -> (u16, Option<tokio::net::TcpStream>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, None);
+    };
+    if s.write_all(b"GET /elections HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return (0, None);
+    }
+    let mut buf = vec![0u8; 1024];
+    let n = match tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await {
+        Ok(Ok(n)) => n,
+        _ => 0,
+    };
+    let status = std::str::from_utf8(&buf[..n])
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    (status, Some(s))
+}
+
+/// Whether the server closed `s` (EOF or reset), reading whatever it still sends.
+async fn server_closed(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+type Round = (usize, usize, usize, f64, f64, f64, Vec<f64>);
+
+/// One round of `readers` slow `/elections` readers: (served, refused, closed by the broker,
+/// peak RSS, RSS while held, RSS 3 s after they closed, ping times during) in MiB and ms.
+async fn slow_readers_round(
+    pid: u32,
+    http: std::net::SocketAddr,
+    readers: usize,
+    canary: &mut RawClient,
+) -> anyhow::Result<Round> {
+    let mib = |kib: Option<u64>| kib.unwrap_or(0) as f64 / 1024.0;
+    let started = Instant::now();
+    let slow: Vec<_> = futures::future::join_all((0..readers).map(|_| slow_reader(http))).await;
+    let ok = slow.iter().filter(|(s, _)| *s == 200).count();
+    let busy = slow.iter().filter(|(s, _)| *s == 503).count();
+    let mut conns: Vec<_> = slow.into_iter().filter_map(|(_, c)| c).collect();
+    let mut peak = 0f64;
+    let mut ping_during = Vec::new();
+    while started.elapsed() < Duration::from_secs(5) {
+        peak = peak.max(mib(rss_kib(pid)));
+        ping_during.push(ping_ms(canary).await?);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ping_during.sort_by(|a, b| a.total_cmp(b));
+    // Past the write timeout (10 s): the broker closed the readers that stopped reading.
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(started.elapsed())).await;
+    let mut closed = 0;
+    for c in &mut conns {
+        if server_closed(c).await {
+            closed += 1;
+        }
+    }
+    let held_rss = mib(rss_kib(pid));
+    drop(conns);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = mib(rss_kib(pid));
+
+    Ok((ok, busy, closed, peak, held_rss, after, ping_during))
+}
+
+async fn http_load(elections: usize, readers: usize, shim_idle: usize) -> anyhow::Result<Vec<Value>> {
+    // The bench itself holds thousands of connections.
+    elector_broker::daemon::FdBudget::raise_nofile_limit();
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("elector.sock");
+    let http = free_local_addr()?;
+    let mut child = spawn_self(&[
+        "serve-http-broker",
+        socket.to_str().context("path")?,
+        &http.to_string(),
+    ])?;
+    wait_for_socket(&socket).await?;
+    let pid = child.id();
+    let mib = |kib: Option<u64>| kib.unwrap_or(0) as f64 / 1024.0;
+    let idle_rss = mib(rss_kib(pid));
+    // `elections` elections, 250 per connection (the per-connection limit is 256).
+    let mut holders = Vec::new();
+    for chunk in (0..elections).collect::<Vec<_>>().chunks(250) {
+        let mut raw = RawClient::try_open(&socket).await?;
+        for i in chunk {
+            raw.try_send(&json!({"op":"campaign","id":i,"election":format!("bench-{i}"),"identity":format!("pod-{i}")}))
+                .await?;
+        }
+        for _ in chunk {
+            raw.try_until("ok").await?;
+        }
+        holders.push(raw);
+    }
+    let mut canary = RawClient::try_open(&socket).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let baseline = mib(rss_kib(pid));
+    let ping_before = ping_ms(&mut canary).await?;
+
+    // Three rounds of slow readers: memory must come back after each, not grow between them.
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        rounds.push(slow_readers_round(pid, http, readers, &mut canary).await?);
+    }
+    let (ok, busy, closed, peak, held_rss, after, ping_during) = rounds[0].clone();
+    let after_rounds: Vec<f64> = rounds.iter().map(|r| r.5).collect();
+    let ping_after = ping_ms(&mut canary).await?;
+
+    // The shim: idle connections on its port.
+    let shim_http = free_local_addr()?;
+    let mut shim = spawn_self(&[
+        "serve-http-shim",
+        socket.to_str().context("path")?,
+        &shim_http.to_string(),
+    ])?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let shim_pid = shim.id();
+    let shim_before = mib(rss_kib(shim_pid));
+    let opened = futures::future::join_all((0..shim_idle).map(|_| async move {
+        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(shim_http))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }))
+    .await;
+    let mut idle: Vec<_> = opened.into_iter().flatten().collect();
+    let shim_idle_open = idle.len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let shim_during = mib(rss_kib(shim_pid));
+    let shim_fds = std::fs::read_dir(format!("/proc/{shim_pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    // Past the header timeout (10 s): the shim closed every idle connection it accepted.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mut shim_closed = 0;
+    for c in idle.iter_mut().take(1000) {
+        if server_closed(c).await {
+            shim_closed += 1;
+        }
+    }
+    drop(idle);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let shim_after = mib(rss_kib(shim_pid));
+    let _ = shim.kill();
+    let _ = shim.wait();
+    drop(holders);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(vec![
+        json!({"scenario": format!("http: broker RSS, {elections} elections, {readers} slow /elections readers"),
+               "idle_mib": idle_rss, "baseline_mib": baseline, "peak_mib": peak, "while_held_mib": held_rss,
+               "after_mib": after, "after_rounds_2_3_mib": [after_rounds[1], after_rounds[2]], "target": "peak bounded (4 listings at once), after ~ baseline"}),
+        json!({"scenario": "http: slow /elections readers",
+               "served_200": ok, "refused_503": busy, "closed_by_broker_after_12s": closed,
+               "target": "at most 4 served at once (a listing whose body fits in the socket buffers frees its slot early); non-readers closed after the 10 s write timeout"}),
+        json!({"scenario": "http: socket ping during the /elections load",
+               "before_ms": ping_before, "p50_during_ms": pct(&ping_during, 50.0),
+               "max_during_ms": ping_during.last().copied().unwrap_or(f64::NAN), "after_ms": ping_after, "target": "-"}),
+        json!({"scenario": format!("http: elector-shim RSS, {shim_idle} idle connections"),
+               "before_mib": shim_before, "during_mib": shim_during, "after_mib": shim_after,
+               "connected": shim_idle_open, "shim_fds_during": shim_fds,
+               "closed_of_first_1000_after_11s": shim_closed,
+               "target": "<= 256 accepted at once (the rest wait in the backlog), after ~ before"}),
+    ])
+}
+
 fn print_table(rows: &[Value]) {
     for r in rows {
         let mut fields: Vec<String> = Vec::new();
@@ -1073,6 +1292,34 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let rows = match args.scenario {
+            Scenario::ServeHttpBroker { socket, http } => {
+                let mut config = DaemonConfig::for_socket(&socket, "bench");
+                config.limits.max_connections = 50_000;
+                config.limits.max_connections_per_uid = 50_000;
+                config.http_addr = Some(http);
+                let d = Daemon::start_standalone(config).await?;
+                tokio::signal::ctrl_c().await?;
+                d.shutdown().await;
+                return Ok(());
+            }
+            Scenario::ServeHttpShim { socket, http } => {
+                let config = elector_broker::shim::ShimConfig {
+                    election: "shim-bench".into(),
+                    namespace: "default".into(),
+                    id: "shim".into(),
+                    ttl: Duration::from_secs(10),
+                    socket,
+                };
+                let listener = tokio::net::TcpListener::bind(http).await?;
+                elector_broker::shim::run(config, Some(listener), tokio_util::sync::CancellationToken::new())
+                    .await?;
+                return Ok(());
+            }
+            Scenario::Http {
+                elections,
+                readers,
+                shim_idle,
+            } => http_load(elections, readers, shim_idle).await?,
             Scenario::Failover { trials } => failover(trials).await?,
             Scenario::ApiLoad { elections, seconds } => api_load(elections, seconds).await?,
             Scenario::Scale {
