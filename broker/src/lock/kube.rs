@@ -376,11 +376,25 @@ impl<K: LockResource> LockBackend for KubeLock<K> {
     }
 
     fn watch_namespace(&self, namespace: &str) -> BoxStream<'static, WatchEvent> {
+        self.watch_with(namespace, watcher::Config::default())
+    }
+
+    fn watch_object(&self, namespace: &str, name: &str) -> BoxStream<'static, WatchEvent> {
+        self.watch_with(
+            namespace,
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+    }
+}
+
+impl<K: LockResource> KubeLock<K> {
+    /// A watch of this kind's objects in `namespace` that `config` selects, as [`WatchEvent`]s.
+    fn watch_with(&self, namespace: &str, config: watcher::Config) -> BoxStream<'static, WatchEvent> {
         let api = self.api(namespace);
         let metrics = self.metrics.clone();
         let ns = namespace.to_string();
         let mut buffer: Vec<(String, LockObject)> = Vec::new();
-        watcher(api, watcher::Config::default())
+        watcher(api, config)
             .default_backoff()
             .filter_map(move |ev| {
                 let out = match ev {

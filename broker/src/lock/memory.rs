@@ -167,4 +167,20 @@ impl LockBackend for MemoryLock {
         });
         futures::stream::once(async move { initial }).chain(live).boxed()
     }
+
+    fn watch_object(&self, namespace: &str, name: &str) -> BoxStream<'static, WatchEvent> {
+        let name = name.to_string();
+        self.watch_namespace(namespace)
+            .filter_map(move |ev| {
+                let out = match ev {
+                    WatchEvent::Synced(objects) => Some(WatchEvent::Synced(
+                        objects.into_iter().filter(|(n, _)| *n == name).collect(),
+                    )),
+                    WatchEvent::Applied(n, o) => (n == name).then_some(WatchEvent::Applied(n, o)),
+                    WatchEvent::Deleted(n) => (n == name).then_some(WatchEvent::Deleted(n)),
+                };
+                futures::future::ready(out)
+            })
+            .boxed()
+    }
 }

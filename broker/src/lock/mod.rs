@@ -4,8 +4,9 @@
 //!   annotation of the 2016 sidecar and client-go) or coordination.k8s.io/v1 Lease;
 //! - [`memory::MemoryLock`], the same semantics in-process (standalone mode, fast tests).
 //!
-//! Every backend offers the same three operations plus a namespace-wide watch: `get`, `create`,
-//! `replace` (conditional on the version last seen) and `watch_namespace`. The election logic
+//! Every backend offers the same three operations plus watches: `get`, `create`, `replace`
+//! (conditional on the version last seen), `watch_namespace` and `watch_object` (one object by
+//! name). The election logic
 //! sees only [`LockObject`]s and [`LockFailure`]s.
 //!
 //! A Kubernetes backend writes only an object's lock fields, names its node in every write, and
@@ -75,6 +76,10 @@ pub trait LockBackend: Send + Sync + std::fmt::Debug + 'static {
     /// Every change to lock objects of this kind in a namespace, forever (re-established on
     /// errors, with back-off). Starts with a `Synced`.
     fn watch_namespace(&self, namespace: &str) -> BoxStream<'static, WatchEvent>;
+
+    /// The same for the one object `name` (a `metadata.name=` field selector): its `Synced`
+    /// holds that object or nothing, and no other object's changes are delivered.
+    fn watch_object(&self, namespace: &str, name: &str) -> BoxStream<'static, WatchEvent>;
 }
 
 /// A backend for each lock kind.

@@ -1,7 +1,7 @@
 //! elector's benchmarks: `cargo run --release -p elector-tests --bin bench -- <scenario> [--json]`
 //!
-//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `http`, `all` (`http` is not part of
-//! `all`: it is about hostile load, not speed). Each prints a table (or JSON).
+//! Scenarios: `failover`, `api-load`, `scale`, `protocol`, `restart`, `cluster`, `http`, `all`
+//! (`http` is not part of `all`: it is about hostile load, not speed). Each prints a table (or JSON).
 //! Brokers run on the test API server (failover, api-load) or standalone (scale, protocol); for
 //! RSS and CPU the broker (or shim) runs as a child process of this program, so the numbers are
 //! its own.
@@ -55,13 +55,25 @@ enum Scenario {
         #[arg(long, default_value_t = 50)]
         rounds: usize,
     },
-    /// Campaign-to-reply latency, events per second through one socket, shim RSS.
+    /// Campaign-to-reply latency, events per second through one socket; the shipped elector-shim
+    /// (RSS, CPU per request) and electord (idle RSS), binary sizes.
     Protocol,
     /// Leadership through broker restarts: `electord` killed (-9) and restarted, and a surge
     /// upgrade, with every election led on that broker. Leadership changes and jeopardy.
     Restart {
         #[arg(long, default_value_t = 1_000)]
         elections: usize,
+    },
+    /// A whole cluster's API cost: `brokers` electord processes on one test API server, elections
+    /// of 3 candidates on 3 distinct brokers, all in one namespace and spread over 10.
+    Cluster {
+        #[arg(long, default_value_t = 30)]
+        brokers: usize,
+        /// Elections each broker takes part in (so brokers × this / 3 elections in all).
+        #[arg(long, default_value_t = 6)]
+        elections_per_broker: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
     },
     /// Hostile HTTP load: slow `/elections` readers at many elections (broker RSS and the
     /// socket's ping latency before, during, after), idle connections on the shim's port.
@@ -77,12 +89,6 @@ enum Scenario {
     },
     /// Every scenario with its defaults.
     All,
-    /// (internal) Run a standalone broker on a socket until killed.
-    #[command(hide = true)]
-    ServeBroker { socket: PathBuf },
-    /// (internal) Run an elector-shim until killed.
-    #[command(hide = true)]
-    ServeShim { socket: PathBuf },
     /// (internal) Run a standalone broker with its HTTP port (default limits) until killed.
     #[command(hide = true)]
     ServeHttpBroker {
@@ -251,10 +257,15 @@ async fn api_load(elections: usize, seconds: u64) -> anyhow::Result<Vec<Value>> 
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `RssAnon:`, `RssFile:`).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -285,6 +296,21 @@ fn spawn_self(args: &[&str]) -> anyhow::Result<std::process::Child> {
         .args(args)
         .stdout(std::process::Stdio::null())
         .spawn()?)
+}
+
+/// The shipped `electord --standalone` on `socket`, with the connection limits lifted to the
+/// scale bench's size (every bench client runs as this uid).
+fn spawn_standalone(socket: &Path) -> anyhow::Result<std::process::Child> {
+    Ok(
+        std::process::Command::new(elector_tests::workspace_bin("elector-broker", "electord"))
+            .args(["--standalone", "--http-addr", "", "--attest", "none"])
+            .args(["--max-connections", "50000", "--max-connections-per-uid", "50000"])
+            .arg("--socket")
+            .arg(socket)
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .spawn()?,
+    )
 }
 
 async fn wait_for_socket(path: &Path) -> anyhow::Result<()> {
@@ -441,7 +467,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 async fn scale(clients: usize, observers: usize, rounds: usize) -> anyhow::Result<Vec<Value>> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("scale.sock");
-    let mut child = spawn_self(&["serve-broker", socket.to_str().context("path")?])?;
+    let mut child = spawn_standalone(&socket)?;
     let pid = child.id();
     wait_for_socket(&socket).await?;
     let rss_idle = rss_kib(pid).unwrap_or(0);
@@ -508,7 +534,11 @@ async fn scale(clients: usize, observers: usize, rounds: usize) -> anyhow::Resul
     let mut fan = summary(
         &format!("scale: fan-out to {observers} observers"),
         lat,
-        "p99 <= 10 ms",
+        if observers <= 1_000 {
+            "p99 <= 5 ms (1,000 observers), five runs of five"
+        } else {
+            "reported"
+        },
     );
     fan["clients"] = json!(clients + observers + 2);
     fan["rounds"] = json!(rounds);
@@ -517,7 +547,7 @@ async fn scale(clients: usize, observers: usize, rounds: usize) -> anyhow::Resul
     Ok(vec![
         json!({"scenario": format!("scale: {clients} elections, {} connections", clients + observers + 2),
                "rss_mib_idle": rss_idle as f64 / 1024.0, "rss_mib": rss as f64 / 1024.0,
-               "steady_cpu_percent_of_one_core": cpu, "target": "RSS <= 150 MB, CPU <= 10%"}),
+               "steady_cpu_percent_of_one_core": cpu, "target": "RSS <= 64 MB (at 10,000 elections and 10,000 clients), CPU <= 5% of one core"}),
         fan,
     ])
 }
@@ -525,7 +555,7 @@ async fn scale(clients: usize, observers: usize, rounds: usize) -> anyhow::Resul
 async fn protocol() -> anyhow::Result<Vec<Value>> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("p.sock");
-    let mut child = spawn_self(&["serve-broker", socket.to_str().context("path")?])?;
+    let mut child = spawn_standalone(&socket)?;
     wait_for_socket(&socket).await?;
     let mut c = RawClient::try_open(&socket).await?;
     let mut lat = Vec::new();
@@ -558,20 +588,111 @@ async fn protocol() -> anyhow::Result<Vec<Value>> {
         }
     }
     let eps = got as f64 / t.elapsed().as_secs_f64();
-    // Shim RSS: one shim campaigning through the broker.
-    let mut shim = spawn_self(&["serve-shim", socket.to_str().context("path")?])?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let shim_rss = rss_kib(shim.id()).unwrap_or(0);
-    let _ = shim.kill();
-    let _ = shim.wait();
     let _ = child.kill();
     let _ = child.wait();
     let mut camp = summary("protocol: campaign to reply", lat, "-");
     camp["note"] = json!("one connection, 1000 sequential campaigns in new elections (each resigned after)");
-    Ok(vec![
+    let mut rows = vec![
         camp,
         json!({"scenario": "protocol: events through one socket", "events_per_s": eps, "target": "-"}),
-        json!({"scenario": "protocol: elector-shim RSS", "rss_mib": shim_rss as f64 / 1024.0, "target": "small (one per pod)"}),
+    ];
+    rows.extend(shipped(1_000).await?);
+    Ok(rows)
+}
+
+/// Sends `GET /` to an elector-shim over a fresh connection (as the 2016 sidecar's users poll
+/// it) and returns the body.
+async fn shim_get(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: shim\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await?;
+    anyhow::ensure!(resp.starts_with("HTTP/1.1 200"), "shim answered: {resp}");
+    Ok(resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+/// The shipped binaries as users run them: `electord --standalone` (idle RSS) and two
+/// `elector-shim` candidates of one election on it. The standby shim serves `requests` GETs,
+/// then the leading shim is killed and the standby takes over; its RSS after that, and its CPU
+/// per request, are the shim's cost. Also the release binaries' sizes.
+async fn shipped(requests: usize) -> anyhow::Result<Vec<Value>> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("shipped.sock");
+    let electord = elector_tests::workspace_bin("elector-broker", "electord");
+    let shim_bin = elector_tests::workspace_bin("elector-broker", "elector-shim");
+    let cli = elector_tests::workspace_bin("elector-cli", "elector");
+    let mut broker = spawn_standalone(&socket)?;
+    wait_for_socket(&socket).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let broker_idle = rss_kib(broker.id()).unwrap_or(0);
+    let broker_idle_anon = status_kib(broker.id(), "RssAnon:").unwrap_or(0);
+    let shim = |id: &str, addr: std::net::SocketAddr| -> anyhow::Result<std::process::Child> {
+        Ok(std::process::Command::new(&shim_bin)
+            .args(["--election", "shim-bench", "--ttl", "2s", "--id", id, "--http"])
+            .arg(addr.to_string())
+            .arg("--socket")
+            .arg(&socket)
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .spawn()?)
+    };
+    let (addr_a, addr_b) = (free_local_addr()?, free_local_addr()?);
+    let mut a = shim("shim-a", addr_a)?;
+    let until = |addr, name: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(body) = shim_get(addr).await
+                && body.contains(&format!("\"{name}\""))
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the shim never named {name}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    until(addr_a, "shim-a").await?;
+    let mut b = shim("shim-b", addr_b)?;
+    until(addr_b, "shim-a").await?;
+    let rss_start = rss_kib(b.id()).unwrap_or(0);
+    let cpu0 = cpu_ns(b.id());
+    let t = Instant::now();
+    for _ in 0..requests {
+        shim_get(addr_b).await?;
+    }
+    let elapsed = t.elapsed();
+    let cpu_per_request_us = (cpu_ns(b.id()) - cpu0) as f64 / 1e3 / requests as f64;
+    a.kill()?;
+    a.wait()?;
+    until(addr_b, "shim-b").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = rss_kib(b.id()).unwrap_or(0);
+    let anon_after = status_kib(b.id(), "RssAnon:").unwrap_or(0);
+    let _ = b.kill();
+    let _ = b.wait();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let size = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.len() as f64 / 1024.0 / 1024.0)
+            .unwrap_or(f64::NAN)
+    };
+    Ok(vec![
+        json!({"scenario": "protocol: elector-shim (shipped binary)",
+               "rss_mib_started": rss_start as f64 / 1024.0,
+               "rss_mib_after_requests_and_leader_change": rss_after as f64 / 1024.0,
+               "rss_anon_mib_after": anon_after as f64 / 1024.0,
+               "requests": requests, "cpu_us_per_request": cpu_per_request_us,
+               "requests_per_s": requests as f64 / elapsed.as_secs_f64(),
+               "note": "GET / over a new TCP connection each; then the leading shim is killed and this one takes over",
+               "target": "small (one per pod)"}),
+        json!({"scenario": "protocol: electord --standalone idle (shipped binary)",
+               "rss_mib": broker_idle as f64 / 1024.0, "rss_anon_mib": broker_idle_anon as f64 / 1024.0,
+               "target": "-"}),
+        json!({"scenario": "binary sizes (this build's profile)",
+               "electord_mib": size(&electord), "elector_shim_mib": size(&shim_bin),
+               "elector_mib": size(&cli), "target": "-"}),
     ])
 }
 
@@ -787,6 +908,169 @@ async fn restart(elections: usize) -> anyhow::Result<Vec<Value>> {
     successor.kill()?;
     successor.wait()?;
     Ok(rows)
+}
+
+/// Child processes killed when dropped (a failed bench leaves no brokers behind).
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn spread(v: &[f64]) -> Value {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    json!({"mean": mean(v), "min": min, "max": max})
+}
+
+/// `bench cluster`: both layouts, one after the other, each on a fresh test API server.
+async fn cluster(brokers: usize, per_broker: usize, seconds: u64) -> anyhow::Result<Vec<Value>> {
+    anyhow::ensure!(brokers >= 3, "elections need 3 distinct brokers");
+    let mut rows = Vec::new();
+    for namespaces in [1, 10] {
+        rows.push(cluster_layout(brokers, per_broker, namespaces, seconds).await?);
+    }
+    Ok(rows)
+}
+
+/// `brokers` shipped electord processes (defaults: lease 15 s, retry 2 s), each its own API
+/// user, on one test API server. Election `j` (of `brokers × per_broker / 3`) lives in namespace
+/// `j mod namespaces` and has one candidate on each of brokers `j`, `j+1`, `j+2` (mod brokers).
+/// After every election has a leader and a settling pause, the API server's request log and
+/// per-watch event counts over `seconds` give the cost; each watch event is attributed to its
+/// broker and split by whether the broker has a candidate in that object's election.
+async fn cluster_layout(
+    brokers: usize,
+    per_broker: usize,
+    namespaces: usize,
+    seconds: u64,
+) -> anyhow::Result<Value> {
+    let server = TestApiServer::start().await?;
+    for s in 0..namespaces {
+        server.create_namespace(&format!("bench-{s}"), &[]).await?;
+    }
+    let dir = tempfile::tempdir()?;
+    let electord = elector_tests::workspace_bin("elector-broker", "electord");
+    let mut children = Children(Vec::new());
+    let mut sockets = Vec::new();
+    for b in 0..brokers {
+        let node = format!("node-{b}");
+        let user = server.add_user(&node, vec![elector_tests::kube_api::Rule::all()]);
+        let socket = dir.path().join(format!("{node}.sock"));
+        children.0.push(
+            std::process::Command::new(&electord)
+                .arg("--kubeconfig")
+                .arg(server.kubeconfig_path(&user))
+                .args(["--node-name", &node, "--http-addr", "", "--attest", "none"])
+                .arg("--socket")
+                .arg(&socket)
+                .env("RUST_LOG", "error")
+                .stdout(std::process::Stdio::null())
+                .spawn()?,
+        );
+        sockets.push(socket);
+    }
+    for s in &sockets {
+        wait_for_socket(s).await?;
+    }
+    let elections = brokers * per_broker / 3;
+    // (namespace, name) of each election, and the brokers with a candidate in it.
+    let layout: Vec<(String, String, [usize; 3])> = (0..elections)
+        .map(|j| {
+            (
+                format!("bench-{}", j % namespaces),
+                format!("cluster-{j}"),
+                [j % brokers, (j + 1) % brokers, (j + 2) % brokers],
+            )
+        })
+        .collect();
+    let mut apps = Vec::with_capacity(elections * 3);
+    for (ns, name, on) in &layout {
+        for (c, b) in on.iter().enumerate() {
+            let client = Client::connect(&sockets[*b]).await?;
+            let campaign = client
+                .campaign(CampaignOptions::new(name.clone(), format!("{name}-app{c}")).namespace(ns.clone()))
+                .await?;
+            apps.push((client, campaign));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while apps.iter().filter(|(_, c)| c.is_leader()).count() < elections {
+        anyhow::ensure!(Instant::now() < deadline, "not every election got a leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.clear_requests();
+    server.reset_watch_stats();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (log, watches) = (server.requests(), server.watch_stats());
+    let secs = t.elapsed().as_secs_f64();
+    let rss: Vec<f64> = children
+        .0
+        .iter()
+        .map(|c| rss_kib(c.id()).unwrap_or(0) as f64 / 1024.0)
+        .collect();
+    drop(apps);
+    drop(children);
+
+    let writes = log.iter().filter(|r| r.is_write()).count() as f64;
+    let reads = log.iter().filter(|r| r.verb == "get" || r.verb == "list").count() as f64;
+    let watch_starts = log.iter().filter(|r| r.verb == "watch").count();
+    let mine: std::collections::HashSet<(usize, &str, &str)> = layout
+        .iter()
+        .flat_map(|(ns, name, on)| on.iter().map(move |b| (*b, ns.as_str(), name.as_str())))
+        .collect();
+    let (mut own, mut discarded) = (vec![0f64; brokers], vec![0f64; brokers]);
+    let mut total = 0u64;
+    for w in &watches {
+        total += w.events;
+        let Some(b) = w.user.strip_prefix("node-").and_then(|b| b.parse::<usize>().ok()) else {
+            continue;
+        };
+        let ns = w.namespace.as_deref().unwrap_or_default();
+        for (name, n) in &w.events_by_name {
+            if mine.contains(&(b, ns, name.as_str())) {
+                own[b] += *n as f64 / secs;
+            } else {
+                discarded[b] += *n as f64 / secs;
+            }
+        }
+    }
+    let per_broker_total: Vec<f64> = own.iter().zip(&discarded).map(|(a, b)| a + b).collect();
+    let open = watches.iter().filter(|w| w.open).count();
+    let by_selector = watches
+        .iter()
+        .filter(|w| w.open && w.field_selector.is_some())
+        .count();
+    let retry = 2.0;
+    let (m, k) = (elections as f64, 3.0);
+    Ok(json!({
+        "scenario": format!("cluster: {brokers} brokers, {elections} elections x 3, {namespaces} namespace(s)"),
+        "seconds": secs,
+        "writes_per_s": writes / secs,
+        "reads_per_s": reads / secs,
+        "watch_requests_in_window": watch_starts,
+        "open_watches": open,
+        "open_watches_by_name": by_selector,
+        "watch_events_per_s": total as f64 / secs,
+        "per_broker_events_per_s": spread(&per_broker_total),
+        "per_broker_own_events_per_s": spread(&own),
+        "per_broker_discarded_events_per_s": spread(&discarded),
+        "broker_rss_mib": spread(&rss),
+        "client_go_requests_per_s": m * 2.0 / retry + (m * k - m) / (2.2 * retry),
+        "client_go_writes_per_s": m / retry,
+        "target": "-",
+    }))
 }
 
 fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
@@ -1008,29 +1292,6 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let rows = match args.scenario {
-            Scenario::ServeBroker { socket } => {
-                let mut config = DaemonConfig::for_socket(&socket, "bench");
-                // Every bench client runs as this uid: lift the per-uid limit to the scale size.
-                config.limits.max_connections = 50_000;
-                config.limits.max_connections_per_uid = 50_000;
-                let d = Daemon::start_standalone(config).await?;
-                tokio::signal::ctrl_c().await?;
-                d.shutdown().await;
-                return Ok(());
-            }
-            Scenario::ServeShim { socket } => {
-                let config = elector_broker::shim::ShimConfig {
-                    election: "shim-bench".into(),
-                    namespace: "default".into(),
-                    id: "shim".into(),
-                    ttl: Duration::from_secs(10),
-                    socket,
-                };
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                elector_broker::shim::run(config, Some(listener), tokio_util::sync::CancellationToken::new())
-                    .await?;
-                return Ok(());
-            }
             Scenario::ServeHttpBroker { socket, http } => {
                 let mut config = DaemonConfig::for_socket(&socket, "bench");
                 config.limits.max_connections = 50_000;
@@ -1068,12 +1329,18 @@ fn main() -> anyhow::Result<()> {
             } => scale(clients, observers, rounds).await?,
             Scenario::Protocol => protocol().await?,
             Scenario::Restart { elections } => restart(elections).await?,
+            Scenario::Cluster {
+                brokers,
+                elections_per_broker,
+                seconds,
+            } => cluster(brokers, elections_per_broker, seconds).await?,
             Scenario::All => {
                 let mut rows = failover(30).await?;
                 rows.extend(api_load(100, 20).await?);
                 rows.extend(scale(10_000, 1_000, 50).await?);
                 rows.extend(protocol().await?);
                 rows.extend(restart(1_000).await?);
+                rows.extend(cluster(30, 6, 20).await?);
                 rows
             }
         };

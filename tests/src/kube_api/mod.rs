@@ -32,6 +32,7 @@ pub mod resources;
 pub mod selector;
 mod server;
 pub mod store;
+pub mod watch_stats;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -42,6 +43,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 pub use store::Store;
+pub use watch_stats::WatchStats;
 
 /// One RBAC rule: the verbs allowed on resources of API groups, in some namespaces or all.
 /// `"*"` matches anything in `verbs`, `api_groups` and `resources`.
@@ -199,6 +201,7 @@ pub(crate) struct Shared {
     /// Bumped on every fault change, so waiting requests and watches re-check.
     fault_changed: watch::Sender<u64>,
     log: Mutex<Vec<LogEntry>>,
+    watches: watch_stats::WatchLog,
     policies: admission::PolicyCache,
     options: ServerOptions,
     addr: SocketAddr,
@@ -317,6 +320,7 @@ impl TestApiServer {
             faults: Mutex::new(FaultState::default()),
             fault_changed: watch::channel(0).0,
             log: Mutex::new(Vec::new()),
+            watches: Default::default(),
             policies: admission::PolicyCache::default(),
             options,
             addr,
@@ -553,5 +557,16 @@ impl TestApiServer {
     /// Forgets the request log (to count from a point on).
     pub fn clear_requests(&self) {
         self.shared.log.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Every watch started (since the last [`Self::reset_watch_stats`]), open or ended, with
+    /// the events the server delivered on it.
+    pub fn watch_stats(&self) -> Vec<WatchStats> {
+        self.shared.watches.snapshot()
+    }
+
+    /// Forgets ended watches and zeroes the counts of open ones (to count from a point on).
+    pub fn reset_watch_stats(&self) {
+        self.shared.watches.reset();
     }
 }

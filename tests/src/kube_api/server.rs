@@ -868,8 +868,17 @@ fn watch(ctx: &Ctx, resource: &'static Resource, query: &HashMap<String, String>
     let shared = ctx.shared.clone();
     let user = ctx.user.clone();
     let namespace = ctx.namespace.clone();
+    let counted = shared.watches.start(
+        &user,
+        resource.plural,
+        namespace.as_deref(),
+        query.get("fieldSelector").map(String::as_str),
+        query.get("labelSelector").map(String::as_str),
+    );
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
+        let counted = counted;
+        let name_of = |o: &Value| o["metadata"]["name"].as_str().unwrap_or_default().to_string();
         let store = &shared.store;
         let cut_at_start = shared.watch_cut_generation(&user);
         let in_scope = |o: &Value| {
@@ -882,6 +891,7 @@ fn watch(ctx: &Ctx, resource: &'static Resource, query: &HashMap<String, String>
             None => {
                 let (items, rv) = store.list(resource, namespace.as_deref());
                 for item in items.into_iter().filter(|o| selector.matches(o)) {
+                    let name = name_of(&item);
                     if tx
                         .send(event_line("ADDED", &with_type(resource, item)))
                         .await
@@ -889,6 +899,7 @@ fn watch(ctx: &Ctx, resource: &'static Resource, query: &HashMap<String, String>
                     {
                         return;
                     }
+                    counted.0.delivered(&name);
                 }
                 rv
             }
@@ -911,7 +922,9 @@ fn watch(ctx: &Ctx, resource: &'static Resource, query: &HashMap<String, String>
                             format!("too old resource version: {cursor} ({})", store.current_rv()),
                             None,
                         );
-                        let _ = tx.send(event_line("ERROR", &status)).await;
+                        if tx.send(event_line("ERROR", &status)).await.is_ok() {
+                            counted.0.delivered("");
+                        }
                         return;
                     }
                     Replay::Changes(changes, through) => {
@@ -928,13 +941,16 @@ fn watch(ctx: &Ctx, resource: &'static Resource, query: &HashMap<String, String>
                             } else {
                                 None
                             };
-                            if let Some(kind) = kind
-                                && tx
+                            if let Some(kind) = kind {
+                                let name = name_of(&c.object);
+                                if tx
                                     .send(event_line(kind, &with_type(resource, c.object)))
                                     .await
                                     .is_err()
-                            {
-                                return;
+                                {
+                                    return;
+                                }
+                                counted.0.delivered(&name);
                             }
                         }
                         cursor = through;
@@ -959,6 +975,7 @@ fn watch(ctx: &Ctx, resource: &'static Resource, query: &HashMap<String, String>
                         if tx.send(event_line("BOOKMARK", &bm)).await.is_err() {
                             return;
                         }
+                        counted.0.bookmark();
                     }
                 }
                 _ = tx.closed() => return,
