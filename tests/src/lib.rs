@@ -74,3 +74,20 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// Runs `kubectl` with `kubeconfig`; returns its stdout, or panics with its stderr. (`.ci/run`
+/// installs kubectl.)
+pub async fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("kubectl")
+        .env("KUBECONFIG", kubeconfig)
+        .args(args)
+        .output()
+        .await
+        .expect("kubectl on the PATH (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("kubectl prints UTF-8")
+}

@@ -346,21 +346,7 @@ async fn electord_with_events_false_records_none() {
     off.kill().await.unwrap();
 }
 
-/// Runs kubectl with `kubeconfig`; returns stdout, or panics with stderr.
-async fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("kubectl")
-        .env("KUBECONFIG", kubeconfig)
-        .args(args)
-        .output()
-        .await
-        .expect("kubectl on the PATH (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use elector_tests::kubectl;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_describe_lease_shows_the_events() {

@@ -250,21 +250,7 @@ async fn clients_beyond_the_fd_budget_get_too_many_connections_not_a_hang() {
         "the clamp is logged: {}",
         broker.log()
     );
-    let mut greeted = Vec::new();
-    let mut refused = 0;
-    for i in 0..260 {
-        let (first, stream) = greeting(&broker.socket, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|e| panic!("client {i}: {e}"));
-        match first["event"].as_str() {
-            Some("hello") => greeted.push(stream),
-            Some("error") => {
-                assert_eq!(first["code"], "too_many_connections", "{first}");
-                refused += 1;
-            }
-            _ => panic!("client {i}: {first}"),
-        }
-    }
+    let (mut greeted, refused) = connect_many(&broker.socket, 260).await;
     assert_eq!(greeted.len(), 136, "exactly the budget is served");
     assert_eq!(refused, 260 - 136);
     // Room again once some leave.
@@ -279,6 +265,27 @@ async fn clients_beyond_the_fd_budget_get_too_many_connections_not_a_hang() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     campaign_and_win(&broker.socket, "after-the-flood").await;
+}
+
+/// Opens `n` connections one after another: those greeted (kept open) and how many were refused
+/// with `too_many_connections` (anything else fails the test).
+async fn connect_many(socket: &Path, n: usize) -> (Vec<tokio::net::UnixStream>, usize) {
+    let mut greeted = Vec::new();
+    let mut refused = 0;
+    for i in 0..n {
+        let (first, stream) = greeting(socket, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        match first["event"].as_str() {
+            Some("hello") => greeted.push(stream),
+            Some("error") => {
+                assert_eq!(first["code"], "too_many_connections", "{first}");
+                refused += 1;
+            }
+            _ => panic!("client {i}: {first}"),
+        }
+    }
+    (greeted, refused)
 }
 
 /// A broker that runs out of descriptors anyway (its limit lowered under it, so the budget it
@@ -296,21 +303,7 @@ async fn out_of_descriptors_waiting_clients_are_refused_not_left_hanging() {
         .status()
         .unwrap();
     assert!(status.success(), "prlimit --pid");
-    let mut greeted = Vec::new();
-    let mut refused = 0;
-    for i in 0..40 {
-        let (first, stream) = greeting(&broker.socket, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|e| panic!("client {i}: {e}"));
-        match first["event"].as_str() {
-            Some("hello") => greeted.push(stream),
-            Some("error") => {
-                assert_eq!(first["code"], "too_many_connections", "{first}");
-                refused += 1;
-            }
-            _ => panic!("client {i}: {first}"),
-        }
-    }
+    let (greeted, refused) = connect_many(&broker.socket, 40).await;
     // About 8 fit under the new limit (one more while the spare is free).
     assert!(greeted.len() <= 12, "{} greeted", greeted.len());
     assert!(refused >= 28, "{refused} refused");

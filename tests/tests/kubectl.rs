@@ -3,7 +3,6 @@
 //!
 //! Needs `kubectl` on the PATH (`.ci/run` installs Debian's `kubernetes-client` if it is missing).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use elector_client::protocol::LockKind;
@@ -12,24 +11,10 @@ use elector_tests::harness::{TestBroker, fast_timing};
 use elector_tests::kube_api::{Rule, TestApiServer};
 use futures::StreamExt;
 
-/// Runs kubectl with `kubeconfig`; returns stdout, or panics with stderr.
-async fn kubectl(kubeconfig: &PathBuf, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("kubectl")
-        .env("KUBECONFIG", kubeconfig)
-        .args(args)
-        .output()
-        .await
-        .expect("kubectl on the PATH (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use elector_tests::kubectl;
 
 /// The holder of Lease `demo/job`, as `kubectl` shows it.
-async fn lease_holder(kubeconfig: &PathBuf) -> String {
+async fn lease_holder(kubeconfig: &std::path::Path) -> String {
     kubectl(
         kubeconfig,
         &[
