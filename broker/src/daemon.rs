@@ -277,16 +277,20 @@ impl Daemon {
         self.superseded.cancelled().await;
     }
 
-    /// After a successor took the socket over: hand every leader off (`jeopardy`, nothing
-    /// released) and close the socket's connections, but stay alive (`/healthz` keeps
-    /// answering) until told to stop. A superseded broker that exited would be restarted in its
-    /// pod and take the socket back.
+    /// After a successor took the socket over: waits until every connection has moved to it
+    /// (a few at a time, see [`crate::socket::SocketServer::run`]: each leader is told
+    /// `jeopardy`, nothing is released, and the client is told `reconnect`); the leaders not
+    /// yet moved are renewed here meanwhile. Then it only stays alive (`/healthz` keeps
+    /// answering) until told to stop: a superseded broker that exited would be restarted in
+    /// its pod and take the socket back. Cancel-safe: a stop that comes first hands the rest
+    /// off at once ([`Daemon::shutdown_as`] with [`ShutdownMode::Handoff`]).
     pub async fn retire(&mut self) {
-        self.elections.shutdown(self.grace, ShutdownMode::Handoff).await;
-        self.socket_shutdown.cancel();
-        if let Some(task) = self.socket_task.take() {
-            let _ = tokio::time::timeout(self.grace, task).await;
+        if let Some(task) = &mut self.socket_task {
+            let _ = task.await;
+            self.socket_task = None;
         }
+        // Nothing is left to hand off, unless an election outlived its connections.
+        self.elections.shutdown(self.grace, ShutdownMode::Handoff).await;
     }
 
     /// Shutdown in a given mode (see [`Daemon::shutdown`]).

@@ -644,6 +644,12 @@ async fn manage(
                         _ => break,
                     };
                     let Ok(event) = protocol::parse_event(&line) else { continue };
+                    if let Event::Reconnect(r) = &event {
+                        // A successor broker serves the socket now (a rolling upgrade): move
+                        // there at once rather than wait for this broker to close.
+                        tracing::info!(reason = %r.reason, "the broker asks to reconnect: moving to its successor");
+                        break;
+                    }
                     if let Event::Error(e) = &event
                         && let Some(key) = e.id.as_ref().and_then(Value::as_u64).and_then(|id| resumes.remove(&id))
                         && let Some(reg) = regs.get(&key)
@@ -859,7 +865,7 @@ fn dispatch(
                 }
             }
         }
-        Event::Hello(_) | Event::Status(_) | Event::Pong(_) => {}
+        Event::Hello(_) | Event::Status(_) | Event::Pong(_) | Event::Reconnect(_) => {}
     }
 }
 

@@ -464,6 +464,15 @@ pub struct Pong {
     pub id: Option<RequestId>,
 }
 
+/// `{"event":"reconnect","reason":"superseded"}` (1.1): a successor broker serves this socket
+/// path now (a rolling upgrade). The broker closes the connection right after this event, having
+/// told each of its leaders `jeopardy`: connect again at once (no back-off), resume, campaign and
+/// observe there. A 1.0 client, which ignores the event, sees the connection close.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReconnectEvent {
+    pub reason: String,
+}
+
 /// A message from the broker to an application.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -479,6 +488,7 @@ pub enum Event {
     Error(ErrorEvent),
     Status(StatusReply),
     Pong(Pong),
+    Reconnect(ReconnectEvent),
 }
 
 impl Event {

@@ -159,10 +159,18 @@ impl TestBroker {
                 });
                 let _ = ready_tx.send(daemon.http_addr());
                 // As electord does: a successor taking the socket over means hand off and exit.
+                let mut daemon = daemon;
                 let stop = rt.block_on(async {
+                    let mut stop_rx = stop_rx;
                     tokio::select! {
-                        stop = stop_rx => stop.ok(),
-                        _ = daemon.superseded() => None,
+                        stop = &mut stop_rx => return stop.ok(),
+                        _ = daemon.superseded() => {}
+                    }
+                    // Superseded: every connection moves to the successor in its turn (unless
+                    // told to stop first), then the rest is handed off.
+                    tokio::select! {
+                        _ = daemon.retire() => None,
+                        stop = &mut stop_rx => stop.ok().filter(|s| matches!(s, Stop::Kill)),
                     }
                 });
                 match stop {

@@ -452,11 +452,21 @@ async fn until_stopped(daemon: &mut Daemon, on_signal: ShutdownMode) -> anyhow::
         _ = tokio::signal::ctrl_c() => on_signal,
         _ = term.recv() => on_signal,
         _ = daemon.superseded() => {
-            tracing::info!("superseded by a new broker: handing leaders off, then idling until stopped");
-            daemon.retire().await;
+            tracing::info!("superseded by a new broker: moving every connection to it, then idling until stopped");
+            let stopped = async {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            };
+            tokio::pin!(stopped);
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+                _ = daemon.retire() => {
+                    tracing::info!("every connection moved to the new broker");
+                    stopped.await;
+                }
+                // Stopped before every connection moved: the rest are handed off at once.
+                _ = &mut stopped => {}
             }
             ShutdownMode::Handoff
         }

@@ -33,6 +33,11 @@ pub enum Farewell {
     /// is released or handed over; the lock expires unless the app resumes (see
     /// [`Contender::abandon_candidate`]).
     Abandon,
+    /// The party moves to a successor broker (this one was superseded by a rolling upgrade):
+    /// as `Abandon`, nothing is written, and a leader is told `jeopardy` with its guarantee,
+    /// which the successor confirms (`safe`) when the app resumes there (see
+    /// [`Contender::hand_off_candidate`]).
+    HandOff,
 }
 
 /// Why a local leader stopped leading (the machine's reasons; the wire has a few more).
@@ -430,8 +435,10 @@ impl<Raw: Clone> Contender<Raw> {
     /// [`Farewell::Silent`]), and the broker hands over to the next local candidate or releases
     /// the lock; with [`Farewell::Abandon`], see [`Self::abandon_candidate`].
     pub fn remove_candidate(&mut self, party: PartyId, reason: StepDown, farewell: Farewell) {
-        if farewell == Farewell::Abandon {
-            return self.abandon_candidate(party);
+        match farewell {
+            Farewell::Abandon => return self.abandon_candidate(party),
+            Farewell::HandOff => return self.hand_off_candidate(party),
+            Farewell::Tell | Farewell::Silent => {}
         }
         self.candidates.retain(|c| c.party != party);
         if let Some(h) = &mut self.held
@@ -462,6 +469,27 @@ impl<Raw: Clone> Contender<Raw> {
         if self.held.as_ref().is_some_and(|h| h.party == Some(party)) {
             self.held = None;
         }
+    }
+
+    /// Removes a local candidate that moves to a successor broker. If it led, it is told
+    /// `Jeopardy` with its guarantee (`last_renew_start + renew_deadline`), and the lock is
+    /// left as [`Self::abandon_candidate`] leaves it: not renewed, released nor handed over,
+    /// so that the successor's adoption (a compare-and-swap on the record that still names the
+    /// party, in the same term) is the next write. A renewal still in flight may land first:
+    /// its success is not the party's (it was told `jeopardy` already), and the successor,
+    /// whose swap then conflicts, reads again and adopts the renewed record.
+    pub fn hand_off_candidate(&mut self, party: PartyId) {
+        if let Some(h) = &self.held
+            && h.party == Some(party)
+        {
+            self.notifications.push(Notification::Jeopardy {
+                party,
+                identity: h.identity.clone(),
+                term: h.term,
+                valid_until: self.deadline_of(h),
+            });
+        }
+        self.abandon_candidate(party);
     }
 
     /// Stop and release: the local leader is told `broker_shutdown`, then (see
@@ -1243,6 +1271,50 @@ mod tests {
             (w.purpose, w.record.holder_identity.as_str()),
             (WritePurpose::Acquire, "b")
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_handed_off_is_told_jeopardy_and_nothing_more_is_written_for_it() {
+        let mut c = C::new(timing());
+        c.join(1, Candidacy::new("a"), None).unwrap();
+        let _ = c.poll(Instant::now(), wall());
+        c.read_done(Instant::now(), Ok(LockState::Missing));
+        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+            panic!()
+        };
+        let t0 = Instant::now();
+        c.write_done(t0, t0, Ok(written(&w, 1)));
+        c.take_notifications();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // A renewal is in flight when the party moves to the successor broker.
+        let Action::Write(renew) = c.poll(Instant::now(), wall()) else {
+            panic!()
+        };
+        let sent = Instant::now();
+        c.take_notifications();
+        c.remove_candidate(1, StepDown::Resigned, Farewell::HandOff);
+        let n = c.take_notifications();
+        assert!(
+            matches!(
+                n.as_slice(),
+                [Notification::Jeopardy { party: 1, term: 0, valid_until, .. }]
+                    if *valid_until == t0 + timing().renew_deadline
+            ),
+            "told jeopardy with the guarantee of the last successful write: {n:?}"
+        );
+        assert!(!c.holds());
+        // The renewal lands: not the party's any more, and it is told nothing.
+        tokio::time::advance(Duration::from_millis(5)).await;
+        c.write_done(Instant::now(), sent, Ok(written(&renew, 2)));
+        assert_eq!(
+            c.take_notifications()
+                .iter()
+                .filter(|n| !matches!(n, Notification::View(_)))
+                .count(),
+            0
+        );
+        // Nobody local is left: nothing is released (the successor adopts the record).
+        assert!(matches!(c.poll(Instant::now(), wall()), Action::Wait(_)));
     }
 
     /// The record as an attesting broker wrote it for pod `uid-1`, holder `a` in term 4.

@@ -20,7 +20,8 @@ use elector_client::clock::{from_monotonic_ns, monotonic_now_ns};
 use elector_client::codec::{Frame, LineCodec};
 use elector_client::protocol::{
     self, BareRequest, Caller as WireCaller, CampaignRequest, ElectionName, ElectionRef, ElectionStatus,
-    ErrorCode, Event, Hello, MAX_LINE_BYTES, OkReply, Pong, Request, RequestError, RequestId, StatusReply,
+    ErrorCode, Event, Hello, MAX_LINE_BYTES, OkReply, Pong, ReconnectEvent, Request, RequestError, RequestId,
+    StatusReply,
 };
 
 /// Why the writer stopped.
@@ -483,6 +484,26 @@ impl Conn {
         }
     }
 
+    /// Moves every membership to a successor broker: each leader is told `jeopardy` with its
+    /// guarantee and its lock is left for the successor to adopt ([`Farewell::HandOff`]);
+    /// returns once those events are queued.
+    async fn hand_off_all(&mut self) {
+        let elections = self.shared.elections.clone();
+        let leaving = self.memberships.drain(..).map(|m| {
+            let elections = elections.clone();
+            async move {
+                let farewell = match m.role() {
+                    Role::Campaign => Farewell::HandOff,
+                    Role::Observation => Farewell::Silent,
+                };
+                elections
+                    .leave(&m.name, m.party, StepDown::Resigned, farewell)
+                    .await;
+            }
+        });
+        futures::future::join_all(leaving).await;
+    }
+
     /// Ends every membership: `Silent` when the app closed the connection (a leader's lock is
     /// released or handed over at once), `Abandon` when the broker cut it (the app may still
     /// lead until its guarantee: nothing is released, see [`Farewell::Abandon`]).
@@ -561,6 +582,8 @@ enum ReadEnd {
     Done,
     /// The broker cut the connection while its app may live on (it sent only bad requests).
     Cut,
+    /// A successor broker took the socket over and this connection's turn to move came.
+    Moved,
 }
 
 /// A greeted connection: its requests, its elections, and the task writing its outbox.
@@ -571,6 +594,8 @@ struct Session {
     writer_task: tokio::task::JoinHandle<WriterEnd>,
     /// Set once the writer task has ended.
     writer_done: Option<WriterEnd>,
+    /// This connection's turn to move to a successor broker, and when it began.
+    move_turn: Option<(tokio::sync::OwnedSemaphorePermit, Instant)>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -618,6 +643,7 @@ impl Session {
             frames,
             writer_task,
             writer_done: None,
+            move_turn: None,
             metrics,
         }
     }
@@ -632,9 +658,21 @@ impl Session {
         let mut deadline = Instant::now() + limits.first_request_timeout;
         let mut seen_request = false;
         let mut consecutive_errors = 0u32;
+        // After a successor took the socket over: this connection's turn to move there. Until
+        // it comes, requests are answered as usual.
+        let turns = shared.handoff_turns.clone();
+        let move_turn = async {
+            shared.superseded.cancelled().await;
+            turns.acquire_owned().await.ok()
+        };
+        tokio::pin!(move_turn);
         loop {
             if !self.outbox.has_room_for_replies() {
                 tokio::select! {
+                    turn = &mut move_turn => {
+                        self.move_turn = turn.map(|t| (t, Instant::now()));
+                        return ReadEnd::Moved;
+                    }
                     _ = self.outbox.room_for_replies() => {}
                     end = &mut self.writer_task => {
                         self.writer_done = Some(end.unwrap_or(WriterEnd::Broken));
@@ -705,6 +743,10 @@ impl Session {
                     self.writer_done = Some(end.unwrap_or(WriterEnd::Broken));
                     return ReadEnd::Done;
                 }
+                turn = &mut move_turn => {
+                    self.move_turn = turn.map(|t| (t, Instant::now()));
+                    return ReadEnd::Moved;
+                }
                 _ = shared.shutdown.cancelled() => return ReadEnd::Done,
             }
         }
@@ -730,8 +772,19 @@ impl Session {
         // connection the broker cut (its app stopped reading, or sent only bad requests) is not
         // evidence that the app is gone: its leaderships are abandoned, not released.
         let cut = end == ReadEnd::Cut || matches!(self.writer_done, Some(WriterEnd::Stuck));
-        self.conn
-            .leave_all(if cut { Farewell::Abandon } else { Farewell::Silent });
+        let had_elections = self.conn.has_elections();
+        if end == ReadEnd::Moved && self.writer_done.is_none() {
+            // A successor serves the socket: each leader is told `jeopardy` with its guarantee
+            // (nothing is written: the successor adopts the record when the app resumes), then
+            // the client is told to reconnect.
+            self.conn.hand_off_all().await;
+            self.outbox.push(Event::Reconnect(ReconnectEvent {
+                reason: "superseded".into(),
+            }));
+        } else {
+            self.conn
+                .leave_all(if cut { Farewell::Abandon } else { Farewell::Silent });
+        }
         self.outbox.close();
         if self.writer_done.is_none() {
             match tokio::time::timeout(limits.write_timeout, &mut self.writer_task).await {
@@ -742,6 +795,14 @@ impl Session {
         if matches!(self.writer_done, Some(WriterEnd::Stuck)) {
             self.metrics.rejected(ErrorCode::SlowConsumer.as_str());
             tracing::info!("closed a connection whose client stopped reading");
+        }
+        // A turn that moved elections lasts at least `HANDOFF_TURN` (paces the successor's
+        // resumes).
+        if let Some((turn, began)) = self.move_turn.take() {
+            if had_elections {
+                tokio::time::sleep_until(began + super::HANDOFF_TURN).await;
+            }
+            drop(turn);
         }
     }
 }

@@ -40,6 +40,15 @@ use elector_client::protocol::{ErrorCode, Event, RequestError};
 /// How often a broker checks that its socket path is still its own.
 const SUPERSEDED_CHECK: Duration = Duration::from_millis(50);
 
+/// A superseded broker moves its connections to the successor a few at a time
+/// ([`HANDOFF_CONCURRENCY`], each turn lasting at least [`HANDOFF_TURN`]: at most 1,000
+/// connections a second). Each moved leader is in jeopardy from its hand-off until the
+/// successor confirms it (a read and a write of its lock), so the successor must not get a
+/// node's worth of resumes at once: paced, each waits for its own two requests only, while the
+/// leaders not yet moved are renewed here as usual.
+const HANDOFF_CONCURRENCY: usize = 4;
+const HANDOFF_TURN: Duration = Duration::from_millis(4);
+
 /// Limits and deadlines of the socket server.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -268,6 +277,11 @@ pub(crate) struct ServerShared {
     pub shutdown: CancellationToken,
     /// `Some`: callers are attested (`--attest=kubernetes`).
     pub attestor: Option<Arc<Attestor>>,
+    /// Cancelled when a successor broker took the socket path over: every connection then
+    /// moves to it, in turns ([`ServerShared::handoff_turns`]).
+    pub superseded: CancellationToken,
+    /// Turns of connections moving to a successor ([`HANDOFF_CONCURRENCY`]).
+    pub handoff_turns: Arc<Semaphore>,
     /// One permit per connection (`max_connections`).
     connections: Arc<Semaphore>,
     conns_per_uid: Mutex<HashMap<u32, usize>>,
@@ -344,8 +358,6 @@ impl SpareFd {
 #[derive(Debug)]
 pub struct SocketServer {
     socket: BoundSocket,
-    /// Cancelled when a successor broker took the socket path over.
-    superseded: CancellationToken,
     shared: Arc<ServerShared>,
     tracker: TaskTracker,
 }
@@ -362,13 +374,14 @@ impl SocketServer {
         let limits_max = limits.max_connections;
         SocketServer {
             socket,
-            superseded: CancellationToken::new(),
             shared: Arc::new(ServerShared {
                 elections,
                 limits,
                 identity,
                 shutdown,
                 attestor,
+                superseded: CancellationToken::new(),
+                handoff_turns: Arc::new(Semaphore::new(HANDOFF_CONCURRENCY)),
                 connections: Arc::new(Semaphore::new(limits_max)),
                 conns_per_uid: Mutex::new(HashMap::new()),
             }),
@@ -376,14 +389,20 @@ impl SocketServer {
         }
     }
 
-    /// Fires when a successor broker took the socket path over (a rolling upgrade): the
-    /// owner then hands its leaders off and stops.
+    /// Fires when a successor broker took the socket path over (a rolling upgrade): every
+    /// connection then moves to the successor, and [`SocketServer::run`] returns once all
+    /// have.
     pub fn superseded(&self) -> CancellationToken {
-        self.superseded.clone()
+        self.shared.superseded.clone()
     }
 
     /// Accepts connections until the shutdown token fires, then waits for the connections to
     /// finish (they flush `lost`/`broker_shutdown` events first) and removes the socket file.
+    ///
+    /// When a successor takes the path over, stops accepting (nobody can reach this socket
+    /// any more) and returns once every connection has moved: each, in its turn, hands its
+    /// leaders off (`jeopardy`, nothing written), is told `reconnect` and is closed, while
+    /// those still waiting for their turn are served as usual.
     pub async fn run(self) {
         let mut spare = SpareFd::open();
         let mut backoff = Duration::ZERO;
@@ -392,10 +411,11 @@ impl SocketServer {
         loop {
             tokio::select! {
                 _ = self.shared.shutdown.cancelled() => break,
-                _ = check.tick(), if !self.superseded.is_cancelled() => {
+                _ = check.tick() => {
                     if !self.socket.still_mine() {
-                        tracing::info!(path = %self.socket.path.display(), "a successor broker took the socket over: handing off");
-                        self.superseded.cancel();
+                        tracing::info!(path = %self.socket.path.display(), "a successor broker took the socket over: moving every connection to it");
+                        self.shared.superseded.cancel();
+                        break;
                     }
                 }
                 accepted = self.socket.listener.accept() => match accepted {
