@@ -582,8 +582,8 @@ fn with_id(request: &Request, id: u64) -> Request {
 /// The connection manager: one task per `Client`.
 async fn manage(
     path: PathBuf,
-    mut lines: Lines,
-    mut writer: Writer,
+    lines: Lines,
+    writer: Writer,
     mut commands: mpsc::UnboundedReceiver<Cmd>,
     hello: watch::Sender<Option<Hello>>,
     stop: CancellationToken,
@@ -599,7 +599,9 @@ async fn manage(
     // come before that answer and must not reach the new registration, nor may the answer
     // remove it.
     let mut deferred: std::collections::VecDeque<Cmd> = std::collections::VecDeque::new();
+    let mut connection = (lines, writer);
     loop {
+        let (mut lines, mut writer) = connection;
         // Serve one connection until it breaks.
         let mut pending: HashMap<u64, Waiting> = HashMap::new();
         loop {
@@ -672,6 +674,9 @@ async fn manage(
             }
         }
         // Disconnected: leaders with a guarantee left go on in jeopardy; nobody else leads.
+        // The old connection is closed before dialing (after `reconnect` the old broker waits
+        // for nothing, and must not see this client linger).
+        drop((lines, writer));
         hello.send_replace(None);
         resumes.clear();
         for (_, waiting) in pending.drain() {
@@ -690,7 +695,7 @@ async fn manage(
         // then with back-off, ending jeopardies that run out meanwhile; then resume, campaign
         // and observe again.
         let mut wait = Duration::ZERO;
-        loop {
+        let (lines, mut writer) = loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -716,14 +721,12 @@ async fn manage(
                 }
             };
             if let Ok((l, w, h)) = dialed {
-                lines = l;
-                writer = w;
                 shared_clock = shares_clock(&h);
                 hello.send_replace(Some(h));
                 backoff.reset();
-                break;
+                break (l, w);
             }
-        }
+        };
         for (key, reg) in regs.iter() {
             reg.state.send_modify(|s| s.connected = true);
             let request = reg.request_for_new_broker();
@@ -737,6 +740,7 @@ async fn manage(
                 break;
             }
         }
+        connection = (lines, writer);
     }
 }
 

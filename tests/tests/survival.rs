@@ -579,3 +579,110 @@ async fn a_rolling_upgrade_with_surge_changes_no_leader() {
     );
     drop((campaigns, clients, successors, brokers));
 }
+
+/// A superseded broker moves its connections in turns. Each leader's connection gets, in this
+/// order, `jeopardy` (with its guarantee) and `reconnect`, then is closed; an observer's gets
+/// `reconnect`. Until its turn a connection is served, and its leader renewed, by the old
+/// broker: with one connection per 1 s turn, the third moves at least 2 s after the takeover,
+/// with a guarantee from a renewal made after the takeover. Each app then resumes, through the
+/// socket, at the new broker: `safe`, same term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_broker_moves_connections_in_turns_and_renews_the_rest_meanwhile() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let user = server.add_user("m1", vec![elector_tests::kube_api::Rule::all()]);
+    let kubeconfig = server.kubeconfig_path(&user);
+    let turn = Duration::from_secs(1);
+    let old = TestBroker::start_configured(
+        "m1",
+        dir.path(),
+        Backend::Kube(kubeconfig.clone()),
+        fast_timing(),
+        false,
+        None,
+        |c| {
+            c.limits.handoff_concurrency = 1;
+            c.limits.handoff_turn = turn;
+        },
+    );
+    let mut apps = Vec::new();
+    for i in 0..3 {
+        let mut app = RawClient::open(&old.socket).await;
+        let ok = app
+            .ask(json!({"op":"campaign","election":format!("turns-{i}"),"identity":format!("app-{i}")}))
+            .await;
+        assert_eq!(ok["event"], "ok", "{ok}");
+        let elected = app.until("elected").await;
+        apps.push((app, elected["term"].as_u64().expect("term")));
+    }
+    let mut observer = RawClient::open(&old.socket).await;
+    assert_eq!(observer.ask(json!({"op":"observe","election":"turns-0"})).await["event"], "ok");
+
+    let taken_over = Instant::now();
+    let taken_over_ns = elector_client::clock::monotonic_now_ns();
+    let new = TestBroker::start_configured(
+        "m1",
+        dir.path(),
+        Backend::Kube(kubeconfig),
+        fast_timing(),
+        false,
+        None,
+        |c| c.socket.takeover = true,
+    );
+    // Every connection: what it was told before the close, and when `reconnect` came; a
+    // leader then resumes at once at the new broker, through the socket.
+    let socket = new.socket.clone();
+    let moved = apps.into_iter().enumerate().map(|(i, (mut app, term))| {
+        let socket = socket.clone();
+        async move {
+            let (told, at) = told_until_closed(&mut app).await;
+            let kinds: Vec<&str> = told.iter().map(|e| e["event"].as_str().unwrap_or("")).collect();
+            assert_eq!(kinds, ["jeopardy", "reconnect"], "leader {i}: {told:?}");
+            assert_eq!(told[0]["term"].as_u64(), Some(term));
+            let mut again = RawClient::open(&socket).await;
+            let ok = again
+                .ask(json!({
+                    "op":"resume","election":format!("turns-{i}"),"identity":format!("app-{i}"),
+                    "term": term, "valid_until": told[0]["valid_until"],
+                }))
+                .await;
+            assert_eq!(ok["event"], "ok", "{ok}");
+            let safe = again.until("safe").await;
+            assert_eq!(safe["term"].as_u64(), Some(term), "{safe}");
+            (at, told[0]["valid_until"].as_u64().expect("valid_until"))
+        }
+    });
+    let (mut moved, (observer_told, _)) =
+        tokio::join!(futures::future::join_all(moved), told_until_closed(&mut observer));
+    let kinds: Vec<&str> = observer_told.iter().map(|e| e["event"].as_str().unwrap_or("")).collect();
+    assert_eq!(kinds, ["reconnect"], "the observer: {observer_told:?}");
+    // In turns: the last leader's connection moved two whole turns after the takeover at the
+    // earliest (a lower bound: a loaded machine only makes it later)...
+    moved.sort();
+    let (last_at, last_guarantee) = moved[2];
+    assert!(last_at >= taken_over + 2 * turn, "moved in turns: {:?}", last_at - taken_over);
+    // ...and its leader was renewed meanwhile: its guarantee stems from a write sent after the
+    // takeover (a guarantee is the write's start plus the renew deadline).
+    assert!(
+        last_guarantee > taken_over_ns + fast_timing().renew_deadline.as_nanos() as u64,
+        "the leader waiting for its turn was renewed by the old broker"
+    );
+    drop((new, old));
+}
+
+/// What a connection is told (but `leader` and `renewed` events) until the broker closes it,
+/// and when it was told `reconnect`.
+async fn told_until_closed(app: &mut RawClient) -> (Vec<serde_json::Value>, Instant) {
+    let mut told = Vec::new();
+    let mut reconnect_at = None;
+    while let Some(e) = app.next().await {
+        if e["event"] == "reconnect" {
+            assert_eq!(e["reason"], "superseded", "{e}");
+            reconnect_at = Some(Instant::now());
+        }
+        if e["event"] != "leader" && e["event"] != "renewed" {
+            told.push(e);
+        }
+    }
+    (told, reconnect_at.expect("told to reconnect before the close"))
+}

@@ -796,11 +796,11 @@ impl Session {
             self.metrics.rejected(ErrorCode::SlowConsumer.as_str());
             tracing::info!("closed a connection whose client stopped reading");
         }
-        // A turn that moved elections lasts at least `HANDOFF_TURN` (paces the successor's
+        // A turn that moved elections lasts at least `handoff_turn` (paces the successor's
         // resumes).
         if let Some((turn, began)) = self.move_turn.take() {
             if had_elections {
-                tokio::time::sleep_until(began + super::HANDOFF_TURN).await;
+                tokio::time::sleep_until(began + limits.handoff_turn).await;
             }
             drop(turn);
         }

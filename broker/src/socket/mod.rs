@@ -40,14 +40,6 @@ use elector_client::protocol::{ErrorCode, Event, RequestError};
 /// How often a broker checks that its socket path is still its own.
 const SUPERSEDED_CHECK: Duration = Duration::from_millis(50);
 
-/// A superseded broker moves its connections to the successor a few at a time
-/// ([`HANDOFF_CONCURRENCY`], each turn lasting at least [`HANDOFF_TURN`]: at most 1,000
-/// connections a second). Each moved leader is in jeopardy from its hand-off until the
-/// successor confirms it (a read and a write of its lock), so the successor must not get a
-/// node's worth of resumes at once: paced, each waits for its own two requests only, while the
-/// leaders not yet moved are renewed here as usual.
-const HANDOFF_CONCURRENCY: usize = 4;
-const HANDOFF_TURN: Duration = Duration::from_millis(4);
 
 /// Limits and deadlines of the socket server.
 #[derive(Debug, Clone)]
@@ -66,6 +58,14 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Bad requests in a row before the connection is closed.
     pub max_consecutive_errors: u32,
+    /// A superseded broker moves its connections to the successor a few at a time: this many
+    /// at once, each turn lasting at least `handoff_turn` (by default 4 and 4 ms: at most
+    /// 1,000 connections a second). Each moved leader is in jeopardy from its hand-off until
+    /// the successor confirms it (a read and a write of its lock), so the successor must not
+    /// get a node's worth of resumes at once: paced, each waits for its own two requests
+    /// only, while the leaders not yet moved are renewed here as usual.
+    pub handoff_concurrency: usize,
+    pub handoff_turn: Duration,
 }
 
 impl Default for Limits {
@@ -79,6 +79,8 @@ impl Default for Limits {
             outbox_limit: 1024,
             write_timeout: Duration::from_secs(10),
             max_consecutive_errors: 16,
+            handoff_concurrency: 4,
+            handoff_turn: Duration::from_millis(4),
         }
     }
 }
@@ -280,7 +282,7 @@ pub(crate) struct ServerShared {
     /// Cancelled when a successor broker took the socket path over: every connection then
     /// moves to it, in turns ([`ServerShared::handoff_turns`]).
     pub superseded: CancellationToken,
-    /// Turns of connections moving to a successor ([`HANDOFF_CONCURRENCY`]).
+    /// Turns of connections moving to a successor ([`Limits::handoff_concurrency`]).
     pub handoff_turns: Arc<Semaphore>,
     /// One permit per connection (`max_connections`).
     connections: Arc<Semaphore>,
@@ -372,6 +374,7 @@ impl SocketServer {
         attestor: Option<Arc<Attestor>>,
     ) -> Self {
         let limits_max = limits.max_connections;
+        let handoff_concurrency = limits.handoff_concurrency.max(1);
         SocketServer {
             socket,
             shared: Arc::new(ServerShared {
@@ -381,7 +384,7 @@ impl SocketServer {
                 shutdown,
                 attestor,
                 superseded: CancellationToken::new(),
-                handoff_turns: Arc::new(Semaphore::new(HANDOFF_CONCURRENCY)),
+                handoff_turns: Arc::new(Semaphore::new(handoff_concurrency)),
                 connections: Arc::new(Semaphore::new(limits_max)),
                 conns_per_uid: Mutex::new(HashMap::new()),
             }),
