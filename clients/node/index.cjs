@@ -13,6 +13,10 @@
 //   clock of another time namespace, a guarantee already past) any disconnect means "not
 //   leader" at once: `lost` with reason `disconnected` before the client tries to reconnect;
 // - the client reconnects with exponential back-off and campaigns / observes again by itself;
+// - a broker that a successor took over from (a rolling upgrade) tells its leaders `jeopardy`,
+//   then sends `reconnect`: the client drops that connection itself at once (it does not wait
+//   for the broker to close it) and connects again without back-off, then resumes, campaigns
+//   and observes as after any disconnect;
 // - events of one campaign or observation arrive in the broker's order;
 // - fields and events this version does not know are ignored.
 
@@ -632,7 +636,11 @@ class Client extends EventEmitter {
         reject(error);
       };
       const onMessage = (msg) => {
-        if (greeted) return this._dispatch(msg);
+        if (greeted) {
+          // Lines after a `reconnect` (the connection is dropped) are not read.
+          if (this._socket === socket) this._dispatch(msg);
+          return;
+        }
         clearTimeout(timer);
         if (msg.event === 'error') return fail(brokerError(msg.code, String(msg.message || '')));
         if (msg.event !== 'hello') return fail(new ProtocolError(`expected a greeting, got ${JSON.stringify(msg)}`));
@@ -694,19 +702,33 @@ class Client extends EventEmitter {
     });
   }
 
-  _disconnected() {
+  /** The connection ended; `atOnce`: reconnect without back-off (a broker's `reconnect`). */
+  _disconnected(atOnce = false) {
     this._socket = null;
     this.hello = null;
     this._failPending(new ConnectionLost('the connection to the broker was lost'));
     for (const m of this._memberships.values()) m._brokerGone('disconnected');
     if (this._closed) return;
     this.emit('disconnected');
-    this._scheduleReconnect();
+    this._scheduleReconnect(atOnce);
   }
 
-  _scheduleReconnect() {
-    const delay = this._backoff;
-    this._backoff = Math.min(this._backoff * 2, this.maxBackoffMs);
+  /** A successor broker serves the socket now (a rolling upgrade): move there at once rather
+   * than wait for this broker to close the connection. */
+  _moveToSuccessor() {
+    const socket = this._socket;
+    this._disconnected(true);
+    if (socket) socket.destroy();
+  }
+
+  /** The next attempt to connect: after the back-off delay (which then doubles), or at once
+   * (the first attempt after a `reconnect`; a failed one backs off as usual). */
+  _scheduleReconnect(atOnce = false) {
+    let delay = 0;
+    if (!atOnce) {
+      delay = this._backoff;
+      this._backoff = Math.min(this._backoff * 2, this.maxBackoffMs);
+    }
     this._reconnectTimer = setTimeout(() => {
       if (this._closed) return;
       this._dial().catch(() => this._scheduleReconnect());
@@ -750,6 +772,10 @@ class Client extends EventEmitter {
     }
     if (kind === 'error') {
       this.emit('brokerError', brokerError(msg.code, String(msg.message || '')));
+      return;
+    }
+    if (kind === 'reconnect') {
+      this._moveToSuccessor();
       return;
     }
     const event = parseElectionEvent(msg);

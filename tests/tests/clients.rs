@@ -3,9 +3,9 @@
 //! them: `python3 -m unittest` on the pip-installed package, `node --test`, and the
 //! `examples/node-native` app. Each suite gets the broker binary as `$ELECTORD` and starts the
 //! brokers it needs (some tests restart them): standalone ones, and for broker survival
-//! (protocol 1.1: a leader rides out a broker's SIGKILL and restart) ones on a test Kubernetes
-//! API server run here, whose kubeconfig is `$ELECTOR_KUBECONFIG` (standalone locks die with
-//! their broker). The suites also play the shared conformance scripts (`clients/conformance`),
+//! (protocol 1.1: a leader rides out a broker's SIGKILL and restart, or a rolling upgrade with
+//! `--takeover` that moves it to the successor) ones on a test Kubernetes API server run here,
+//! whose kubeconfig is `$ELECTOR_KUBECONFIG` (standalone locks die with their broker). The suites also play the shared conformance scripts (`clients/conformance`),
 //! like `tests/tests/conformance.rs` does for Rust.
 //! Nothing is installed from the network here: `.ci/run` provides python3 (with pip,
 //! setuptools and wheel) and node.

@@ -49,6 +49,8 @@ struct Player {
     listener: UnixListener,
     socket: PathBuf,
     connection: Option<Connection>,
+    /// Connections a later `accept` replaced while the broker left them open.
+    earlier: Vec<Connection>,
     connecting: Option<JoinHandle<Result<Client, Error>>>,
     client: Option<Client>,
     captures: HashMap<String, Value>,
@@ -143,10 +145,29 @@ impl Player {
             .map_err(|_| "the client did not connect".to_string())?
             .map_err(|e| format!("accept: {e}"))?;
         let (r, w) = UnixStream::into_split(stream);
-        self.connection = Some(Connection {
+        let replaced = self.connection.replace(Connection {
             lines: BufReader::new(r).lines(),
             writer: w,
         });
+        self.earlier.extend(replaced);
+        Ok(())
+    }
+
+    /// Each earlier connection ends (the client closed it) with no request first.
+    async fn expect_closed(&mut self) -> Result<(), String> {
+        if self.earlier.is_empty() {
+            return Err("no earlier connection is open".to_string());
+        }
+        for mut conn in std::mem::take(&mut self.earlier) {
+            match tokio::time::timeout(STEP_TIMEOUT, conn.lines.next_line()).await {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(line))) => {
+                    return Err(format!("the client sent {line} on its earlier connection"));
+                }
+                Ok(Err(e)) => return Err(format!("read of the earlier connection: {e}")),
+                Err(_) => return Err("the client did not close its earlier connection".to_string()),
+            }
+        }
         Ok(())
     }
 
@@ -287,6 +308,8 @@ impl Player {
                 Ok(Ok(Some(line))) => Err(format!("unexpected request: {line}")),
                 Ok(Err(e)) => Err(format!("read: {e}")),
             }
+        } else if obj.contains_key("expect_closed") {
+            self.expect_closed().await
         } else if obj.contains_key("disconnect") {
             self.connection = None;
             Ok(())
@@ -397,6 +420,7 @@ async fn play(script: &Value, dir: &Path) -> Result<(), String> {
         listener,
         socket,
         connection: None,
+        earlier: Vec::new(),
         connecting: None,
         client: None,
         captures: HashMap::new(),

@@ -283,3 +283,42 @@ test('a broker killed and restarted within the deadline costs no leadership (tes
   assert.deepStrictEqual(seenByBroker, [['pod-a', true, elected.term]]);
   assert.ok(campaign.isLeader && !campaign.jeopardy);
 });
+
+test('a rolling upgrade moves the leader to the successor without back-off (test API server)', BOUNDED, async (t) => {
+  const { broker } = await setup(t, { kubeconfig: testKubeconfig() });
+  // A back-off far beyond the guarantee: only a client that reconnects at once on the old
+  // broker's `reconnect` resumes in time; one that waited for the close and backed off would
+  // lose at validUntil.
+  const c = await Client.connect({ socket: broker.socketPath, initialBackoffMs: 120000, maxBackoffMs: 120000 });
+  t.after(() => c.close());
+  const timing = { leaseDuration: 12, renewDeadline: 8, retryPeriod: 1 };
+  const campaign = await c.campaign('upgrade-node', { identity: 'pod-a', timing });
+  const elected = await nextOf(campaign, 'elected');
+  assert.ok(elected.validUntil !== null, "electord's clock (CLOCK_MONOTONIC) is process.hrtime's");
+  const outcome = await campaign.runWhileLeader(async (signal) => {
+    const successor = new Electord({ socketPath: broker.socketPath, kubeconfig: testKubeconfig(), takeover: true });
+    t.after(() => successor.stop());
+    await successor.start(); // the old broker tells jeopardy, then reconnect
+    const seen = [];
+    for (;;) {
+      const e = await campaign.nextEvent(WAIT_MS);
+      assert.ok(e !== null, 'the campaign ended');
+      assert.ok(e.type !== 'lost' && e.type !== 'elected', `leadership changed: ${JSON.stringify([...seen, e])}`);
+      seen.push(e);
+      if (e.type === 'safe') return { seen, aborted: signal.aborted };
+    }
+  });
+  const moves = outcome.seen.filter((e) => e.type !== 'leader').map((e) => [e.type, e.term]);
+  assert.deepStrictEqual(moves, [['jeopardy', elected.term], ['safe', elected.term]], JSON.stringify(outcome.seen));
+  assert.ok(!outcome.aborted, 'the leader-only work ran on throughout');
+  assert.ok(campaign.isLeader && !campaign.jeopardy);
+  // The successor serves this client; its view (status) follows its safe: wait for it, bounded.
+  const deadline = Date.now() + WAIT_MS;
+  let seenByBroker;
+  for (;;) {
+    seenByBroker = (await c.status()).campaigns.map((s) => [s.identity, s.isMe, s.term]);
+    if (isDeepStrictEqual(seenByBroker, [['pod-a', true, elected.term]]) || Date.now() > deadline) break;
+    await sleep(50);
+  }
+  assert.deepStrictEqual(seenByBroker, [['pod-a', true, elected.term]]);
+});

@@ -90,6 +90,13 @@ async function play(script) {
   const client = new Client({ socket: socketPath });
   let connecting = null;
   let conn = null;
+  // Connections a later `accept` replaced while the broker left them open.
+  const earlier = [];
+  const accept = async () => {
+    const next = await broker.accept();
+    if (conn) earlier.push(conn);
+    conn = next;
+  };
   const captures = {};
   const calls = {};
   const handles = {};
@@ -138,9 +145,9 @@ async function play(script) {
     } else if ('connect' in s) {
       connecting = client.connect();
       connecting.catch(() => {});
-      conn = await broker.accept();
+      await accept();
     } else if ('accept' in s) {
-      conn = await broker.accept();
+      await accept();
     } else if ('send' in s) {
       write(JSON.stringify(substitute(s.send)));
     } else if ('send_raw' in s) {
@@ -166,6 +173,19 @@ async function play(script) {
         return;
       }
       if (line !== null) throw new Error(`unexpected request ${line}`);
+    } else if ('expect_closed' in s) {
+      // Each earlier connection ends (the client closed it) with no request first.
+      if (earlier.length === 0) throw new Error('no earlier connection is open');
+      while (earlier.length) {
+        let line;
+        try {
+          line = await FakeBroker.nextLine(earlier[0], STEP_TIMEOUT_MS);
+        } catch {
+          throw new Error('the client did not close its earlier connection');
+        }
+        if (line !== null) throw new Error(`the client sent ${line} on its earlier connection`);
+        earlier.shift().socket.destroy();
+      }
     } else if ('disconnect' in s) {
       if (conn) conn.socket.destroy();
       conn = null;

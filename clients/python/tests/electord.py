@@ -34,13 +34,21 @@ def test_kubeconfig() -> str:
 
 class Electord:
     """One broker process on a socket of its own (fast timing: lease 2 s): standalone, or on
-    the API server of ``kubeconfig`` as node ``node``."""
+    the API server of ``kubeconfig`` as node ``node``. ``takeover``: the socket path is another
+    broker's, still running (a rolling upgrade: ``--takeover``)."""
 
-    def __init__(self, socket_path: Optional[str] = None, kubeconfig: Optional[str] = None, node: str = "node-a") -> None:
+    def __init__(
+        self,
+        socket_path: Optional[str] = None,
+        kubeconfig: Optional[str] = None,
+        node: str = "node-a",
+        takeover: bool = False,
+    ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="elector-py-")
         self.socket_path = socket_path or os.path.join(self._dir.name, "elector.sock")
         self.kubeconfig = kubeconfig
         self.node = node
+        self.takeover = takeover
         self.process: Optional[subprocess.Popen[bytes]] = None
 
     def start(self) -> "Electord":
@@ -52,7 +60,7 @@ class Electord:
         args: List[str] = [
             electord_binary(), *where, "--socket", self.socket_path, "--http-addr", "",
             "--lease-duration", "2", "--renew-deadline", "1.5", "--retry-period", "0.25",
-            "--shutdown-grace", "1", "--log", "error",
+            "--shutdown-grace", "1", "--log", "error", *(["--takeover"] if self.takeover else []),
         ]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 20

@@ -314,6 +314,41 @@ class BrokerSurvival(unittest.TestCase):
         self.assertEqual(seen_by_broker, [("pod-a", True, elected.term)])
         self.assertTrue(campaign.is_leader and not campaign.jeopardy)
 
+    def test_rolling_upgrade_moves_the_leader_to_the_successor_without_back_off(self) -> None:
+        # A back-off far beyond the guarantee: only a client that reconnects at once on the old
+        # broker's `reconnect` resumes in time; one that waited for the close and backed off
+        # would lose at valid_until.
+        client = Client(self.broker.socket_path, initial_backoff=120.0, max_backoff=120.0)
+        self.addCleanup(client.close)
+        campaign = client.campaign("upgrade-py", identity="pod-a", timing=self.TIMING)
+        elected = next_of(campaign, Elected)
+        assert elected.valid_until is not None, "electord's clock is this process's"
+        with leader_only(campaign) as signal:
+            successor = Electord(self.broker.socket_path, kubeconfig=test_kubeconfig(), takeover=True)
+            self.addCleanup(successor.stop)
+            successor.start()  # the old broker tells jeopardy, then reconnect
+            seen: List[Any] = []
+            while True:
+                event = campaign.next_event(WAIT)
+                self.assertIsNotNone(event, "the campaign ended")
+                self.assertNotIsInstance(event, (Lost, Elected), f"leadership changed: {seen + [event]}")
+                seen.append(event)
+                if isinstance(event, Safe):
+                    break
+            moves = [(type(e).__name__, e.term) for e in seen if not isinstance(e, Leader)]
+            self.assertEqual(moves, [("Jeopardy", elected.term), ("Safe", elected.term)], seen)
+            self.assertFalse(signal.is_set(), "the leader-only work ran on throughout")
+            self.assertTrue(campaign.is_leader and not campaign.jeopardy)
+        # The successor serves this client; its view (status) follows its safe: wait for it,
+        # bounded.
+        deadline = time.monotonic() + WAIT
+        while True:
+            seen_by_broker = [(c.identity, c.is_me, c.term) for c in client.status().campaigns]
+            if seen_by_broker == [("pod-a", True, elected.term)] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.assertEqual(seen_by_broker, [("pod-a", True, elected.term)])
+
 
 class AsyncApi(BrokerTest):
     def test_async_for_campaign_and_observe(self) -> None:

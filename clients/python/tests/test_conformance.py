@@ -57,6 +57,8 @@ class Player:
         self.socket_path = socket_path
         self.accepted: "asyncio.Queue[Tuple[asyncio.StreamReader, asyncio.StreamWriter]]" = asyncio.Queue()
         self.conn: Optional[Tuple[asyncio.StreamReader, asyncio.StreamWriter]] = None
+        #: Connections a later ``accept`` replaced while the broker left them open.
+        self.earlier: List[Tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.client = AsyncClient(socket_path)
         self.connecting: Optional["asyncio.Task[Any]"] = None
         self.captures: Dict[str, Any] = {}
@@ -82,9 +84,27 @@ class Player:
 
     async def accept(self) -> None:
         try:
-            self.conn = await asyncio.wait_for(self.accepted.get(), STEP_TIMEOUT)
+            conn = await asyncio.wait_for(self.accepted.get(), STEP_TIMEOUT)
         except asyncio.TimeoutError:
             raise ScriptFailed("the client did not connect") from None
+        if self.conn is not None:
+            self.earlier.append(self.conn)
+        self.conn = conn
+
+    async def expect_closed(self) -> None:
+        """Each earlier connection ends (the client closed it) with no request first."""
+        if not self.earlier:
+            raise ScriptFailed("no earlier connection is open")
+        while self.earlier:
+            reader, writer = self.earlier[0]
+            try:
+                line = await asyncio.wait_for(reader.readline(), STEP_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise ScriptFailed("the client did not close its earlier connection") from None
+            if line:
+                raise ScriptFailed(f"the client sent {line!r} on its earlier connection")
+            writer.close()
+            self.earlier.pop(0)
 
     async def connected_client(self) -> AsyncClient:
         if self.connecting is not None:
@@ -180,6 +200,8 @@ class Player:
                 return
             if got is not None:
                 raise ScriptFailed(f"unexpected request {got}")
+        elif "expect_closed" in step:
+            await self.expect_closed()
         elif "disconnect" in step:
             if self.conn is not None:
                 self.conn[1].close()
@@ -259,8 +281,8 @@ async def play(script: Dict[str, Any]) -> None:
         finally:
             await player.client.close()
             server.close()
-            if player.conn is not None:
-                player.conn[1].close()
+            for _, writer in player.earlier + ([player.conn] if player.conn is not None else []):
+                writer.close()
             while not player.accepted.empty():  # connections the script never took up
                 player.accepted.get_nowait()[1].close()
 

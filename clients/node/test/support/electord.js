@@ -36,13 +36,15 @@ function greets(socketPath) {
 }
 
 /** One broker process on a socket of its own (fast timing: lease 2 s): standalone, or on the
- * API server of `options.kubeconfig` as node `options.node`. */
+ * API server of `options.kubeconfig` as node `options.node`. With `options.takeover`, the
+ * socket `options.socketPath` is another broker's, still running (a rolling upgrade). */
 class Electord {
   constructor(options = {}) {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'elector-node-'));
-    this.socketPath = path.join(this.dir, 'elector.sock');
+    this.socketPath = options.socketPath ?? path.join(this.dir, 'elector.sock');
     this.kubeconfig = options.kubeconfig ?? null;
     this.node = options.node ?? 'node-a';
+    this.takeover = options.takeover ?? false;
     this.process = null;
   }
 
@@ -54,7 +56,7 @@ class Electord {
     this.process = spawn(bin, [
       ...where, '--socket', this.socketPath, '--http-addr', '',
       '--lease-duration', '2', '--renew-deadline', '1.5', '--retry-period', '0.25',
-      '--shutdown-grace', '1', '--log', 'error',
+      '--shutdown-grace', '1', '--log', 'error', ...(this.takeover ? ['--takeover'] : []),
     ], { stdio: ['ignore', 'inherit', 'inherit'] });
     let exited = null;
     this.process.once('exit', (code) => { exited = code; });

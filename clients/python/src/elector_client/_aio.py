@@ -11,6 +11,10 @@ Guarantees (the same as the Rust client's):
   confirmed it, ``preempted`` if the broker refused. Without that guarantee (a 1.0 broker, a
   clock of another time namespace, a guarantee already past) any disconnect means "not leader"
   at once: ``Lost`` with reason ``disconnected`` before the client tries to reconnect;
+- a broker that a successor took over from (a rolling upgrade) tells its leaders ``jeopardy``,
+  then sends ``reconnect``: the client drops that connection itself at once (it does not wait
+  for the broker to close it) and connects again without back-off, then resumes, campaigns and
+  observes as after any disconnect;
 - events of one campaign or observation arrive in the broker's order;
 - fields and events this version does not know are ignored.
 """
@@ -648,15 +652,25 @@ class AsyncClient:
         backoff = self.initial_backoff
         while True:
             assert self._reader is not None
+            moved = False
             while True:
                 msg = await self._read_message(self._reader)
                 if msg is None:
                     break
+                if msg.get("event") == "reconnect":
+                    # A successor broker serves the socket now (a rolling upgrade): move there
+                    # at once rather than wait for this broker to close.
+                    log.info("the broker asks to reconnect (%s): moving to its successor", msg.get("reason"))
+                    moved = True
+                    break
                 self._dispatch(msg)
             self._disconnected()
             while True:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                if moved:
+                    moved = False  # the first attempt only: a failed one backs off as usual
+                else:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
                 try:
                     await self._dial()
                 except ElectorError as e:
