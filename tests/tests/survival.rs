@@ -616,7 +616,10 @@ async fn a_superseded_broker_moves_connections_in_turns_and_renews_the_rest_mean
         apps.push((app, elected["term"].as_u64().expect("term")));
     }
     let mut observer = RawClient::open(&old.socket).await;
-    assert_eq!(observer.ask(json!({"op":"observe","election":"turns-0"})).await["event"], "ok");
+    assert_eq!(
+        observer.ask(json!({"op":"observe","election":"turns-0"})).await["event"],
+        "ok"
+    );
 
     let taken_over = Instant::now();
     let taken_over_ns = elector_client::clock::monotonic_now_ns();
@@ -654,13 +657,20 @@ async fn a_superseded_broker_moves_connections_in_turns_and_renews_the_rest_mean
     });
     let (mut moved, (observer_told, _)) =
         tokio::join!(futures::future::join_all(moved), told_until_closed(&mut observer));
-    let kinds: Vec<&str> = observer_told.iter().map(|e| e["event"].as_str().unwrap_or("")).collect();
+    let kinds: Vec<&str> = observer_told
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(kinds, ["reconnect"], "the observer: {observer_told:?}");
     // In turns: the last leader's connection moved two whole turns after the takeover at the
     // earliest (a lower bound: a loaded machine only makes it later)...
     moved.sort();
     let (last_at, last_guarantee) = moved[2];
-    assert!(last_at >= taken_over + 2 * turn, "moved in turns: {:?}", last_at - taken_over);
+    assert!(
+        last_at >= taken_over + 2 * turn,
+        "moved in turns: {:?}",
+        last_at - taken_over
+    );
     // ...and its leader was renewed meanwhile: its guarantee stems from a write sent after the
     // takeover (a guarantee is the write's start plus the renew deadline).
     assert!(

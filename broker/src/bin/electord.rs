@@ -191,8 +191,9 @@ struct SocketArgs {
     socket_group: Option<u32>,
 
     /// Take the socket over from a broker still running on it (a rolling upgrade with surge):
-    /// the old broker notices, hands its leaders off (`jeopardy`, nothing released), and exits;
-    /// they resume here. Without it a live broker on the socket is an error.
+    /// the old broker notices and moves its connections here a few at a time (`jeopardy`,
+    /// nothing released, `reconnect`), then idles until stopped; its leaders resume here.
+    /// Without it a live broker on the socket is an error.
     #[arg(long, env = "ELECTOR_TAKEOVER")]
     takeover: bool,
 }

@@ -422,6 +422,14 @@ impl<Raw: Clone> Contender<Raw> {
         self.candidates.iter().any(|c| c.identity == identity)
     }
 
+    /// Whether a local candidate of this identity claims to lead (resumes) and was not yet
+    /// confirmed or refused.
+    fn claims(&self, identity: &str) -> bool {
+        self.candidates
+            .iter()
+            .any(|c| c.identity == identity && c.claim.is_some())
+    }
+
     /// Makes the next decision wait for a fresh read.
     fn read_before_deciding(&mut self) {
         match &mut self.phase {
@@ -810,7 +818,10 @@ impl<Raw: Clone> Contender<Raw> {
             LockState::Present(o) => match &o.record {
                 None => self.seen_at,
                 Some(r) if r.is_released() => self.seen_at,
-                Some(r) if self.has_identity(&r.holder_identity) => self.seen_at,
+                // This node's leftover (see `update_view`), not a claimed leadership.
+                Some(r) if self.has_identity(&r.holder_identity) && !self.claims(&r.holder_identity) => {
+                    self.seen_at
+                }
                 Some(r) => self
                     .seen_at
                     .map(|s| s + Duration::from_secs(u64::from(r.lease_duration_seconds))),
@@ -877,9 +888,14 @@ impl<Raw: Clone> Contender<Raw> {
                 None => match &self.lock {
                     LockState::Present(o) => match &o.record {
                         Some(r) => {
-                            let live = !r.is_released()
-                                && !self.has_identity(&r.holder_identity)
-                                && self.free_at().is_some_and(|f| now < f);
+                            // A record naming a local candidate that does not hold it here is
+                            // a leftover of this node's (taken again at once), unless that
+                            // candidate claims it: a leader resuming after a broker restart,
+                            // which leads (in jeopardy) until confirmed or refused.
+                            let leftover =
+                                self.has_identity(&r.holder_identity) && !self.claims(&r.holder_identity);
+                            let live =
+                                !r.is_released() && !leftover && self.free_at().is_some_and(|f| now < f);
                             (
                                 live.then(|| r.holder_identity.clone()),
                                 Some(r.leader_transitions),
@@ -1397,6 +1413,45 @@ mod tests {
             panic!("adopt")
         };
         assert_eq!((w.purpose, w.record.holder_pod), (WritePurpose::Adopt, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_resuming_is_shown_as_leading_until_confirmed() {
+        // A fresh broker reads a record naming `a`, whose app resumes (a claim): until the
+        // claim is settled the view names `a` (it leads, in jeopardy), never "nobody".
+        let mut c = C::new(timing());
+        let claim = Claim {
+            term: 4,
+            valid_until: Instant::now() + Duration::from_secs(5),
+        };
+        c.join(1, Candidacy::new("a").claim(Some(claim)), None).unwrap();
+        c.join(2, Candidacy::new("b"), None).unwrap();
+        assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
+        c.read_done(Instant::now(), Ok(obs("a", 7, 4)));
+        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+            panic!("adopts")
+        };
+        assert_eq!(w.purpose, WritePurpose::Adopt);
+        let n = c.take_notifications();
+        assert!(
+            matches!(n.as_slice(), [Notification::View(LeaderView { leader: Some(l), term: Some(4), .. })] if l == "a"),
+            "{n:?}"
+        );
+        // Without a claim, the same record is this node's leftover: nobody leads, and a local
+        // candidate takes it.
+        let mut c = C::new(timing());
+        c.join(1, Candidacy::new("a"), None).unwrap();
+        let _ = c.poll(Instant::now(), wall());
+        c.read_done(Instant::now(), Ok(obs("a", 7, 4)));
+        let _ = c.poll(Instant::now(), wall());
+        let n = c.take_notifications();
+        assert!(
+            matches!(
+                n.as_slice(),
+                [Notification::View(LeaderView { leader: None, .. })]
+            ),
+            "{n:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

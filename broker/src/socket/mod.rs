@@ -40,7 +40,6 @@ use elector_client::protocol::{ErrorCode, Event, RequestError};
 /// How often a broker checks that its socket path is still its own.
 const SUPERSEDED_CHECK: Duration = Duration::from_millis(50);
 
-
 /// Limits and deadlines of the socket server.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -94,8 +93,8 @@ pub struct SocketOptions {
     /// Group that owns the socket file.
     pub group: Option<u32>,
     /// Take the path over from a running broker (a rolling upgrade): bind a fresh socket,
-    /// rename it over the path, and own the path once the old broker, which notices, has
-    /// handed its leaders off and exited. Without it, a live broker on the path is an error.
+    /// rename it over the path, and own the path once the old broker, which notices and moves
+    /// its connections here, has exited. Without it, a live broker on the path is an error.
     pub takeover: bool,
 }
 
