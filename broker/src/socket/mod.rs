@@ -58,7 +58,7 @@ pub struct Limits {
     /// Bad requests in a row before the connection is closed.
     pub max_consecutive_errors: u32,
     /// A superseded broker moves its connections to the successor a few at a time: this many
-    /// at once, each turn lasting at least `handoff_turn` (by default 4 and 4 ms: at most
+    /// at once, each turn lasting at least `handoff_turn` (by default 2 and 2 ms: at most
     /// 1,000 connections a second). Each moved leader is in jeopardy from its hand-off until
     /// the successor confirms it (a read and a write of its lock), so the successor must not
     /// get a node's worth of resumes at once: paced, each waits for its own two requests
@@ -78,8 +78,8 @@ impl Default for Limits {
             outbox_limit: 1024,
             write_timeout: Duration::from_secs(10),
             max_consecutive_errors: 16,
-            handoff_concurrency: 4,
-            handoff_turn: Duration::from_millis(4),
+            handoff_concurrency: 2,
+            handoff_turn: Duration::from_millis(2),
         }
     }
 }

@@ -705,7 +705,8 @@ type RestartLog = Arc<Mutex<Vec<(Instant, usize, elector_client::CampaignEvent)>
 /// restart out in jeopardy and resumes; protocol 1.1). Two events, one after the other:
 /// - `kill -9` of the broker and an immediate restart (a crash, an OOM kill);
 /// - a surge upgrade: a second `electord --takeover` on the same socket while the first runs;
-///   the first hands its leaders off and is then stopped (SIGTERM, `--on-shutdown=handoff`).
+///   the first moves its connections to it in turns (`jeopardy`, `reconnect`) and is then
+///   stopped (SIGTERM, `--on-shutdown=handoff`).
 ///
 /// Reported per event: leadership changes (`elected`/`lost` seen by any app, and lock writes
 /// that changed a holder, from the API server's request log), each leader's jeopardy (from its
