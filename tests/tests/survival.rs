@@ -696,3 +696,89 @@ async fn told_until_closed(app: &mut RawClient) -> (Vec<serde_json::Value>, Inst
     }
     (told, reconnect_at.expect("told to reconnect before the close"))
 }
+
+/// A successor that dies in the middle of the move (a bad release crashing) strands no more
+/// apps: the old broker moves connections only while the successor answers on the socket, so
+/// those not yet moved stay served, and their leaders renewed, by the old broker; when a
+/// successor answers again (its pod restarted), they move to it and resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_move_only_while_the_successor_answers() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let user = server.add_user("d1", vec![elector_tests::kube_api::Rule::all()]);
+    let kubeconfig = server.kubeconfig_path(&user);
+    let successor = |dir: &std::path::Path| {
+        TestBroker::start_configured(
+            "d1",
+            dir,
+            Backend::Kube(kubeconfig.clone()),
+            fast_timing(),
+            false,
+            None,
+            |c| c.socket.takeover = true,
+        )
+    };
+    let old = TestBroker::start_configured(
+        "d1",
+        dir.path(),
+        Backend::Kube(kubeconfig.clone()),
+        fast_timing(),
+        false,
+        None,
+        |c| {
+            c.limits.handoff_concurrency = 1;
+            c.limits.handoff_turn = Duration::from_millis(300);
+        },
+    );
+    let mut apps = Vec::new();
+    for i in 0..4 {
+        let mut app = RawClient::open(&old.socket).await;
+        let ok = app
+            .ask(json!({"op":"campaign","election":format!("dies-{i}"),"identity":format!("app-{i}")}))
+            .await;
+        assert_eq!(ok["event"], "ok", "{ok}");
+        let elected = app.until("elected").await;
+        apps.push((app, elected["term"].as_u64().expect("term")));
+    }
+    let first = successor(dir.path());
+    // The first connection to move is told `reconnect`; then the successor dies.
+    let moved = {
+        let waits = apps.iter_mut().map(|(app, _)| Box::pin(app.until("reconnect")));
+        let (_, i, _) = futures::future::select_all(waits).await;
+        i
+    };
+    first.kill();
+    // The others stay at the old broker: served (a ping), renewed, not told to move, for
+    // several turns.
+    let stay_until = Instant::now() + Duration::from_millis(1500);
+    for (i, (app, _)) in apps.iter_mut().enumerate().filter(|(i, _)| *i != moved) {
+        app.send(json!({"op":"ping"})).await;
+        let mut renewed = 0;
+        loop {
+            let left = stay_until.saturating_duration_since(Instant::now());
+            let Ok(e) = app.next_within(left).await else { break };
+            let e = e.unwrap_or_else(|| panic!("app {i}: closed while the successor was dead"));
+            assert_ne!(e["event"], "reconnect", "app {i}: moved into a dead socket");
+            assert_ne!(e["event"], "jeopardy", "app {i}: handed off to a dead socket");
+            renewed += usize::from(e["event"] == "renewed");
+        }
+        assert!(renewed > 0, "app {i}: the old broker went on renewing");
+    }
+    // A successor answers again: the others move to it and resume in the same term.
+    let second = successor(dir.path());
+    for (i, (app, term)) in apps.iter_mut().enumerate().filter(|(i, _)| *i != moved) {
+        let jeopardy = app.until("jeopardy").await;
+        assert_eq!(jeopardy["term"].as_u64(), Some(*term));
+        app.until("reconnect").await;
+        let mut again = RawClient::open(&second.socket).await;
+        let ok = again
+            .ask(json!({
+                "op":"resume","election":format!("dies-{i}"),"identity":format!("app-{i}"),
+                "term": *term, "valid_until": jeopardy["valid_until"],
+            }))
+            .await;
+        assert_eq!(ok["event"], "ok", "{ok}");
+        assert_eq!(again.until("safe").await["term"].as_u64(), Some(*term), "app {i}");
+    }
+    drop((second, old));
+}

@@ -661,9 +661,13 @@ impl Session {
         // After a successor took the socket over: this connection's turn to move there. Until
         // it comes, requests are answered as usual.
         let turns = shared.handoff_turns.clone();
+        let mut successor = shared.successor_answers.subscribe();
         let move_turn = async {
             shared.superseded.cancelled().await;
-            turns.acquire_owned().await.ok()
+            let turn = turns.acquire_owned().await.ok();
+            // Never into a socket nobody answers on (a successor that died).
+            let _ = successor.wait_for(|answers| *answers).await;
+            turn
         };
         tokio::pin!(move_turn);
         loop {

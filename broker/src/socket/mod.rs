@@ -283,6 +283,10 @@ pub(crate) struct ServerShared {
     pub superseded: CancellationToken,
     /// Turns of connections moving to a successor ([`Limits::handoff_concurrency`]).
     pub handoff_turns: Arc<Semaphore>,
+    /// Whether the successor answers on the socket path (checked while connections move): a
+    /// connection moves only while it does, so a successor that dies (a bad release) strands
+    /// no more apps; the others stay served, and renewed, here until it answers again.
+    pub successor_answers: tokio::sync::watch::Sender<bool>,
     /// One permit per connection (`max_connections`).
     connections: Arc<Semaphore>,
     conns_per_uid: Mutex<HashMap<u32, usize>>,
@@ -384,6 +388,7 @@ impl SocketServer {
                 attestor,
                 superseded: CancellationToken::new(),
                 handoff_turns: Arc::new(Semaphore::new(handoff_concurrency)),
+                successor_answers: tokio::sync::watch::Sender::new(true),
                 connections: Arc::new(Semaphore::new(limits_max)),
                 conns_per_uid: Mutex::new(HashMap::new()),
             }),
@@ -445,7 +450,35 @@ impl SocketServer {
         let socket = self.socket;
         drop(socket.listener);
         self.tracker.close();
-        self.tracker.wait().await;
+        if self.shared.superseded.is_cancelled() {
+            // Connections move in turns, only while the successor answers.
+            let shared = self.shared.clone();
+            let path = socket.path.clone();
+            let watch_successor = async move {
+                loop {
+                    let answers = successor_answers(&path).await;
+                    shared.successor_answers.send_if_modified(|was| {
+                        if *was == answers {
+                            return false;
+                        }
+                        if answers {
+                            tracing::info!(path = %path.display(), "the successor answers again: moving connections to it");
+                        } else {
+                            tracing::warn!(path = %path.display(), "the successor does not answer on the socket: connections not yet moved stay here until it does");
+                        }
+                        *was = answers;
+                        true
+                    });
+                    tokio::time::sleep(SUPERSEDED_CHECK).await;
+                }
+            };
+            tokio::select! {
+                _ = self.tracker.wait() => {}
+                _ = watch_successor => {}
+            }
+        } else {
+            self.tracker.wait().await;
+        }
         // The claim on the path goes last, with the connections.
         drop(socket._owner);
     }
@@ -502,6 +535,18 @@ impl SocketServer {
                     .spawn(connection::serve(stream, pid, self.shared.clone(), admission));
             }
         }
+    }
+}
+
+/// Whether a broker accepts connections on `path`: refused or missing means nobody listens (a
+/// full backlog, or a slow accept, still counts as answering).
+async fn successor_answers(path: &Path) -> bool {
+    match tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path)).await {
+        Ok(Ok(_)) | Err(_) => true,
+        Ok(Err(e)) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+        ),
     }
 }
 
