@@ -594,7 +594,8 @@ struct Session {
     writer_task: tokio::task::JoinHandle<WriterEnd>,
     /// Set once the writer task has ended.
     writer_done: Option<WriterEnd>,
-    /// This connection's turn to move to a successor broker, and when it began.
+    /// This connection's turn to move to a successor broker, and when it began (dropped with
+    /// the session if unused: its client went away, or it moved nothing).
     move_turn: Option<(tokio::sync::OwnedSemaphorePermit, Instant)>,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -785,6 +786,18 @@ impl Session {
             self.outbox.push(Event::Reconnect(ReconnectEvent {
                 reason: "superseded".into(),
             }));
+            // The turn lasts at least `handoff_turn` from its start (it paces the successor's
+            // resumes), but not while this client reads its last events: a slow reader must
+            // not hold up everyone else's move.
+            if let Some((turn, began)) = self.move_turn.take()
+                && had_elections
+            {
+                let ends = began + limits.handoff_turn;
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(ends).await;
+                    drop(turn);
+                });
+            }
         } else {
             self.conn
                 .leave_all(if cut { Farewell::Abandon } else { Farewell::Silent });
@@ -799,14 +812,6 @@ impl Session {
         if matches!(self.writer_done, Some(WriterEnd::Stuck)) {
             self.metrics.rejected(ErrorCode::SlowConsumer.as_str());
             tracing::info!("closed a connection whose client stopped reading");
-        }
-        // A turn that moved elections lasts at least `handoff_turn` (paces the successor's
-        // resumes).
-        if let Some((turn, began)) = self.move_turn.take() {
-            if had_elections {
-                tokio::time::sleep_until(began + limits.handoff_turn).await;
-            }
-            drop(turn);
         }
     }
 }
