@@ -491,3 +491,331 @@ async fn run_script(app: &mut RawClient, i: usize, timing: &Value) -> Script {
         }
     }
 }
+
+/// A real `electord` of node `node` acting as kube user `user` on `socket` (lease 15 s, renew
+/// deadline 10 s, retry 2 s: a light load with hundreds of connections), with `extra` flags.
+fn electord(server: &TestApiServer, user: &User, node: &str, socket: &Path, extra: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(elector_tests::workspace_bin("elector-broker", "electord"))
+        .arg("--kubeconfig")
+        .arg(server.kubeconfig_path(user))
+        .args(["--node-name", node, "--attest=none", "--http-addr", ""])
+        .args(["--lease-duration", "15", "--renew-deadline", "10", "--retry-period", "2"])
+        .arg("--socket")
+        .arg(socket)
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("electord starts")
+}
+
+/// Connects once the broker serves `socket` (a fresh process binds it soon after starting).
+async fn open_when_up(socket: &Path) -> RawClient {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(c) = RawClient::try_open(socket).await {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no broker on {}", socket.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+}
+
+/// SIGTERM of the old `electord` in the middle of a long move (600 observers and 20 leaders,
+/// each on its own connection: at 2 connections per 2 ms turn, more than half a second), with
+/// the default `--on-shutdown=release`: once superseded, the rest is handed off at once. Every
+/// leader, moved in its turn or not, is told `jeopardy` in its term and never `lost`; nothing
+/// is released (each Lease still names its leader, same transitions); every connection is
+/// closed; and each leader resumes at the successor, same term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_in_the_middle_of_a_move_hands_every_remaining_leader_off() {
+    const LEADERS: usize = 20;
+    const OBSERVERS: usize = 600;
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("elector.sock");
+    let (old_user, new_user) = (
+        server.add_user("t-old", vec![Rule::all()]),
+        server.add_user("t-new", vec![Rule::all()]),
+    );
+    let mut old = electord(&server, &old_user, "nt", &socket, &[]);
+    let mut leaders = Vec::new();
+    for i in 0..LEADERS {
+        let mut app = open_when_up(&socket).await;
+        app.send(json!({"op":"campaign","election":format!("sig-{i}"),"identity":format!("app-{i}")}))
+            .await;
+        let term = app.until("elected").await["term"].as_u64().expect("term");
+        leaders.push((app, term));
+    }
+    let mut observers = Vec::new();
+    for _ in 0..OBSERVERS {
+        let mut o = RawClient::open(&socket).await;
+        assert_eq!(o.ask(json!({"op":"observe","election":"sig-0"})).await["event"], "ok");
+        observers.push(o);
+    }
+    let mut before = Vec::new();
+    for i in 0..LEADERS {
+        before.push(holder_and_term(&lease(&server, &format!("sig-{i}")).await));
+    }
+
+    // Every connection reports what it is told until closed (`leader` and `renewed` aside),
+    // and the first `reconnect` anyone sees triggers the SIGTERM.
+    let first_move = Arc::new(tokio::sync::Notify::new());
+    let watch = |mut c: RawClient, first_move: Arc<tokio::sync::Notify>| {
+        tokio::spawn(async move {
+            let mut told = Vec::new();
+            while let Ok(Some(e)) = c.next_within(Duration::from_secs(60)).await {
+                if e["event"] == "reconnect" {
+                    first_move.notify_one();
+                }
+                if e["event"] != "leader" && e["event"] != "renewed" {
+                    told.push(e);
+                }
+            }
+            told
+        })
+    };
+    let leader_tasks: Vec<_> = leaders
+        .into_iter()
+        .map(|(c, term)| (watch(c, first_move.clone()), term))
+        .collect();
+    let observer_tasks: Vec<_> = observers
+        .into_iter()
+        .map(|c| watch(c, first_move.clone()))
+        .collect();
+    let mut new = electord(&server, &new_user, "nt", &socket, &["--takeover"]);
+    first_move.notified().await;
+    sigterm(&old);
+    let status = tokio::time::timeout(Duration::from_secs(30), old.wait())
+        .await
+        .expect("the old electord exits on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    let mut observers_moved = 0;
+    for t in observer_tasks {
+        let told = tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("every observer's connection is closed")
+            .unwrap();
+        observers_moved += usize::from(told.iter().any(|e| e["event"] == "reconnect"));
+    }
+    let mut leaders_moved = 0;
+    let mut jeopardies = Vec::new();
+    for (i, (t, term)) in leader_tasks.into_iter().enumerate() {
+        let told = tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("every leader's connection is closed")
+            .unwrap();
+        let kinds: Vec<&str> = told.iter().map(|e| e["event"].as_str().unwrap_or("")).collect();
+        assert!(
+            kinds == ["jeopardy", "reconnect"] || kinds == ["jeopardy"],
+            "leader {i}: told {told:?}"
+        );
+        assert_eq!(told[0]["term"].as_u64(), Some(term), "{told:?}");
+        leaders_moved += usize::from(kinds.len() == 2);
+        jeopardies.push((term, told[0]["valid_until"].as_u64().expect("valid_until")));
+    }
+    println!(
+        "moved in turn before the SIGTERM: {leaders_moved} of {LEADERS} leaders, {observers_moved} of {OBSERVERS} observers"
+    );
+    assert!(
+        leaders_moved + observers_moved < LEADERS + OBSERVERS,
+        "the SIGTERM came in the middle of the move"
+    );
+    // Nothing released: every Lease names its leader, in its term.
+    for (i, b) in before.iter().enumerate() {
+        assert_eq!(&holder_and_term(&lease(&server, &format!("sig-{i}")).await), b);
+    }
+    // Every leader resumes at the successor.
+    for (i, (term, valid_until)) in jeopardies.into_iter().enumerate() {
+        let mut again = RawClient::open(&socket).await;
+        let ok = again
+            .ask(json!({"op":"resume","election":format!("sig-{i}"),"identity":format!("app-{i}"),
+                "term":term,"valid_until":valid_until}))
+            .await;
+        assert_eq!(ok["event"], "ok", "{ok}");
+        let safe = again.until("safe").await;
+        assert_eq!(safe["term"].as_u64(), Some(term), "{safe}");
+    }
+    sigterm(&new);
+    let _ = tokio::time::timeout(Duration::from_secs(30), new.wait()).await;
+}
+
+/// What happened to the leaders of a node whose successor broker was killed (`kill -9`) in the
+/// middle of the move, with no restart: the journal of the node's leaders and of the other
+/// node's standbys, when the successor died, and whether an election ever had two leaders.
+struct SuccessorCrash {
+    journal: Journal,
+    killed_at: Instant,
+    violations: Vec<String>,
+}
+
+/// Three leaders on node A, each on its own connection to the old broker (one connection per
+/// 1 s turn), a standby for each on node B; the successor takes over and is killed as soon as
+/// the first leader was handed off to it. Watched for `watch_for` afterwards.
+async fn successor_killed_in_the_middle_of_the_move(restart: bool, watch_for: Duration) -> SuccessorCrash {
+    const LEADERS: usize = 3;
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (old_user, new_user, other_user) = (
+        server.add_user("k-old", vec![Rule::all()]),
+        server.add_user("k-new", vec![Rule::all()]),
+        server.add_user("kb", vec![Rule::all()]),
+    );
+    let old = broker(&server, &old_user, "nk", dir.path(), |c| {
+        c.limits.handoff_concurrency = 1;
+        c.limits.handoff_turn = Duration::from_secs(1);
+    });
+    let other = broker(&server, &other_user, "nkb", dir.path(), |_| {});
+    let journal: Journal = Default::default();
+    let mut clients = Vec::new();
+    let mut leaders = Vec::new();
+    for i in 0..LEADERS {
+        let client = Client::connect(&old.socket).await.unwrap();
+        let c = campaign(&client, &format!("crash-{i}"), &format!("app-{i}"), &journal).await;
+        wait_until("elected", Duration::from_secs(20), || c.is_leader()).await;
+        leaders.push(c);
+        clients.push(client);
+    }
+    let b = Client::connect(&other.socket).await.unwrap();
+    let mut standbys = Vec::new();
+    for i in 0..LEADERS {
+        standbys.push(campaign(&b, &format!("crash-{i}"), &format!("sb-{i}"), &journal).await);
+    }
+    let watched = leaders
+        .iter()
+        .chain(standbys.iter())
+        .map(|c| {
+            let election = format!("crash-{}", c.identity().rsplit('-').next().unwrap());
+            (election, c.identity().to_string(), c.state())
+        })
+        .collect();
+    let (stop, oracle) = two_leader_oracle(watched);
+    let before = journal.lock().unwrap().len();
+
+    let new = successor(&server, &new_user, "nk", dir.path());
+    wait_until("a first leader handed off", Duration::from_secs(20), || {
+        journal.lock().unwrap()[before..]
+            .iter()
+            .any(|(_, _, e)| matches!(e, CampaignEvent::Jeopardy { .. }))
+    })
+    .await;
+    new.kill();
+    let killed_at = Instant::now();
+    let _restarted = restart.then(|| successor(&server, &new_user, "nk", dir.path()));
+    tokio::time::sleep(watch_for).await;
+    stop.store(true, Ordering::Relaxed);
+    let (_, violations) = oracle.await.unwrap();
+    let journal = Arc::new(Mutex::new(journal.lock().unwrap()[before..].to_vec()));
+    for (at, who, e) in journal.lock().unwrap().iter() {
+        if !matches!(e, CampaignEvent::Leader { .. }) {
+            println!("{:>6} ms after the kill: {who}: {e:?}", (*at - killed_at).as_millis() as i64);
+        }
+    }
+    drop((leaders, standbys, clients, b, old, other));
+    SuccessorCrash {
+        journal,
+        killed_at,
+        violations,
+    }
+}
+
+/// The successor dies (`kill -9`) in the middle of the move and is not restarted. Safety holds
+/// whatever happens to the leaderships: never two leaders; a leader told `lost` is told so
+/// (`broker_unavailable`) no earlier than its guarantee; the other node's standby is elected
+/// only after the leader it replaces was told `lost`. (Today every leader of the node is lost,
+/// see the ignored test below.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_killed_in_the_middle_of_the_move_never_costs_safety() {
+    let crash = successor_killed_in_the_middle_of_the_move(false, Duration::from_secs(12)).await;
+    assert!(crash.violations.is_empty(), "two leaders: {:?}", crash.violations);
+    let journal = crash.journal.lock().unwrap().clone();
+    let mut guarantee: HashMap<&str, Instant> = HashMap::new();
+    let mut lost_at: HashMap<String, Instant> = HashMap::new();
+    for (at, who, e) in &journal {
+        match e {
+            CampaignEvent::Jeopardy { valid_until, .. } => {
+                guarantee.insert(who, *valid_until);
+            }
+            CampaignEvent::Lost { reason, .. } => {
+                assert_eq!(
+                    *reason,
+                    elector_client::protocol::LostReason::BrokerUnavailable,
+                    "{who}"
+                );
+                let until = guarantee.get(who.as_str()).expect("lost after jeopardy");
+                assert!(at >= until, "{who} told lost before its guarantee ended");
+                lost_at.insert(who.trim_start_matches("app-").to_string(), *at);
+            }
+            CampaignEvent::Elected { .. } => {
+                let i = who.trim_start_matches("sb-");
+                let lost = lost_at
+                    .get(i)
+                    .unwrap_or_else(|| panic!("{who} elected while app-{i} still led"));
+                assert!(at > lost);
+            }
+            _ => {}
+        }
+    }
+    let _ = crash.killed_at;
+}
+
+/// The successor dies (`kill -9`) in the middle of the move: the old broker, alive and still
+/// renewing the leaders not yet moved, should notice that nobody serves the socket it handed
+/// over (a connect to the path is refused), stop moving connections, take the path back and
+/// serve again, so that the node keeps its leaderships (the moved leaders reconnect and resume
+/// there). Today it goes on moving every connection into the dead socket: each leader is told
+/// `jeopardy`, reconnects into `ECONNREFUSED` until its guarantee runs out, and is told `lost`
+/// (`broker_unavailable`), the ones not yet moved included; the old broker then idles, serving
+/// nobody, until the successor's pod restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap: a superseded broker keeps moving connections into a dead successor (SocketServer::run never re-checks the successor once superseded); every leader of the node is lost"]
+async fn a_successor_killed_in_the_middle_of_the_move_costs_no_leadership() {
+    let crash = successor_killed_in_the_middle_of_the_move(false, Duration::from_secs(12)).await;
+    assert!(crash.violations.is_empty(), "two leaders: {:?}", crash.violations);
+    let lost: Vec<_> = crash
+        .journal
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, _, e)| matches!(e, CampaignEvent::Lost { .. } | CampaignEvent::Elected { .. }))
+        .map(|(at, who, e)| format!("{who} {e:?} {:?} after the kill", *at - crash.killed_at))
+        .collect();
+    assert!(lost.is_empty(), "leadership changes: {lost:#?}");
+}
+
+/// The successor dies (`kill -9`) in the middle of the move and its pod restarts it at once
+/// (`--takeover` again, the old broker still holding the path's lock): every leader, moved
+/// before the crash or after, resumes in its term; nobody is told `lost` or elected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_killed_in_the_middle_of_the_move_and_restarted_loses_no_leader() {
+    let crash = successor_killed_in_the_middle_of_the_move(true, Duration::from_secs(7)).await;
+    assert!(crash.violations.is_empty(), "two leaders: {:?}", crash.violations);
+    let journal = crash.journal.lock().unwrap().clone();
+    let changes: Vec<_> = journal
+        .iter()
+        .filter(|(_, _, e)| matches!(e, CampaignEvent::Lost { .. } | CampaignEvent::Elected { .. }))
+        .collect();
+    assert!(changes.is_empty(), "leadership changes: {changes:?}");
+    for i in 0..3 {
+        let who = format!("app-{i}");
+        let last = journal
+            .iter()
+            .filter(|(_, w, e)| *w == who && !matches!(e, CampaignEvent::Leader { .. }))
+            .next_back()
+            .map(|(_, _, e)| e.clone());
+        assert!(
+            matches!(last, Some(CampaignEvent::Safe { .. })),
+            "{who} ends safe: {last:?}"
+        );
+    }
+}
