@@ -10,10 +10,15 @@
 //!   nobody `lost`, releases nothing, and each resumes at the successor;
 //! - a chained upgrade (a third broker takes over from the second while the first still moves
 //!   connections to it) changes no leader and leaves no connection behind;
-//! - a successor that dies in the middle of the move never costs safety (known gap: it costs
-//!   the node's leaderships, see the ignored test);
-//! - a leader that resigns right after resuming at the successor (an app that steps down when
-//!   told `jeopardy`) has its lock released, not left to expire (ignored: a known bug).
+//! - a successor that dies in the middle of the move never costs safety, and costs nothing if
+//!   it is restarted at once; a successor stopped while its predecessor runs exits promptly;
+//! - a protocol 1.0 client sees a close, as on any broker restart, and leads again.
+//!
+//! Known gaps, as ignored tests that fail today (each names the cause): a successor killed
+//! mid-move costs the node every leadership (the old broker moves everyone into the dead
+//! socket); an app that resigns on `jeopardy` (or right after resuming) leaves its lock to
+//! expire; a fresh campaign under a moving leader's identity is elected at the successor
+//! while that leader's guarantee runs.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -201,9 +206,7 @@ async fn a_node_rolling_beside_another_never_makes_two_leaders_nor_hands_the_loc
     ];
     // Every standby has seen who leads.
     wait_until("the standbys see the leaders", Duration::from_secs(20), || {
-        standbys
-            .iter()
-            .all(|s| s.state().borrow().leader.is_some())
+        standbys.iter().all(|s| s.state().borrow().leader.is_some())
     })
     .await;
     let terms = [lead0.state().borrow().term, lead1.state().borrow().term];
@@ -213,7 +216,11 @@ async fn a_node_rolling_beside_another_never_makes_two_leaders_nor_hands_the_loc
     ];
     let mut watched = Vec::new();
     for c in [&lead0, &lead1].into_iter().chain(standbys.iter()) {
-        let election = if c.identity().ends_with("-0") { "roll-0" } else { "roll-1" };
+        let election = if c.identity().ends_with("-0") {
+            "roll-0"
+        } else {
+            "roll-1"
+        };
         watched.push((election.to_string(), c.identity().to_string(), c.state()));
     }
     let (stop, oracle) = two_leader_oracle(watched);
@@ -252,17 +259,14 @@ async fn a_node_rolling_beside_another_never_makes_two_leaders_nor_hands_the_loc
         let kinds = told(&journal, before, who);
         assert!(kinds.is_empty(), "standby {who} was told {kinds:?}");
     }
-    assert_eq!(
-        [lead0.state().borrow().term, lead1.state().borrow().term],
-        terms
-    );
+    assert_eq!([lead0.state().borrow().term, lead1.state().borrow().term], terms);
     let leases_after = [
         holder_and_term(&lease(&server, "roll-0").await),
         holder_and_term(&lease(&server, "roll-1").await),
     ];
     assert_eq!(leases_before, leases_after, "same holders, same transitions");
     let other_writes: Vec<_> = server
-        .requests_by(&[other_user.clone()])
+        .requests_by(std::slice::from_ref(&other_user))
         .into_iter()
         .filter(|r| r.is_write())
         .map(|r| r.summary())
@@ -272,21 +276,20 @@ async fn a_node_rolling_beside_another_never_makes_two_leaders_nor_hands_the_loc
     // After the move, the local standby moved too: a resign at the successor hands over to
     // it (node A's standby registered first of the two).
     lead0.resign().await.expect("resign at the successor");
-    wait_until(
-        "someone else leads roll-0",
-        Duration::from_secs(20),
-        || {
-            standbys
-                .iter()
-                .any(|s| s.identity().ends_with("-0") && s.is_leader())
-        },
-    )
+    wait_until("someone else leads roll-0", Duration::from_secs(20), || {
+        standbys
+            .iter()
+            .any(|s| s.identity().ends_with("-0") && s.is_leader())
+    })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let (samples, violations) = oracle.await.unwrap();
     assert!(violations.is_empty(), "two leaders: {violations:?}");
-    assert!(samples > 100, "the oracle watched the whole move ({samples} samples)");
+    assert!(
+        samples > 100,
+        "the oracle watched the whole move ({samples} samples)"
+    );
     drop((lead1, standbys, a1, a2, b, new, old, other));
 }
 
@@ -308,7 +311,10 @@ async fn answer(c: &mut RawClient, request: &[u8]) -> Option<(Value, Vec<Value>)
     c.try_send_raw(request).await.ok()?;
     let mut other = Vec::new();
     loop {
-        let e = c.next().await.expect("an answer, or `reconnect`, before the close");
+        let e = c
+            .next()
+            .await
+            .expect("an answer, or `reconnect`, before the close");
         match e["event"].as_str() {
             Some("reconnect") => return None,
             Some("ok" | "error" | "pong" | "status") => return Some((e, other)),
@@ -360,38 +366,39 @@ async fn a_connection_waiting_for_its_turn_is_served_and_its_resign_releases_at_
     // The first connection moves within the check period; the others wait 2.5 s a turn.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let socket = new.socket.clone();
-    let scripts = apps.into_iter().enumerate().map(|(i, mut app)| {
-        let timing = timing.clone();
-        let socket = socket.clone();
-        async move {
-            let outcome = run_script(&mut app, i, &timing).await;
-            // Whatever the script saw, the connection ends moved: whatever leads on it is
-            // handed off, then `reconnect`, then the close.
-            let mut rest = Vec::new();
-            if !matches!(outcome, Script::Moved) {
-                while let Some(e) = app.next().await {
-                    if e["event"] != "leader" && e["event"] != "renewed" {
-                        rest.push(e);
+    let scripts =
+        apps.into_iter().enumerate().map(|(i, mut app)| {
+            let timing = timing.clone();
+            let socket = socket.clone();
+            async move {
+                let outcome = run_script(&mut app, i, &timing).await;
+                // Whatever the script saw, the connection ends moved: whatever leads on it is
+                // handed off, then `reconnect`, then the close.
+                let mut rest = Vec::new();
+                if !matches!(outcome, Script::Moved) {
+                    while let Some(e) = app.next().await {
+                        if e["event"] != "leader" && e["event"] != "renewed" {
+                            rest.push(e);
+                        }
                     }
                 }
-            }
-            if let Script::Served { term, .. } = &outcome {
-                let kinds: Vec<&str> = rest.iter().map(|e| e["event"].as_str().unwrap_or("")).collect();
-                assert_eq!(kinds, ["jeopardy", "reconnect"], "app-{i}: {rest:?}");
-                assert_eq!(rest[0]["term"].as_u64(), Some(*term));
-                // The new leadership resumes at the successor.
-                let mut again = RawClient::open(&socket).await;
-                let ok = again
+                if let Script::Served { term, .. } = &outcome {
+                    let kinds: Vec<&str> = rest.iter().map(|e| e["event"].as_str().unwrap_or("")).collect();
+                    assert_eq!(kinds, ["jeopardy", "reconnect"], "app-{i}: {rest:?}");
+                    assert_eq!(rest[0]["term"].as_u64(), Some(*term));
+                    // The new leadership resumes at the successor.
+                    let mut again = RawClient::open(&socket).await;
+                    let ok = again
                     .ask(json!({"op":"resume","election":format!("again-{i}"),"identity":format!("app-{i}"),
                         "timing":timing,"term":term,"valid_until":rest[0]["valid_until"]}))
                     .await;
-                assert_eq!(ok["event"], "ok", "{ok}");
-                assert_eq!(again.until("safe").await["term"].as_u64(), Some(*term));
-                return (i, outcome, Some(again));
+                    assert_eq!(ok["event"], "ok", "{ok}");
+                    assert_eq!(again.until("safe").await["term"].as_u64(), Some(*term));
+                    return (i, outcome, Some(again));
+                }
+                (i, outcome, None)
             }
-            (i, outcome, None)
-        }
-    });
+        });
     let outcomes = futures::future::join_all(scripts).await;
     let served: Vec<_> = outcomes
         .iter()
@@ -447,7 +454,12 @@ async fn run_script(app: &mut RawClient, i: usize, timing: &Value) -> Script {
         return Script::Moved;
     };
     assert_eq!(e["event"], "pong", "{e}");
-    let Some((e, _)) = step(app, &json!({"op":"observe","id":"o","election":format!("wait-{i}")})).await else {
+    let Some((e, _)) = step(
+        app,
+        &json!({"op":"observe","id":"o","election":format!("wait-{i}")}),
+    )
+    .await
+    else {
         return Script::Moved;
     };
     assert_eq!(e["event"], "ok", "{e}");
@@ -455,7 +467,11 @@ async fn run_script(app: &mut RawClient, i: usize, timing: &Value) -> Script {
         return Script::Moved;
     };
     assert_eq!(e["event"], "status", "{e}");
-    let Some((e, before)) = step(app, &json!({"op":"resign","id":"r","election":format!("wait-{i}")})).await
+    let Some((e, before)) = step(
+        app,
+        &json!({"op":"resign","id":"r","election":format!("wait-{i}")}),
+    )
+    .await
     else {
         return Script::Moved;
     };
@@ -494,12 +510,25 @@ async fn run_script(app: &mut RawClient, i: usize, timing: &Value) -> Script {
 
 /// A real `electord` of node `node` acting as kube user `user` on `socket` (lease 15 s, renew
 /// deadline 10 s, retry 2 s: a light load with hundreds of connections), with `extra` flags.
-fn electord(server: &TestApiServer, user: &User, node: &str, socket: &Path, extra: &[&str]) -> tokio::process::Child {
+fn electord(
+    server: &TestApiServer,
+    user: &User,
+    node: &str,
+    socket: &Path,
+    extra: &[&str],
+) -> tokio::process::Child {
     tokio::process::Command::new(elector_tests::workspace_bin("elector-broker", "electord"))
         .arg("--kubeconfig")
         .arg(server.kubeconfig_path(user))
         .args(["--node-name", node, "--attest=none", "--http-addr", ""])
-        .args(["--lease-duration", "15", "--renew-deadline", "10", "--retry-period", "2"])
+        .args([
+            "--lease-duration",
+            "15",
+            "--renew-deadline",
+            "10",
+            "--retry-period",
+            "2",
+        ])
         .arg("--socket")
         .arg(socket)
         .args(extra)
@@ -558,7 +587,10 @@ async fn sigterm_in_the_middle_of_a_move_hands_every_remaining_leader_off() {
     let mut observers = Vec::new();
     for _ in 0..OBSERVERS {
         let mut o = RawClient::open(&socket).await;
-        assert_eq!(o.ask(json!({"op":"observe","election":"sig-0"})).await["event"], "ok");
+        assert_eq!(
+            o.ask(json!({"op":"observe","election":"sig-0"})).await["event"],
+            "ok"
+        );
         observers.push(o);
     }
     let mut before = Vec::new();
@@ -639,8 +671,10 @@ async fn sigterm_in_the_middle_of_a_move_hands_every_remaining_leader_off() {
     for (i, (term, valid_until)) in jeopardies.into_iter().enumerate() {
         let mut again = RawClient::open(&socket).await;
         let ok = again
-            .ask(json!({"op":"resume","election":format!("sig-{i}"),"identity":format!("app-{i}"),
-                "term":term,"valid_until":valid_until}))
+            .ask(
+                json!({"op":"resume","election":format!("sig-{i}"),"identity":format!("app-{i}"),
+                "term":term,"valid_until":valid_until}),
+            )
             .await;
         assert_eq!(ok["event"], "ok", "{ok}");
         let safe = again.until("safe").await;
@@ -718,7 +752,10 @@ async fn successor_killed_in_the_middle_of_the_move(restart: bool, watch_for: Du
     let journal = Arc::new(Mutex::new(journal.lock().unwrap()[before..].to_vec()));
     for (at, who, e) in journal.lock().unwrap().iter() {
         if !matches!(e, CampaignEvent::Leader { .. }) {
-            println!("{:>6} ms after the kill: {who}: {e:?}", (*at - killed_at).as_millis() as i64);
+            println!(
+                "{:>6} ms after the kill: {who}: {e:?}",
+                (*at - killed_at).as_millis() as i64
+            );
         }
     }
     drop((leaders, standbys, clients, b, old, other));
@@ -810,12 +847,414 @@ async fn a_successor_killed_in_the_middle_of_the_move_and_restarted_loses_no_lea
         let who = format!("app-{i}");
         let last = journal
             .iter()
-            .filter(|(_, w, e)| *w == who && !matches!(e, CampaignEvent::Leader { .. }))
-            .next_back()
+            .rfind(|(_, w, e)| *w == who && !matches!(e, CampaignEvent::Leader { .. }))
             .map(|(_, _, e)| e.clone());
         assert!(
             matches!(last, Some(CampaignEvent::Safe { .. })),
             "{who} ends safe: {last:?}"
         );
     }
+}
+
+/// A successor `electord` stopped (SIGTERM) while the broker it took the socket from still
+/// runs (a rollback, the new pod deleted during the surge, or the second broker of a chained
+/// upgrade): it must exit promptly, like any broker, not hang until its predecessor exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_stopped_while_its_predecessor_runs_exits_promptly() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("elector.sock");
+    let user = server.add_user("x", vec![Rule::all()]);
+    let mut old = electord(&server, &user, "nx", &socket, &[]);
+    let mut app = open_when_up(&socket).await;
+    app.send(json!({"op":"campaign","election":"exit","identity":"app"}))
+        .await;
+    let elected = app.until("elected").await;
+    let mut new = electord(&server, &user, "nx", &socket, &["--takeover"]);
+    // The app is moved to the successor and resumes there.
+    let jeopardy = app.until("jeopardy").await;
+    assert_eq!(app.until("reconnect").await["reason"], "superseded");
+    let mut again = open_when_up(&socket).await;
+    let ok = again
+        .ask(json!({"op":"resume","election":"exit","identity":"app",
+            "term":elected["term"],"valid_until":jeopardy["valid_until"]}))
+        .await;
+    assert_eq!(ok["event"], "ok", "{ok}");
+    again.until("safe").await;
+    sigterm(&new);
+    let exited = tokio::time::timeout(Duration::from_secs(15), new.wait()).await;
+    let still_running = exited.is_err();
+    sigterm(&old);
+    let _ = tokio::time::timeout(Duration::from_secs(15), old.wait()).await;
+    if still_running {
+        let _ = tokio::time::timeout(Duration::from_secs(15), new.wait()).await;
+    }
+    assert!(
+        !still_running,
+        "the successor did not exit within 15 s of SIGTERM while its predecessor ran"
+    );
+}
+
+/// A chained upgrade: broker B takes the socket over from A, and while A is still moving its
+/// connections to B (one per 800 ms turn), broker C takes it over from B. A goes on moving its
+/// connections (now to C), B moves the ones it received to C. Every leader ends safe at C in
+/// its term, nobody is elected or told `lost`, never two leaders (a standby on another node for
+/// each election), and no connection is left on A or B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_upgrade_moves_everyone_to_the_last_broker_and_changes_no_leader() {
+    const LEADERS: usize = 4;
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let users: Vec<User> = ["c-a", "c-b", "c-c", "c-other"]
+        .iter()
+        .map(|u| server.add_user(u, vec![Rule::all()]))
+        .collect();
+    let a = broker(&server, &users[0], "nc", dir.path(), |c| {
+        c.limits.handoff_concurrency = 1;
+        c.limits.handoff_turn = Duration::from_millis(800);
+    });
+    let other = broker(&server, &users[3], "nco", dir.path(), |_| {});
+    let journal: Journal = Default::default();
+    let mut clients = Vec::new();
+    let mut leaders = Vec::new();
+    for i in 0..LEADERS {
+        let client = Client::connect(&a.socket).await.unwrap();
+        let c = campaign(&client, &format!("chain-{i}"), &format!("app-{i}"), &journal).await;
+        wait_until("elected", Duration::from_secs(20), || c.is_leader()).await;
+        leaders.push(c);
+        clients.push(client);
+    }
+    let standby_client = Client::connect(&other.socket).await.unwrap();
+    let mut standbys = Vec::new();
+    for i in 0..LEADERS {
+        standbys.push(
+            campaign(
+                &standby_client,
+                &format!("chain-{i}"),
+                &format!("sb-{i}"),
+                &journal,
+            )
+            .await,
+        );
+    }
+    let terms: Vec<_> = leaders.iter().map(|c| c.state().borrow().term).collect();
+    let watched = leaders
+        .iter()
+        .chain(standbys.iter())
+        .map(|c| {
+            let election = format!("chain-{}", c.identity().rsplit('-').next().unwrap());
+            (election, c.identity().to_string(), c.state())
+        })
+        .collect();
+    let (stop, oracle) = two_leader_oracle(watched);
+    let before = journal.lock().unwrap().len();
+
+    let b = successor(&server, &users[1], "nc", dir.path());
+    wait_until("a first leader resumed at B", Duration::from_secs(20), || {
+        journal.lock().unwrap()[before..]
+            .iter()
+            .any(|(_, _, e)| matches!(e, CampaignEvent::Safe { .. }))
+    })
+    .await;
+    let c = successor(&server, &users[2], "nc", dir.path());
+    // Every leader ends safe (at C), and A and B are left with no connection.
+    let settled = || {
+        leaders.iter().all(|l| {
+            let s = l.state().borrow().clone();
+            s.is_leader && !s.jeopardy && s.connected
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(settled() && connected_clients(&a).await == 0 && connected_clients(&b).await == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "not settled: {:?}",
+            told(&journal, before, "app-0")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(connected_clients(&c).await, LEADERS as u64, "every app is at C");
+    // Renewed at C for a while, under the oracle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (_, violations) = oracle.await.unwrap();
+    assert!(violations.is_empty(), "two leaders: {violations:?}");
+    let changes: Vec<_> = journal.lock().unwrap()[before..]
+        .iter()
+        .filter(|(_, _, e)| matches!(e, CampaignEvent::Lost { .. } | CampaignEvent::Elected { .. }))
+        .cloned()
+        .collect();
+    assert!(changes.is_empty(), "leadership changes: {changes:?}");
+    let mut moved_twice = 0;
+    for (i, l) in leaders.iter().enumerate() {
+        assert_eq!(l.state().borrow().term, terms[i]);
+        let kinds = told(&journal, before, l.identity());
+        let jeopardies = kinds
+            .iter()
+            .filter(|e| matches!(e, CampaignEvent::Jeopardy { .. }))
+            .count();
+        assert!(
+            matches!(kinds.last(), Some(CampaignEvent::Safe { .. })) && (1..=2).contains(&jeopardies),
+            "{}: {kinds:?}",
+            l.identity()
+        );
+        moved_twice += usize::from(jeopardies == 2);
+    }
+    assert!(
+        moved_twice >= 1,
+        "B was superseded while it served a moved leader"
+    );
+    // C, which owns the path once A and B let go of it, is dropped last.
+    drop((leaders, standbys, clients, standby_client, a, b, other));
+    drop(c);
+}
+
+/// An app that steps down when told `jeopardy` during the move: it reconnects as told, resumes
+/// at the successor and resigns at once (the Rust client does exactly this when `resign` is
+/// called while it is moving: the `resume` goes first, the `resign` right after). The lock must
+/// be released at once, as any resign's is, so that the standby on another node takes over in
+/// a retry period, not after the whole lease.
+///
+/// Today the successor forgets a claimant that leaves before its claim is settled: in
+/// `Contender::remove_candidate` (broker/src/election/machine.rs) the candidate is dropped
+/// with its claim, nothing is held (the adoption write was never sent), so nothing is released
+/// and the record is waited out like a stranger's: the standby is elected only when the lease
+/// expires (here 30 s). The same happens when the app's connection closes right after a
+/// `resume` (a crash), though "a connection closing resigns all of its campaigns at once".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: a resign (or close) before a resume's claim is settled leaves the lock to expire instead of releasing it (Contender::remove_candidate drops the claim)"]
+async fn a_leader_resigning_right_after_resuming_at_the_successor_releases_at_once() {
+    // A long lease: a lock left to expire keeps the standby waiting 30 s.
+    let timing = json!({"lease_duration":30,"renew_deadline":20,"retry_period":1});
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (old_user, new_user, other_user) = (
+        server.add_user("r-old", vec![Rule::all()]),
+        server.add_user("r-new", vec![Rule::all()]),
+        server.add_user("rb", vec![Rule::all()]),
+    );
+    let old = broker(&server, &old_user, "nr", dir.path(), |_| {});
+    let other = broker(&server, &other_user, "nrb", dir.path(), |_| {});
+    let mut app = RawClient::open(&old.socket).await;
+    app.send(json!({"op":"campaign","election":"step-down","identity":"app","timing":timing}))
+        .await;
+    let term = app.until("elected").await["term"].as_u64().unwrap();
+    let mut standby = RawClient::open(&other.socket).await;
+    let ok = standby
+        .ask(json!({"op":"campaign","election":"step-down","identity":"sb","timing":timing}))
+        .await;
+    assert_eq!(ok["event"], "ok", "{ok}");
+
+    // The successor's API calls take 300 ms (a busy API server), so the resign reaches it
+    // while the claim is being checked, as it may on any machine.
+    server.faults(&new_user).latency(Duration::from_millis(300));
+    let new = successor(&server, &new_user, "nr", dir.path());
+    let jeopardy = app.until("jeopardy").await;
+    assert_eq!(app.until("reconnect").await["reason"], "superseded");
+    let mut again = RawClient::open(&new.socket).await;
+    again
+        .send(
+            json!({"op":"resume","id":1,"election":"step-down","identity":"app","timing":timing,
+            "term":term,"valid_until":jeopardy["valid_until"]}),
+        )
+        .await;
+    again
+        .send(json!({"op":"resign","id":2,"election":"step-down"}))
+        .await;
+    loop {
+        let e = again.next().await.expect("answers");
+        if e["event"] == "ok" && e["id"] == 2 {
+            break;
+        }
+        assert_ne!(e["event"], "error", "{e}");
+    }
+    let resigned = Instant::now();
+    // Released: the standby is elected long before the 30 s lease could run out (generous:
+    // 15 s).
+    loop {
+        let e = standby
+            .next_within(Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the standby was not elected within 15 s of the resign: the lock was left to expire")
+            })
+            .expect("the standby's broker lives");
+        if e["event"] == "elected" {
+            break;
+        }
+    }
+    println!(
+        "the standby was elected {:?} after the resign",
+        resigned.elapsed()
+    );
+    drop((again, app, standby, new, old, other));
+}
+
+/// The same through `elector-client`, as an app writes it: on `jeopardy` (its broker is being
+/// replaced) it resigns. `resign` must succeed and the lock be released at once, whichever
+/// connection the resign goes out on: the old one (the broker no longer reads it: its turn came)
+/// or the new one (right after the `resume`). Today neither releases: on the old connection the
+/// resign is never read, the client then drops the campaign when it reconnects (`manage` in
+/// client-lib/src/client.rs: a pending `leaving` registration is removed and answered
+/// `Disconnected`), so it is never resumed nor resigned at the successor; on the new one see
+/// the test above. Either way the lock is left to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: an app that resigns on jeopardy during the move leaves its lock to expire (client drops a pending resign on reconnect; broker drops an unsettled claim on resign)"]
+async fn an_app_that_resigns_on_jeopardy_during_the_move_releases_at_once() {
+    let timing = Timing {
+        lease_duration: Some(30),
+        renew_deadline: Some(20.0),
+        retry_period: Some(1.0),
+    };
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (old_user, new_user, other_user) = (
+        server.add_user("j-old", vec![Rule::all()]),
+        server.add_user("j-new", vec![Rule::all()]),
+        server.add_user("jb", vec![Rule::all()]),
+    );
+    let old = broker(&server, &old_user, "nj", dir.path(), |_| {});
+    let other = broker(&server, &other_user, "njb", dir.path(), |_| {});
+    let client = Client::connect(&old.socket).await.unwrap();
+    let mut app = client
+        .campaign(CampaignOptions::new("on-jeopardy", "app").timing(timing))
+        .await
+        .unwrap();
+    app.elected().await.unwrap();
+    let standby_client = Client::connect(&other.socket).await.unwrap();
+    let standby = standby_client
+        .campaign(CampaignOptions::new("on-jeopardy", "sb").timing(timing))
+        .await
+        .unwrap();
+    let mut events = app.events();
+    let _new = successor(&server, &new_user, "nj", dir.path());
+    loop {
+        match events.next().await.expect("events") {
+            CampaignEvent::Jeopardy { .. } => break,
+            CampaignEvent::Leader { .. } | CampaignEvent::Elected { .. } => {}
+            e => panic!("{e:?}"),
+        }
+    }
+    let resigned = app.resign().await;
+    let at = Instant::now();
+    let elected = tokio::time::timeout(Duration::from_secs(15), standby.elected()).await;
+    assert!(
+        resigned.is_ok() && elected.is_ok(),
+        "resign: {resigned:?}; the standby elected within 15 s of the resign (else the lock was left to expire): {}",
+        elected.is_ok()
+    );
+    println!("the standby was elected {:?} after the resign", at.elapsed());
+    drop((client, standby_client, old, other));
+}
+
+/// A second process campaigning under the identity of a leader that is moving (in jeopardy,
+/// not yet resumed): on one broker that campaign is refused (`identity_in_use`) while the
+/// leader's connection lives; across the move, the successor must not grant it while the
+/// leader's guarantee runs, or two processes act as leader at once.
+///
+/// Today the successor takes it at once: the record names a local candidate without a claim,
+/// which `Contender::free_at` / `update_view` (broker/src/election/machine.rs) read as "this
+/// node's leftover" (free now), so the fresh campaign is elected (new term) while the moved
+/// leader still leads in jeopardy; that leader's `resume` is then refused (`lost`, preempted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: during the move a fresh campaign under a jeopardized leader's identity is elected at once at the successor (the 'leftover' rule in Contender::free_at), while the leader's guarantee runs: two processes lead"]
+async fn a_second_campaign_under_a_moving_leaders_identity_is_not_elected_while_it_leads() {
+    use elector_client::clock::monotonic_now_ns;
+    let timing = json!({"lease_duration":6,"renew_deadline":4,"retry_period":0.5});
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (old_user, new_user) = (
+        server.add_user("d-old", vec![Rule::all()]),
+        server.add_user("d-new", vec![Rule::all()]),
+    );
+    let old = broker(&server, &old_user, "nd", dir.path(), |_| {});
+    let mut leader = RawClient::open(&old.socket).await;
+    leader
+        .send(json!({"op":"campaign","election":"dup","identity":"pod-x","timing":timing}))
+        .await;
+    let term = leader.until("elected").await["term"].as_u64().unwrap();
+    // On one broker, a second connection under that identity is refused.
+    let mut second = RawClient::open(&old.socket).await;
+    let refused = second
+        .ask(json!({"op":"campaign","election":"dup","identity":"pod-x","timing":timing}))
+        .await;
+    assert_eq!(refused["code"], "identity_in_use", "{refused}");
+    drop(second);
+
+    let new = successor(&server, &new_user, "nd", dir.path());
+    let jeopardy = leader.until("jeopardy").await;
+    let valid_until = jeopardy["valid_until"].as_u64().unwrap();
+    // The second process, at the successor, before the leader resumed.
+    let mut second = RawClient::open(&new.socket).await;
+    let answer = second
+        .ask(json!({"op":"campaign","election":"dup","identity":"pod-x","timing":timing}))
+        .await;
+    if answer["event"] == "ok" {
+        // Not elected while the moved leader's guarantee runs.
+        let wait_ns = valid_until.saturating_sub(monotonic_now_ns());
+        loop {
+            match second.next_within(Duration::from_nanos(wait_ns)).await {
+                Err(_) | Ok(None) => break,
+                Ok(Some(e)) => {
+                    let now = monotonic_now_ns();
+                    assert!(
+                        e["event"] != "elected" || now >= valid_until,
+                        "a second pod-x elected (term {}) {} ms before the moving leader's guarantee (term {term}) ended",
+                        e["term"],
+                        (valid_until - now) / 1_000_000
+                    );
+                    if now >= valid_until {
+                        break;
+                    }
+                }
+            }
+        }
+    } else {
+        assert_eq!(answer["code"], "identity_in_use", "{answer}");
+    }
+    drop((leader, second, new, old));
+}
+
+/// A protocol 1.0 client (it knows neither `jeopardy` nor `reconnect`, nor `resume`): the move
+/// is, to it, its connection closing, as a broker restart always was; it reconnects and
+/// campaigns again, and leads again at the successor. Nothing worse: no `lost`, no error, no
+/// other node elected in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_1_0_client_sees_a_close_and_campaigns_again_at_the_successor() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (old_user, new_user, other_user) = (
+        server.add_user("v-old", vec![Rule::all()]),
+        server.add_user("v-new", vec![Rule::all()]),
+        server.add_user("vb", vec![Rule::all()]),
+    );
+    let old = broker(&server, &old_user, "nv", dir.path(), |_| {});
+    let other = broker(&server, &other_user, "nvb", dir.path(), |_| {});
+    let campaign = json!({"op":"campaign","election":"legacy","identity":"app"});
+    let mut app = RawClient::open(&old.socket).await;
+    app.send(campaign.clone()).await;
+    let term = app.until("elected").await["term"].as_u64().unwrap();
+    let mut standby = RawClient::open(&other.socket).await;
+    let ok = standby
+        .ask(json!({"op":"campaign","election":"legacy","identity":"sb"}))
+        .await;
+    assert_eq!(ok["event"], "ok", "{ok}");
+
+    let new = successor(&server, &new_user, "nv", dir.path());
+    let mut told = Vec::new();
+    while let Some(e) = app.next().await {
+        if e["event"] != "leader" && e["event"] != "renewed" {
+            told.push(e["event"].as_str().unwrap_or("").to_string());
+        }
+    }
+    assert_eq!(told, ["jeopardy", "reconnect"], "then the close");
+    let mut app = RawClient::open(&new.socket).await;
+    app.send(campaign).await;
+    let again = app.until("elected").await;
+    assert!(again["term"].as_u64().unwrap() >= term, "{again}");
+    // The other node's standby was never elected.
+    while let Ok(Some(e)) = standby.next_within(Duration::from_millis(500)).await {
+        assert_ne!(e["event"], "elected", "{e}");
+    }
+    drop((app, standby, new, old, other));
 }
