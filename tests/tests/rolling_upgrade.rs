@@ -10,15 +10,16 @@
 //!   nobody `lost`, releases nothing, and each resumes at the successor;
 //! - a chained upgrade (a third broker takes over from the second while the first still moves
 //!   connections to it) changes no leader and leaves no connection behind;
-//! - a successor that dies in the middle of the move never costs safety, and costs nothing if
-//!   it is restarted at once; a successor stopped while its predecessor runs exits promptly;
+//! - a successor that dies in the middle of the move strands no leader not yet moved, never
+//!   costs safety, and costs nothing if it is restarted at once;
 //! - a protocol 1.0 client sees a close, as on any broker restart, and leads again.
 //!
-//! Known gaps, as ignored tests that fail today (each names the cause): a successor killed
-//! mid-move costs the node every leadership (the old broker moves everyone into the dead
-//! socket); an app that resigns on `jeopardy` (or right after resuming) leaves its lock to
-//! expire; a fresh campaign under a moving leader's identity is elected at the successor
-//! while that leader's guarantee runs.
+//! Known gaps, as ignored tests that fail today (each names the cause): the leaders already
+//! moved to a successor that dies are lost (the old broker does not take the path back); a
+//! successor stopped while its predecessor still holds the path's lock hangs on exit; an app
+//! that resigns on `jeopardy` (or right after resuming) leaves its lock to expire; a fresh
+//! campaign under a moving leader's identity is elected at the successor while that leader's
+//! guarantee runs.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -691,6 +692,8 @@ struct SuccessorCrash {
     journal: Journal,
     killed_at: Instant,
     violations: Vec<String>,
+    /// Whether each of the node's leaders (`app-0`..) still leads at the end.
+    leading: Vec<bool>,
 }
 
 /// Three leaders on node A, each on its own connection to the old broker (one connection per
@@ -758,24 +761,45 @@ async fn successor_killed_in_the_middle_of_the_move(restart: bool, watch_for: Du
             );
         }
     }
+    let leading = leaders.iter().map(|l| l.is_leader()).collect();
     drop((leaders, standbys, clients, b, old, other));
     SuccessorCrash {
         journal,
         killed_at,
         violations,
+        leading,
     }
 }
 
-/// The successor dies (`kill -9`) in the middle of the move and is not restarted. Safety holds
-/// whatever happens to the leaderships: never two leaders; a leader told `lost` is told so
-/// (`broker_unavailable`) no earlier than its guarantee; the other node's standby is elected
-/// only after the leader it replaces was told `lost`. (Today every leader of the node is lost,
-/// see the ignored test below.)
+/// The successor dies (`kill -9`) in the middle of the move and is not restarted. The leaders
+/// not yet moved stay with the old broker, which stops moving connections while nobody answers
+/// on the socket: they are told nothing (no `jeopardy`, no `lost`) and go on leading, renewed.
+/// Safety holds for everyone: never two leaders; a leader told `lost` (one already moved, see
+/// the ignored test below) is told so (`broker_unavailable`) no earlier than its guarantee;
+/// the other node's standby is elected only after the leader it replaces was told `lost`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_successor_killed_in_the_middle_of_the_move_never_costs_safety() {
+async fn a_successor_killed_in_the_middle_of_the_move_strands_no_leader_not_yet_moved() {
     let crash = successor_killed_in_the_middle_of_the_move(false, Duration::from_secs(12)).await;
     assert!(crash.violations.is_empty(), "two leaders: {:?}", crash.violations);
     let journal = crash.journal.lock().unwrap().clone();
+    let moved_before_the_kill: Vec<&str> = journal
+        .iter()
+        .filter(|(at, _, e)| *at <= crash.killed_at && matches!(e, CampaignEvent::Jeopardy { .. }))
+        .map(|(_, who, _)| who.as_str())
+        .collect();
+    assert!(
+        moved_before_the_kill.len() < 3,
+        "the successor died in the middle of the move: {moved_before_the_kill:?}"
+    );
+    for i in 0..3 {
+        let who = format!("app-{i}");
+        if moved_before_the_kill.contains(&who.as_str()) {
+            continue;
+        }
+        let kinds = told(&crash.journal, 0, &who);
+        assert!(kinds.is_empty(), "{who}, not yet moved, was told {kinds:?}");
+        assert!(crash.leading[i], "{who} still leads");
+    }
     let mut guarantee: HashMap<&str, Instant> = HashMap::new();
     let mut lost_at: HashMap<String, Instant> = HashMap::new();
     for (at, who, e) in &journal {
@@ -803,19 +827,19 @@ async fn a_successor_killed_in_the_middle_of_the_move_never_costs_safety() {
             _ => {}
         }
     }
-    let _ = crash.killed_at;
 }
 
-/// The successor dies (`kill -9`) in the middle of the move: the old broker, alive and still
-/// renewing the leaders not yet moved, should notice that nobody serves the socket it handed
-/// over (a connect to the path is refused), stop moving connections, take the path back and
-/// serve again, so that the node keeps its leaderships (the moved leaders reconnect and resume
-/// there). Today it goes on moving every connection into the dead socket: each leader is told
-/// `jeopardy`, reconnects into `ECONNREFUSED` until its guarantee runs out, and is told `lost`
-/// (`broker_unavailable`), the ones not yet moved included; the old broker then idles, serving
-/// nobody, until the successor's pod restarts.
+/// The successor dies (`kill -9`) in the middle of the move and is not restarted: the leaders
+/// it had already received should not be lost either while the old broker lives. Today they
+/// are: the old broker stops moving connections (the rest stay, served and renewed), but it
+/// no longer listens on the path (its listener was dropped when it was superseded, and the
+/// path names the dead successor's socket), so the moved leaders reconnect into
+/// `ECONNREFUSED` until their guarantee runs out and are told `lost` (`broker_unavailable`);
+/// the other node then takes over. A fix: when the successor stops answering, the old broker
+/// binds a fresh socket and renames it over the path (as `--takeover` does) and serves again,
+/// so the moved leaders resume there; a restarted successor takes over again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a superseded broker keeps moving connections into a dead successor (SocketServer::run never re-checks the successor once superseded); every leader of the node is lost"]
+#[ignore = "known gap: leaders already moved when the successor died are lost (the old broker does not take the socket path back; SocketServer::run drops its listener once superseded)"]
 async fn a_successor_killed_in_the_middle_of_the_move_costs_no_leadership() {
     let crash = successor_killed_in_the_middle_of_the_move(false, Duration::from_secs(12)).await;
     assert!(crash.violations.is_empty(), "two leaders: {:?}", crash.violations);
@@ -857,42 +881,77 @@ async fn a_successor_killed_in_the_middle_of_the_move_and_restarted_loses_no_lea
 }
 
 /// A successor `electord` stopped (SIGTERM) while the broker it took the socket from still
-/// runs (a rollback, the new pod deleted during the surge, or the second broker of a chained
-/// upgrade): it must exit promptly, like any broker, not hang until its predecessor exits.
+/// runs and still holds the path's lock file (it has connections left to move: one per 20 s
+/// turn here): a rollback, the new pod deleted during the surge, or the second broker of a
+/// chained upgrade. It must exit promptly, like any broker, not wait for its predecessor.
+///
+/// Today it hangs until the predecessor lets go of the lock file (then exits within a
+/// millisecond): `own_when_free` (broker/src/socket/mod.rs) waits for the lock in
+/// `spawn_blocking` with a blocking `flock`, and the runtime's shutdown at the end of
+/// `electord`'s `main` waits for that blocking task. Its pod stays `Terminating` until the
+/// kubelet's SIGKILL (harmless by then: everything was handed off), or, when a third broker
+/// got the lock first (a chained upgrade), until that one exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: a successor that never owned the path's lock hangs on exit until its predecessor releases it (own_when_free's blocking flock in spawn_blocking holds up the runtime's shutdown)"]
 async fn a_successor_stopped_while_its_predecessor_runs_exits_promptly() {
     let server = TestApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("elector.sock");
-    let user = server.add_user("x", vec![Rule::all()]);
-    let mut old = electord(&server, &user, "nx", &socket, &[]);
-    let mut app = open_when_up(&socket).await;
-    app.send(json!({"op":"campaign","election":"exit","identity":"app"}))
-        .await;
-    let elected = app.until("elected").await;
-    let mut new = electord(&server, &user, "nx", &socket, &["--takeover"]);
-    // The app is moved to the successor and resumes there.
-    let jeopardy = app.until("jeopardy").await;
-    assert_eq!(app.until("reconnect").await["reason"], "superseded");
-    let mut again = open_when_up(&socket).await;
+    let (old_user, new_user) = (
+        server.add_user("x-old", vec![Rule::all()]),
+        server.add_user("x-new", vec![Rule::all()]),
+    );
+    let old = broker(&server, &old_user, "nx", dir.path(), |c| {
+        c.limits.handoff_concurrency = 1;
+        c.limits.handoff_turn = Duration::from_secs(20);
+    });
+    let mut apps = Vec::new();
+    for i in 0..2 {
+        let mut app = RawClient::open(&old.socket).await;
+        app.send(json!({"op":"campaign","election":format!("exit-{i}"),"identity":format!("app-{i}")}))
+            .await;
+        let term = app.until("elected").await["term"].clone();
+        apps.push((app, term));
+    }
+    let mut new = electord(
+        &server,
+        &new_user,
+        "nx",
+        &old.socket,
+        &["--takeover", "--on-shutdown=handoff"],
+    );
+    // One app is moved to the successor and resumes there; the other waits for its turn.
+    let moved = apps.iter_mut().enumerate().map(|(i, (app, term))| async move {
+        let jeopardy = app.until("jeopardy").await;
+        assert_eq!(app.until("reconnect").await["reason"], "superseded");
+        (i, term.clone(), jeopardy)
+    });
+    let (i, term, jeopardy) = futures::future::select_all(moved.map(Box::pin)).await.0;
+    let mut again = open_when_up(&old.socket).await;
     let ok = again
-        .ask(json!({"op":"resume","election":"exit","identity":"app",
-            "term":elected["term"],"valid_until":jeopardy["valid_until"]}))
+        .ask(
+            json!({"op":"resume","election":format!("exit-{i}"),"identity":format!("app-{i}"),
+            "term":term,"valid_until":jeopardy["valid_until"]}),
+        )
         .await;
     assert_eq!(ok["event"], "ok", "{ok}");
     again.until("safe").await;
     sigterm(&new);
-    let exited = tokio::time::timeout(Duration::from_secs(15), new.wait()).await;
+    let exited = tokio::time::timeout(Duration::from_secs(10), new.wait()).await;
     let still_running = exited.is_err();
-    sigterm(&old);
-    let _ = tokio::time::timeout(Duration::from_secs(15), old.wait()).await;
-    if still_running {
-        let _ = tokio::time::timeout(Duration::from_secs(15), new.wait()).await;
-    }
+    drop(old);
+    let after_the_predecessor = if still_running {
+        let t = Instant::now();
+        tokio::time::timeout(Duration::from_secs(15), new.wait())
+            .await
+            .map(|_| t.elapsed())
+    } else {
+        Ok(Duration::ZERO)
+    };
     assert!(
         !still_running,
-        "the successor did not exit within 15 s of SIGTERM while its predecessor ran"
+        "the successor did not exit within 10 s of SIGTERM while its predecessor ran; once the predecessor was gone: {after_the_predecessor:?}"
     );
+    drop((apps, again));
 }
 
 /// A chained upgrade: broker B takes the socket over from A, and while A is still moving its
