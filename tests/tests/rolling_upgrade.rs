@@ -567,6 +567,31 @@ fn sigterm(child: &tokio::process::Child) {
 /// closed; and each leader resumes at the successor, same term.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_in_the_middle_of_a_move_hands_every_remaining_leader_off() {
+    sigterm_in_the_middle_of_a_move().await;
+}
+
+/// SIGTERM in the middle of a move, as above: the connections not yet moved are handed off
+/// (`jeopardy`) and closed, but not told `reconnect`, although the successor serves the
+/// socket: a client that reconnects at once only on `reconnect` (Python's and Node's; the
+/// Rust client dials at once after any close) waits its back-off first, in jeopardy, and one
+/// configured with a back-off longer than the renew deadline loses its leadership. Cause: on
+/// shutdown `Session::read_requests` (broker/src/socket/connection.rs) returns
+/// `ReadEnd::Done`, and `teardown` only pushes `reconnect` for `ReadEnd::Moved`. Fix: when
+/// the shutdown comes after a successor took over (`shared.superseded` cancelled), end with
+/// `Moved` (no turn needed), so `teardown` hands off and says `reconnect`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap: SIGTERM mid-move closes the connections not yet moved without `reconnect` (read_requests returns Done on shutdown, teardown says reconnect only for Moved)"]
+async fn sigterm_in_the_middle_of_a_move_tells_every_remaining_connection_to_reconnect() {
+    let (told_reconnect, connections) = sigterm_in_the_middle_of_a_move().await;
+    assert_eq!(
+        told_reconnect, connections,
+        "connections told `reconnect` before the close"
+    );
+}
+
+/// The scenario of the two tests above; returns how many connections were told `reconnect`
+/// before their close, of how many.
+async fn sigterm_in_the_middle_of_a_move() -> (usize, usize) {
     const LEADERS: usize = 20;
     const OBSERVERS: usize = 600;
     let server = TestApiServer::start().await.unwrap();
@@ -613,7 +638,7 @@ async fn sigterm_in_the_middle_of_a_move_hands_every_remaining_leader_off() {
                     told.push(e);
                 }
             }
-            told
+            (told, Some(Instant::now()))
         })
     };
     let leader_tasks: Vec<_> = leaders
@@ -626,6 +651,7 @@ async fn sigterm_in_the_middle_of_a_move_hands_every_remaining_leader_off() {
         .collect();
     let mut new = electord(&server, &new_user, "nt", &socket, &["--takeover"]);
     first_move.notified().await;
+    let sigterm_at = Instant::now();
     sigterm(&old);
     let status = tokio::time::timeout(Duration::from_secs(30), old.wait())
         .await
@@ -634,20 +660,23 @@ async fn sigterm_in_the_middle_of_a_move_hands_every_remaining_leader_off() {
     assert!(status.success(), "{status}");
 
     let mut observers_moved = 0;
+    let mut open_at_the_sigterm = 0;
     for t in observer_tasks {
-        let told = tokio::time::timeout(Duration::from_secs(30), t)
+        let (told, closed_at) = tokio::time::timeout(Duration::from_secs(30), t)
             .await
             .expect("every observer's connection is closed")
             .unwrap();
         observers_moved += usize::from(told.iter().any(|e| e["event"] == "reconnect"));
+        open_at_the_sigterm += usize::from(closed_at > Some(sigterm_at));
     }
     let mut leaders_moved = 0;
     let mut jeopardies = Vec::new();
     for (i, (t, term)) in leader_tasks.into_iter().enumerate() {
-        let told = tokio::time::timeout(Duration::from_secs(30), t)
+        let (told, closed_at) = tokio::time::timeout(Duration::from_secs(30), t)
             .await
             .expect("every leader's connection is closed")
             .unwrap();
+        open_at_the_sigterm += usize::from(closed_at > Some(sigterm_at));
         let kinds: Vec<&str> = told.iter().map(|e| e["event"].as_str().unwrap_or("")).collect();
         assert!(
             kinds == ["jeopardy", "reconnect"] || kinds == ["jeopardy"],
@@ -658,10 +687,10 @@ async fn sigterm_in_the_middle_of_a_move_hands_every_remaining_leader_off() {
         jeopardies.push((term, told[0]["valid_until"].as_u64().expect("valid_until")));
     }
     println!(
-        "moved in turn before the SIGTERM: {leaders_moved} of {LEADERS} leaders, {observers_moved} of {OBSERVERS} observers"
+        "told `reconnect`: {leaders_moved} of {LEADERS} leaders, {observers_moved} of {OBSERVERS} observers; {open_at_the_sigterm} connections open at the SIGTERM"
     );
     assert!(
-        leaders_moved + observers_moved < LEADERS + OBSERVERS,
+        open_at_the_sigterm > LEADERS,
         "the SIGTERM came in the middle of the move"
     );
     // Nothing released: every Lease names its leader, in its term.
@@ -683,6 +712,7 @@ async fn sigterm_in_the_middle_of_a_move_hands_every_remaining_leader_off() {
     }
     sigterm(&new);
     let _ = tokio::time::timeout(Duration::from_secs(30), new.wait()).await;
+    (leaders_moved + observers_moved, LEADERS + OBSERVERS)
 }
 
 /// What happened to the leaders of a node whose successor broker was killed (`kill -9`) in the
