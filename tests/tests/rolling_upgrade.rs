@@ -580,7 +580,6 @@ async fn sigterm_in_the_middle_of_a_move_hands_every_remaining_leader_off() {
 /// the shutdown comes after a successor took over (`shared.superseded` cancelled), end with
 /// `Moved` (no turn needed), so `teardown` hands off and says `reconnect`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: SIGTERM mid-move closes the connections not yet moved without `reconnect` (read_requests returns Done on shutdown, teardown says reconnect only for Moved)"]
 async fn sigterm_in_the_middle_of_a_move_tells_every_remaining_connection_to_reconnect() {
     let (told_reconnect, connections) = sigterm_in_the_middle_of_a_move().await;
     assert_eq!(
@@ -922,7 +921,6 @@ async fn a_successor_killed_in_the_middle_of_the_move_and_restarted_loses_no_lea
 /// kubelet's SIGKILL (harmless by then: everything was handed off), or, when a third broker
 /// got the lock first (a chained upgrade), until that one exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: a successor that never owned the path's lock hangs on exit until its predecessor releases it (own_when_free's blocking flock in spawn_blocking holds up the runtime's shutdown)"]
 async fn a_successor_stopped_while_its_predecessor_runs_exits_promptly() {
     let server = TestApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -1246,7 +1244,6 @@ async fn an_app_that_resigns_on_jeopardy_during_the_move_releases_at_once() {
 /// node's leftover" (free now), so the fresh campaign is elected (new term) while the moved
 /// leader still leads in jeopardy; that leader's `resume` is then refused (`lost`, preempted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: during the move a fresh campaign under a jeopardized leader's identity is elected at once at the successor (the 'leftover' rule in Contender::free_at), while the leader's guarantee runs: two processes lead"]
 async fn a_second_campaign_under_a_moving_leaders_identity_is_not_elected_while_it_leads() {
     use elector_client::clock::monotonic_now_ns;
     let timing = json!({"lease_duration":6,"renew_deadline":4,"retry_period":0.5});
@@ -1306,8 +1303,7 @@ async fn a_second_campaign_under_a_moving_leaders_identity_is_not_elected_while_
 
 /// A protocol 1.0 client (it knows neither `jeopardy` nor `reconnect`, nor `resume`): the move
 /// is, to it, its connection closing, as a broker restart always was; it reconnects and
-/// campaigns again, and leads again at the successor. Nothing worse: no `lost`, no error, no
-/// other node elected in between.
+/// campaigns again. Nothing worse: no `lost`, no error, and never two leaders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_protocol_1_0_client_sees_a_close_and_campaigns_again_at_the_successor() {
     let server = TestApiServer::start().await.unwrap();
@@ -1339,11 +1335,17 @@ async fn a_protocol_1_0_client_sees_a_close_and_campaigns_again_at_the_successor
     assert_eq!(told, ["jeopardy", "reconnect"], "then the close");
     let mut app = RawClient::open(&new.socket).await;
     app.send(campaign).await;
-    let again = app.until("elected").await;
-    assert!(again["term"].as_u64().unwrap() >= term, "{again}");
-    // The other node's standby was never elected.
-    while let Ok(Some(e)) = standby.next_within(Duration::from_millis(500)).await {
-        assert_ne!(e["event"], "elected", "{e}");
+    // The record the old broker left names `app`, whose connection (for all this broker
+    // knows) may be a 1.1 leader riding the move out in jeopardy: it is waited out like any
+    // other node's, so the re-campaigning app and the other node's standby race for it
+    // fairly, and exactly one of them leads, in a new term.
+    let (winner, loser) = tokio::select! {
+        e = app.until("elected") => (e, &mut standby),
+        e = standby.until("elected") => (e, &mut app),
+    };
+    assert!(winner["term"].as_u64().unwrap() > term, "{winner}");
+    while let Ok(Some(e)) = loser.next_within(Duration::from_millis(500)).await {
+        assert_ne!(e["event"], "elected", "never both: {e}");
     }
     drop((app, standby, new, old, other));
 }

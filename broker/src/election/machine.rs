@@ -293,6 +293,11 @@ pub struct Contender<Raw> {
     refusal_told: Option<(Refusal, String)>,
     /// `None` until the lock was first read (or could not be): nothing is claimed before.
     view: Option<LeaderView>,
+    /// The version of the record this machine last wrote: a record naming a local candidate
+    /// is this node's leftover (free at once) only if this machine wrote it, so knows that
+    /// whoever it named was told `lost`; one a previous broker wrote may name a leader riding
+    /// the broker's restart out in jeopardy.
+    last_written: Option<String>,
     notifications: Vec<Notification>,
 }
 
@@ -312,6 +317,7 @@ impl<Raw: Clone> Contender<Raw> {
             last_failure: None,
             refusal_told: None,
             view: None,
+            last_written: None,
             notifications: Vec::new(),
         }
     }
@@ -420,6 +426,18 @@ impl<Raw: Clone> Contender<Raw> {
     /// Whether a local candidate already uses this identity.
     pub fn has_identity(&self, identity: &str) -> bool {
         self.candidates.iter().any(|c| c.identity == identity)
+    }
+
+    /// Whether `record` (observed as `o`) is this machine's own leftover: it names a local
+    /// candidate that does not hold it here and claims nothing, and this machine wrote it (so
+    /// whoever it names was told `lost`, or never led). Taken again at once. Any other record
+    /// naming a local identity is waited out like a foreign one: a previous broker wrote it,
+    /// and the leader it names may ride the restart out in jeopardy, unseen here until it
+    /// resumes (while another process campaigns under the same identity).
+    fn is_leftover(&self, o: &Observed<Raw>, record: &LeaderRecord) -> bool {
+        self.has_identity(&record.holder_identity)
+            && !self.claims(&record.holder_identity)
+            && self.last_written.as_deref() == Some(o.version.as_str())
     }
 
     /// Whether a local candidate of this identity claims to lead (resumes) and was not yet
@@ -652,6 +670,7 @@ impl<Raw: Clone> Contender<Raw> {
         let record = obs.record.clone().unwrap_or_default();
         self.note_term(record.leader_transitions);
         self.seen_at = Some(now);
+        self.last_written = Some(obs.version.clone());
         self.lock = LockState::Present(obs);
         if purpose == WritePurpose::Release {
             self.held = None;
@@ -818,10 +837,7 @@ impl<Raw: Clone> Contender<Raw> {
             LockState::Present(o) => match &o.record {
                 None => self.seen_at,
                 Some(r) if r.is_released() => self.seen_at,
-                // This node's leftover (see `update_view`), not a claimed leadership.
-                Some(r) if self.has_identity(&r.holder_identity) && !self.claims(&r.holder_identity) => {
-                    self.seen_at
-                }
+                Some(r) if self.is_leftover(o, r) => self.seen_at,
                 Some(r) => self
                     .seen_at
                     .map(|s| s + Duration::from_secs(u64::from(r.lease_duration_seconds))),
@@ -888,14 +904,9 @@ impl<Raw: Clone> Contender<Raw> {
                 None => match &self.lock {
                     LockState::Present(o) => match &o.record {
                         Some(r) => {
-                            // A record naming a local candidate that does not hold it here is
-                            // a leftover of this node's (taken again at once), unless that
-                            // candidate claims it: a leader resuming after a broker restart,
-                            // which leads (in jeopardy) until confirmed or refused.
-                            let leftover =
-                                self.has_identity(&r.holder_identity) && !self.claims(&r.holder_identity);
-                            let live =
-                                !r.is_released() && !leftover && self.free_at().is_some_and(|f| now < f);
+                            let live = !r.is_released()
+                                && !self.is_leftover(o, r)
+                                && self.free_at().is_some_and(|f| now < f);
                             (
                                 live.then(|| r.holder_identity.clone()),
                                 Some(r.leader_transitions),
@@ -1349,8 +1360,9 @@ mod tests {
             valid_until: Instant::now() + Duration::from_secs(5),
         });
         // A pod recreated under the same name (same identity, same term claimed): its claim is
-        // refused; it then campaigns as usual and, the identity being its own (the old pod is
-        // gone: a pod name is unique while the pod lives), takes the lock in a new term.
+        // refused; it then campaigns as usual, and takes the lock in a new term once the record
+        // (a previous broker's, naming the old pod, which may still ride a broker restart out
+        // in jeopardy) is waited out like a foreign one.
         let mut c = C::new(timing());
         c.join(
             1,
@@ -1359,7 +1371,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
-        c.read_done(Instant::now(), Ok(attested_obs(7)));
+        let seen = Instant::now();
+        c.read_done(seen, Ok(attested_obs(7)));
+        assert_eq!(
+            c.poll(Instant::now(), wall()),
+            Action::Wait(Some(seen + Duration::from_secs(15)))
+        );
+        tokio::time::advance(Duration::from_secs(15)).await;
         let Action::Write(w) = c.poll(Instant::now(), wall()) else {
             panic!("campaigns")
         };
@@ -1437,19 +1455,22 @@ mod tests {
             matches!(n.as_slice(), [Notification::View(LeaderView { leader: Some(l), term: Some(4), .. })] if l == "a"),
             "{n:?}"
         );
-        // Without a claim, the same record is this node's leftover: nobody leads, and a local
-        // candidate takes it.
+        // Without a claim, another campaign under that identity (a second process of the same
+        // app, while the leader is still on its way from the old broker) is not elected at
+        // once: the record, which this machine did not write, is waited out like a foreign
+        // one, and `a` is shown leading meanwhile.
         let mut c = C::new(timing());
         c.join(1, Candidacy::new("a"), None).unwrap();
         let _ = c.poll(Instant::now(), wall());
-        c.read_done(Instant::now(), Ok(obs("a", 7, 4)));
-        let _ = c.poll(Instant::now(), wall());
+        let seen = Instant::now();
+        c.read_done(seen, Ok(obs("a", 7, 4)));
+        assert_eq!(
+            c.poll(Instant::now(), wall()),
+            Action::Wait(Some(seen + Duration::from_secs(15)))
+        );
         let n = c.take_notifications();
         assert!(
-            matches!(
-                n.as_slice(),
-                [Notification::View(LeaderView { leader: None, .. })]
-            ),
+            matches!(n.as_slice(), [Notification::View(LeaderView { leader: Some(l), .. })] if l == "a"),
             "{n:?}"
         );
     }

@@ -683,7 +683,7 @@ impl Session {
                         self.writer_done = Some(end.unwrap_or(WriterEnd::Broken));
                         return ReadEnd::Done;
                     }
-                    _ = shared.shutdown.cancelled() => return ReadEnd::Done,
+                    _ = shared.shutdown.cancelled() => return Self::stopped(&shared),
                 }
                 // The client is reading: its next request starts a fresh idle period.
                 deadline = Instant::now() + limits.idle_timeout;
@@ -752,8 +752,19 @@ impl Session {
                     self.move_turn = turn.map(|t| (t, Instant::now()));
                     return ReadEnd::Moved;
                 }
-                _ = shared.shutdown.cancelled() => return ReadEnd::Done,
+                _ = shared.shutdown.cancelled() => return Self::stopped(&shared),
             }
+        }
+    }
+
+    /// How a connection ends when the broker stops: one that a successor serves already (the
+    /// broker was superseded and is stopped before this connection's turn) is told to
+    /// reconnect, as if its turn had come; its leaders were told `jeopardy` by the shutdown.
+    fn stopped(shared: &super::ServerShared) -> ReadEnd {
+        if shared.superseded.is_cancelled() {
+            ReadEnd::Moved
+        } else {
+            ReadEnd::Done
         }
     }
 

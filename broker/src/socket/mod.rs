@@ -215,13 +215,20 @@ fn own_when_free(path: &Path, slot: Arc<Mutex<Option<nix::fcntl::Flock<std::fs::
     let Ok(file) = std::fs::OpenOptions::new().write(true).open(&lock_path) else {
         return;
     };
-    tokio::task::spawn_blocking(move || match Flock::lock(file, FlockArg::LockExclusive) {
-        Ok(owner) => {
-            tracing::info!(lock = %lock_path.display(), "the previous broker let go of the socket path");
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(owner);
-        }
-        Err((_, e)) => tracing::warn!(lock = %lock_path.display(), "cannot lock: {e}"),
-    });
+    // A detached thread, not `spawn_blocking`: the runtime's shutdown would wait for it, so a
+    // successor stopped while its predecessor still runs (a rollback) would hang on exit.
+    let spawned = std::thread::Builder::new()
+        .name("socket-owner".into())
+        .spawn(move || match Flock::lock(file, FlockArg::LockExclusive) {
+            Ok(owner) => {
+                tracing::info!(lock = %lock_path.display(), "the previous broker let go of the socket path");
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(owner);
+            }
+            Err((_, e)) => tracing::warn!(lock = %lock_path.display(), "cannot lock: {e}"),
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot wait for the socket path's lock: {e}");
+    }
 }
 
 /// Claims `path` and binds the socket atomically: a temporary name in the same directory,
