@@ -208,6 +208,9 @@ struct Waiting {
     key: Key,
     /// `resign` / `unobserve`: the registration ends with the answer.
     leaving: bool,
+    /// The `resign` / `unobserve` request, to send again to the next broker if this one goes
+    /// away before answering.
+    request: Option<Request>,
 }
 
 /// The earliest end of a jeopardy.
@@ -625,11 +628,13 @@ async fn manage(
                     let (request, waiting) = match cmd {
                         Cmd::Register { key, request, state, events, reply } => {
                             regs.insert(key.clone(), Registration { request: request.clone(), state, events });
-                            (request, Waiting { reply: Some(reply), key, leaving: false })
+                            (request, Waiting { reply: Some(reply), key, leaving: false, request: None })
                         }
                         // The registration stays until the broker answers: a `lost` (resigned)
                         // comes before the `ok`, and it must reach the campaign's events.
-                        Cmd::Unregister { key, request, reply } => (request, Waiting { reply, key, leaving: true }),
+                        Cmd::Unregister { key, request, reply } => {
+                            (request.clone(), Waiting { reply, key, leaving: true, request: Some(request) })
+                        }
                     };
                     let id = next_id;
                     next_id += 1;
@@ -679,17 +684,31 @@ async fn manage(
         drop((lines, writer));
         hello.send_replace(None);
         resumes.clear();
+        let now = tokio::time::Instant::now();
+        for reg in regs.values() {
+            reg.broker_gone(now, LostReason::Disconnected);
+        }
         for (_, waiting) in pending.drain() {
             if waiting.leaving {
+                let in_jeopardy = waiting.key.2 == Role::Campaign
+                    && regs.get(&waiting.key).is_some_and(|r| r.state.borrow().jeopardy);
+                if in_jeopardy && let Some(request) = waiting.request {
+                    // A resign the broker went away without answering (the app resigned on
+                    // `jeopardy`, say), of a leader that rides the disconnect out: it resumes at
+                    // the next broker and resigns there, so its lock is released at once
+                    // instead of being left to expire.
+                    deferred.push_front(Cmd::Unregister {
+                        key: waiting.key,
+                        request,
+                        reply: waiting.reply,
+                    });
+                    continue;
+                }
                 regs.remove(&waiting.key);
             }
             if let Some(reply) = waiting.reply {
                 let _ = reply.send(Err(Error::Disconnected));
             }
-        }
-        let now = tokio::time::Instant::now();
-        for reg in regs.values() {
-            reg.broker_gone(now, LostReason::Disconnected);
         }
         // Reconnect at once (a broker hand-off leaves a successor on the socket already),
         // then with back-off, ending jeopardies that run out meanwhile; then resume, campaign

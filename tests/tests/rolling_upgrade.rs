@@ -1109,7 +1109,6 @@ async fn a_chained_upgrade_moves_everyone_to_the_last_broker_and_changes_no_lead
 /// expires (here 30 s). The same happens when the app's connection closes right after a
 /// `resume` (a crash), though "a connection closing resigns all of its campaigns at once".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: a resign (or close) before a resume's claim is settled leaves the lock to expire instead of releasing it (Contender::remove_candidate drops the claim)"]
 async fn a_leader_resigning_right_after_resuming_at_the_successor_releases_at_once() {
     // A long lease: a lock left to expire keeps the standby waiting 30 s.
     let timing = json!({"lease_duration":30,"renew_deadline":20,"retry_period":1});
@@ -1186,7 +1185,6 @@ async fn a_leader_resigning_right_after_resuming_at_the_successor_releases_at_on
 /// `Disconnected`), so it is never resumed nor resigned at the successor; on the new one see
 /// the test above. Either way the lock is left to expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: an app that resigns on jeopardy during the move leaves its lock to expire (client drops a pending resign on reconnect; broker drops an unsettled claim on resign)"]
 async fn an_app_that_resigns_on_jeopardy_during_the_move_releases_at_once() {
     let timing = Timing {
         lease_duration: Some(30),

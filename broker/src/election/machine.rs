@@ -227,6 +227,14 @@ impl Candidacy {
     }
 }
 
+/// Who left before its claim was settled ([`Contender::remove_candidate`]).
+#[derive(Debug, Clone)]
+struct LeftClaim {
+    identity: String,
+    term: u64,
+    pod: Option<String>,
+}
+
 /// The machine's phase: what it waits for before it can decide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -298,6 +306,10 @@ pub struct Contender<Raw> {
     /// whoever it named was told `lost`; one a previous broker wrote may name a leader riding
     /// the broker's restart out in jeopardy.
     last_written: Option<String>,
+    /// A claimant that left (resigned, or closed its connection) before its claim was settled:
+    /// the record that still names it, in its term, is released, as it would have been had the
+    /// claim been confirmed first.
+    left_claim: Option<LeftClaim>,
     notifications: Vec<Notification>,
 }
 
@@ -318,6 +330,7 @@ impl<Raw: Clone> Contender<Raw> {
             refusal_told: None,
             view: None,
             last_written: None,
+            left_claim: None,
             notifications: Vec::new(),
         }
     }
@@ -465,6 +478,26 @@ impl<Raw: Clone> Contender<Raw> {
             Farewell::Abandon => return self.abandon_candidate(party),
             Farewell::HandOff => return self.hand_off_candidate(party),
             Farewell::Tell | Farewell::Silent => {}
+        }
+        // A leader that resumed and leaves before its claim is settled: it led (in jeopardy)
+        // until now, so it is told `lost` like a leader, and its record is released.
+        if let Some(c) = self.candidate(party)
+            && let Some(claim) = c.claim
+        {
+            let left = LeftClaim {
+                identity: c.identity.clone(),
+                term: claim.term,
+                pod: c.pod.clone(),
+            };
+            if farewell == Farewell::Tell {
+                self.notifications.push(Notification::Lost {
+                    party,
+                    identity: left.identity.clone(),
+                    term: left.term,
+                    reason,
+                });
+            }
+            self.left_claim = Some(left);
         }
         self.candidates.retain(|c| c.party != party);
         if let Some(h) = &mut self.held
@@ -674,6 +707,7 @@ impl<Raw: Clone> Contender<Raw> {
         self.lock = LockState::Present(obs);
         if purpose == WritePurpose::Release {
             self.held = None;
+            self.left_claim = None;
             return;
         }
         if matches!(purpose, WritePurpose::Renew | WritePurpose::Handover) && self.held.is_none() {
@@ -997,6 +1031,9 @@ impl<Raw: Clone> Contender<Raw> {
 
     /// Not holding: settle claims, then acquire if the lock is free and someone local wants it.
     fn contend(&mut self, now: Instant, now_wall: chrono::DateTime<chrono::Utc>) -> Action<Raw> {
+        if let Some(action) = self.release_left_claim(now_wall) {
+            return action;
+        }
         if let Some(action) = self.settle_claims(now_wall) {
             return action;
         }
@@ -1012,6 +1049,28 @@ impl<Raw: Clone> Contender<Raw> {
             }),
             other => Action::Wait(other),
         }
+    }
+
+    /// Releases the record of a claimant that left unsettled, if it still names it in its term
+    /// (judged, like claims, on a fresh read); anything else was written since, and is left.
+    fn release_left_claim(&mut self, now_wall: chrono::DateTime<chrono::Utc>) -> Option<Action<Raw>> {
+        let left = self.left_claim.as_ref()?;
+        let still_names_it = matches!(&self.lock, LockState::Present(o) if o.record.as_ref().is_some_and(|r| {
+            r.holder_identity == left.identity
+                && r.leader_transitions == left.term
+                && (left.pod.is_none() || r.holder_pod == left.pod)
+        }));
+        if !still_names_it {
+            self.left_claim = None;
+            return None;
+        }
+        let mut record = self.make_record("", None, now_wall, false);
+        record.lease_duration_seconds = 1;
+        Some(Action::Write(Write {
+            purpose: WritePurpose::Release,
+            record,
+            base: self.base(),
+        }))
     }
 
     /// Claims are judged on a fresh read (the phase saw to it): the one that still matches the
@@ -1473,6 +1532,61 @@ mod tests {
             matches!(n.as_slice(), [Notification::View(LeaderView { leader: Some(l), .. })] if l == "a"),
             "{n:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claimant_that_leaves_before_its_claim_is_settled_is_released() {
+        let claim = Claim {
+            term: 4,
+            valid_until: Instant::now() + Duration::from_secs(5),
+        };
+        for farewell in [Farewell::Tell, Farewell::Silent] {
+            let mut c = C::new(timing());
+            c.join(1, Candidacy::new("a").claim(Some(claim)), None).unwrap();
+            assert_eq!(c.poll(Instant::now(), wall()), Action::Read);
+            // The app resigns (or its connection closes) while the read is in flight.
+            c.remove_candidate(1, StepDown::Resigned, farewell);
+            let told = c.take_notifications().into_iter().any(|n| {
+                matches!(
+                    n,
+                    Notification::Lost {
+                        party: 1,
+                        term: 4,
+                        reason: StepDown::Resigned,
+                        ..
+                    }
+                )
+            });
+            assert_eq!(
+                told,
+                farewell == Farewell::Tell,
+                "a resign is answered with lost, like a leader's"
+            );
+            c.read_done(Instant::now(), Ok(obs("a", 7, 4)));
+            let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+                panic!("releases at once ({farewell:?})")
+            };
+            assert_eq!(
+                (
+                    w.purpose,
+                    w.record.holder_identity.as_str(),
+                    w.base.as_ref().map(|b| b.version.clone())
+                ),
+                (WritePurpose::Release, "", Some("7".to_string()))
+            );
+            c.write_done(Instant::now(), Instant::now(), Ok(written(&w, 8)));
+            assert!(
+                matches!(c.poll(Instant::now(), wall()), Action::Wait(_)),
+                "then nothing"
+            );
+        }
+        // A record written meanwhile by someone else is left alone.
+        let mut c = C::new(timing());
+        c.join(1, Candidacy::new("a").claim(Some(claim)), None).unwrap();
+        let _ = c.poll(Instant::now(), wall());
+        c.remove_candidate(1, StepDown::Resigned, Farewell::Silent);
+        c.read_done(Instant::now(), Ok(obs("b", 9, 5)));
+        assert!(matches!(c.poll(Instant::now(), wall()), Action::Wait(_)));
     }
 
     #[tokio::test(start_paused = true)]
