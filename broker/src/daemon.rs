@@ -13,7 +13,7 @@ pub use crate::http::Readiness;
 use crate::lock::Backends;
 use crate::metrics::Metrics;
 use crate::registry::{Defaults, Elections, ShutdownMode};
-use crate::socket::{self, BrokerIdentity, Limits, SocketOptions, SocketServer};
+use crate::socket::{self, BrokerIdentity, Limits, PathState, SocketOptions, SocketServer};
 
 /// File descriptors kept for the broker itself, outside both connection limits: the runtime,
 /// the Kubernetes client's connections and watches, the socket's lock file, `/proc` reads while
@@ -142,7 +142,7 @@ pub struct Daemon {
     http_addr: Option<SocketAddr>,
     grace: Duration,
     on_shutdown: ShutdownMode,
-    superseded: CancellationToken,
+    path_state: tokio::sync::watch::Receiver<PathState>,
     events: Option<crate::events::LeadershipEvents>,
 }
 
@@ -200,7 +200,7 @@ impl Daemon {
             socket_shutdown.clone(),
             config.attestor.clone(),
         );
-        let superseded = server.superseded();
+        let path_state = server.path_state();
         let socket_task = tokio::spawn(server.run());
         let (http_task, http_addr) = match config.http_addr {
             Some(addr) => {
@@ -234,7 +234,7 @@ impl Daemon {
             http_addr,
             grace: config.shutdown_grace,
             on_shutdown: config.on_shutdown,
-            superseded,
+            path_state,
             events,
         })
     }
@@ -270,27 +270,25 @@ impl Daemon {
         self.shutdown_as(mode).await;
     }
 
-    /// Resolves when a successor broker has taken the socket path over (a rolling upgrade with
-    /// `--takeover`): then [`Daemon::shutdown_as`] with [`ShutdownMode::Handoff`], so the
-    /// leaders of this broker resume at the successor.
-    pub async fn superseded(&self) {
-        self.superseded.cancelled().await;
+    /// Resolves when a successor broker has taken the socket path over (a rolling upgrade
+    /// with `--takeover`): every connection then moves to it, a few at a time (each leader is
+    /// told `jeopardy`, nothing is released, and the client is told `reconnect`), while the
+    /// leaders not yet moved are renewed here. A superseded broker should stay alive until it
+    /// is told to stop, and then stop with [`ShutdownMode::Handoff`]: if it exited, its pod
+    /// would restart it and it would take the socket back; and while it lives it takes the
+    /// path back by itself if the successor goes away (see [`Daemon::serving`]).
+    pub async fn superseded(&mut self) {
+        let _ = self
+            .path_state
+            .wait_for(|s| matches!(s, PathState::Superseded { .. }))
+            .await;
     }
 
-    /// After a successor took the socket over: waits until every connection has moved to it
-    /// (a few at a time, see [`crate::socket::SocketServer::run`]: each leader is told
-    /// `jeopardy`, nothing is released, and the client is told `reconnect`); the leaders not
-    /// yet moved are renewed here meanwhile. Then it only stays alive (`/healthz` keeps
-    /// answering) until told to stop: a superseded broker that exited would be restarted in
-    /// its pod and take the socket back. Cancel-safe: a stop that comes first hands the rest
-    /// off at once ([`Daemon::shutdown_as`] with [`ShutdownMode::Handoff`]).
-    pub async fn retire(&mut self) {
-        if let Some(task) = &mut self.socket_task {
-            let _ = task.await;
-            self.socket_task = None;
-        }
-        // Nothing is left to hand off, unless an election outlived its connections.
-        self.elections.shutdown(self.grace, ShutdownMode::Handoff).await;
+    /// Resolves when this broker serves its socket path: at once unless superseded, else when
+    /// it took the path back from a successor that went away (died, or was stopped while this
+    /// broker still runs: a release that crashes, a rollback).
+    pub async fn serving(&mut self) {
+        let _ = self.path_state.wait_for(|s| *s == PathState::Serving).await;
     }
 
     /// Shutdown in a given mode (see [`Daemon::shutdown`]).

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub candidates: Gauge,
     pub observers: Gauge,
     pub connected_clients: Gauge,
+    pub socket_superseded: Gauge,
+    pub socket_reclaims: Counter,
     pub leadership_transitions: Counter,
     pub api_requests: Family<ApiLabels, Counter>,
     pub api_latency: Family<ApiLatencyLabels, Histogram>,
@@ -69,6 +71,8 @@ impl Metrics {
             candidates: Gauge::default(),
             observers: Gauge::default(),
             connected_clients: Gauge::default(),
+            socket_superseded: Gauge::default(),
+            socket_reclaims: Counter::default(),
             leadership_transitions: Counter::default(),
             api_requests: Family::default(),
             api_latency: Family::new_with_constructor(|| {
@@ -110,6 +114,16 @@ impl Metrics {
             "connected_clients",
             "Open socket connections",
             m.connected_clients.clone(),
+        );
+        registry.register(
+            "socket_superseded",
+            "1 while a successor broker serves this broker's socket path (a rolling upgrade): connections move to it",
+            m.socket_superseded.clone(),
+        );
+        registry.register(
+            "socket_reclaims",
+            "Times this broker took its socket path back from a successor that went away",
+            m.socket_reclaims.clone(),
         );
         registry.register(
             "leadership_transitions",

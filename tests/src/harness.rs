@@ -158,19 +158,21 @@ impl TestBroker {
                         .expect("daemon starts")
                 });
                 let _ = ready_tx.send(daemon.http_addr());
-                // As electord does: a successor taking the socket over means hand off and exit.
+                // As electord does: superseded by a successor, it moves every connection there
+                // and lives on until stopped (then hands off), taking the path back if the
+                // successor goes away.
                 let mut daemon = daemon;
                 let stop = rt.block_on(async {
                     let mut stop_rx = stop_rx;
-                    tokio::select! {
-                        stop = &mut stop_rx => return stop.ok(),
-                        _ = daemon.superseded() => {}
-                    }
-                    // Superseded: every connection moves to the successor in its turn (unless
-                    // told to stop first), then the rest is handed off.
-                    tokio::select! {
-                        _ = daemon.retire() => None,
-                        stop = &mut stop_rx => stop.ok().filter(|s| matches!(s, Stop::Kill)),
+                    loop {
+                        tokio::select! {
+                            stop = &mut stop_rx => return stop.ok(),
+                            _ = daemon.superseded() => {}
+                        }
+                        tokio::select! {
+                            stop = &mut stop_rx => return stop.ok().filter(|s| matches!(s, Stop::Kill)),
+                            _ = daemon.serving() => {}
+                        }
                     }
                 });
                 match stop {

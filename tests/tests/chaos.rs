@@ -106,9 +106,8 @@ async fn kill(b: TestBroker) {
 /// Starts a node's broker as the same API user (and with the same wall clock), off the async
 /// workers: a restart after a kill, or with `takeover` a rolling upgrade (DaemonSet surge): the
 /// successor binds a fresh socket and renames it over the path while the old broker runs; the
-/// old one sees it, tells its clients `reconnect` and hands off (exits without releasing). The
-/// caller keeps an upgraded-away broker until the end (dropping it early would kill it instead
-/// of letting it hand off).
+/// old one sees it, moves its clients there in turns (`jeopardy`, nothing released,
+/// `reconnect`) and lives on until shut down, taking the path back if the successor dies.
 async fn start(
     server: &TestApiServer,
     user: &User,
@@ -409,8 +408,11 @@ async fn chaos_never_elects_two_leaders() {
 
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut actions = Vec::new();
-    // Brokers that were upgraded away: they hand off and exit on their own; dropped at the end.
-    let mut retired: Vec<TestBroker> = Vec::new();
+    // Per node, the broker last upgraded away: it moves its connections to the successor and
+    // lives on (as a DaemonSet's old pod does until the new one is available), taking the
+    // socket path back if the successor is killed meanwhile.
+    let mut retired: Vec<Option<TestBroker>> = vec![None, None, None];
+    let mut taken_back = 0;
     while Instant::now() < end {
         let i = rng.random_range(0..3);
         let user = &users[i];
@@ -433,11 +435,15 @@ async fn chaos_never_elects_two_leaders() {
             ),
             4 => server.faults(user).cut_watches(),
             5 => {
-                // Kill the broker (no release); restart it later.
+                // Kill the broker (no release); restart it later. A broker upgraded away that
+                // still lives takes the socket path back and serves the node meanwhile.
                 if let Some(b) = brokers[i].take() {
                     kill(b).await;
+                    brokers[i] = retired[i].take();
+                    taken_back += usize::from(brokers[i].is_some());
                 } else {
-                    brokers[i] = Some(start(&server, user, nodes[i], dir.path(), settings[i], false).await);
+                    // `--takeover`, as the DaemonSet always runs it.
+                    brokers[i] = Some(start(&server, user, nodes[i], dir.path(), settings[i], true).await);
                 }
             }
             6 => {
@@ -475,8 +481,13 @@ async fn chaos_never_elects_two_leaders() {
             7 => {
                 // Roll the node's broker: the successor takes over while the old one runs.
                 if brokers[i].is_some() {
+                    // The pod of the previous upgrade's old broker is deleted first (it hands
+                    // off whatever it still serves).
+                    if let Some(old) = retired[i].take() {
+                        tokio::task::spawn_blocking(move || old.shutdown()).await.unwrap();
+                    }
                     let new = start(&server, user, nodes[i], dir.path(), settings[i], true).await;
-                    retired.extend(brokers[i].replace(new));
+                    retired[i] = brokers[i].replace(new);
                 }
             }
             _ => server.faults(user).clear(),
@@ -489,7 +500,7 @@ async fn chaos_never_elects_two_leaders() {
     for (i, u) in users.iter().enumerate() {
         server.faults(u).clear();
         if brokers[i].is_none() {
-            brokers[i] = Some(start(&server, u, nodes[i], dir.path(), settings[i], false).await);
+            brokers[i] = Some(start(&server, u, nodes[i], dir.path(), settings[i], true).await);
         }
     }
     // Make sure every election has candidates on a live broker.
@@ -581,7 +592,7 @@ async fn chaos_never_elects_two_leaders() {
         })
         .sum();
     println!(
-        "chaos: seed {seed}: {} actions ({} broker kills/restarts, {} rolling upgrades), {elected} elections won by clients and {slow_elected} by slow readers, no violation",
+        "chaos: seed {seed}: {} actions ({} broker kills/restarts, {} rolling upgrades, {taken_back} kills of a successor whose old broker took the socket back), {elected} elections won by clients and {slow_elected} by slow readers, no violation",
         actions.len(),
         actions.iter().filter(|a| a.1 == 5).count(),
         actions.iter().filter(|a| a.1 == 7).count(),

@@ -14,12 +14,11 @@
 //!   costs safety, and costs nothing if it is restarted at once;
 //! - a protocol 1.0 client sees a close, as on any broker restart, and leads again.
 //!
-//! Known gaps, as ignored tests that fail today (each names the cause): the leaders already
-//! moved to a successor that dies are lost (the old broker does not take the path back); a
-//! successor stopped while its predecessor still holds the path's lock hangs on exit; an app
-//! that resigns on `jeopardy` (or right after resuming) leaves its lock to expire; a fresh
-//! campaign under a moving leader's identity is elected at the successor while that leader's
-//! guarantee runs.
+//! Each of these found a gap once, now fixed: a successor stopped while its predecessor
+//! still holds the path's lock hung on exit; an app that resigned on `jeopardy` (or right
+//! after resuming) left its lock to expire; a fresh campaign under a moving leader's identity
+//! was elected at the successor while that leader's guarantee ran; the leaders already moved
+//! to a successor that died were lost (the old broker did not take the path back).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -803,9 +802,9 @@ async fn successor_killed_in_the_middle_of_the_move(restart: bool, watch_for: Du
 /// The successor dies (`kill -9`) in the middle of the move and is not restarted. The leaders
 /// not yet moved stay with the old broker, which stops moving connections while nobody answers
 /// on the socket: they are told nothing (no `jeopardy`, no `lost`) and go on leading, renewed.
-/// Safety holds for everyone: never two leaders; a leader told `lost` (one already moved, see
-/// the ignored test below) is told so (`broker_unavailable`) no earlier than its guarantee;
-/// the other node's standby is elected only after the leader it replaces was told `lost`.
+/// Safety holds for everyone: never two leaders; a leader told `lost` (none should be, see the
+/// next test) is told so (`broker_unavailable`) no earlier than its guarantee; the other
+/// node's standby is elected only after the leader it replaces was told `lost`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_killed_in_the_middle_of_the_move_strands_no_leader_not_yet_moved() {
     let crash = successor_killed_in_the_middle_of_the_move(false, Duration::from_secs(12)).await;
@@ -859,16 +858,11 @@ async fn a_successor_killed_in_the_middle_of_the_move_strands_no_leader_not_yet_
 }
 
 /// The successor dies (`kill -9`) in the middle of the move and is not restarted: the leaders
-/// it had already received should not be lost either while the old broker lives. Today they
-/// are: the old broker stops moving connections (the rest stay, served and renewed), but it
-/// no longer listens on the path (its listener was dropped when it was superseded, and the
-/// path names the dead successor's socket), so the moved leaders reconnect into
-/// `ECONNREFUSED` until their guarantee runs out and are told `lost` (`broker_unavailable`);
-/// the other node then takes over. A fix: when the successor stops answering, the old broker
-/// binds a fresh socket and renames it over the path (as `--takeover` does) and serves again,
-/// so the moved leaders resume there; a restarted successor takes over again.
+/// it had already received are not lost either while the old broker lives. The old broker
+/// stops moving connections (the rest stay, served and renewed), and, the successor silent,
+/// binds a fresh socket and renames it over the path (as `--takeover` does) and serves again:
+/// the moved leaders, in jeopardy, reconnect and resume there in their terms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: leaders already moved when the successor died are lost (the old broker does not take the socket path back; SocketServer::run drops its listener once superseded)"]
 async fn a_successor_killed_in_the_middle_of_the_move_costs_no_leadership() {
     let crash = successor_killed_in_the_middle_of_the_move(false, Duration::from_secs(12)).await;
     assert!(crash.violations.is_empty(), "two leaders: {:?}", crash.violations);
@@ -1346,4 +1340,148 @@ async fn a_protocol_1_0_client_sees_a_close_and_campaigns_again_at_the_successor
         assert_ne!(e["event"], "elected", "never both: {e}");
     }
     drop((app, standby, new, old, other));
+}
+
+/// A rollback: the new `electord` is stopped (SIGTERM, `--on-shutdown=handoff`: the new pod
+/// deleted) after every connection moved to it, while the old `electord` still runs. The old
+/// broker takes the socket path back, and the apps resume there: nobody is told `lost` or
+/// elected, every Lease keeps its holder and term, a new campaign on the path is served. Then
+/// the upgrade is retried (a third broker takes over) and everyone moves again, still in the
+/// same terms. The two-leader oracle, with another node's standbys, watches throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_hands_the_socket_back_to_the_old_broker_and_changes_no_leader() {
+    const APPS: usize = 3;
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("rb.sock");
+    let users: Vec<User> = ["rb-old", "rb-new", "rb-retry", "rb-other"]
+        .iter()
+        .map(|u| server.add_user(u, vec![Rule::all()]))
+        .collect();
+    let mut old = electord(&server, &users[0], "nrb", &socket, &["--on-shutdown=handoff"]);
+    drop(open_when_up(&socket).await);
+    let other = broker(&server, &users[3], "nrb-b", dir.path(), |_| {});
+    let journal: Journal = Default::default();
+    let mut clients = Vec::new();
+    let mut leaders = Vec::new();
+    for i in 0..APPS {
+        let client = Client::connect(&socket).await.unwrap();
+        let c = campaign(&client, &format!("rb-{i}"), &format!("app-{i}"), &journal).await;
+        wait_until("elected", Duration::from_secs(20), || c.is_leader()).await;
+        leaders.push(c);
+        clients.push(client);
+    }
+    let b = Client::connect(&other.socket).await.unwrap();
+    let mut standbys = Vec::new();
+    for i in 0..APPS {
+        standbys.push(campaign(&b, &format!("rb-{i}"), &format!("sb-{i}"), &journal).await);
+    }
+    let watched = leaders
+        .iter()
+        .chain(standbys.iter())
+        .map(|c| {
+            let election = format!("rb-{}", c.identity().rsplit('-').next().unwrap());
+            (election, c.identity().to_string(), c.state())
+        })
+        .collect();
+    let (stop, oracle) = two_leader_oracle(watched);
+    let mut before = Vec::new();
+    for i in 0..APPS {
+        before.push(holder_and_term(&lease(&server, &format!("rb-{i}")).await));
+    }
+    let safe_count = |who: &str| {
+        journal
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, w, e)| w == who && matches!(e, CampaignEvent::Safe { .. }))
+            .count()
+    };
+    let all_safe = |n: usize| (0..APPS).all(|i| safe_count(&format!("app-{i}")) >= n);
+
+    // The upgrade: everyone moves to the new broker.
+    let mut new = electord(
+        &server,
+        &users[1],
+        "nrb",
+        &socket,
+        &["--takeover", "--on-shutdown=handoff"],
+    );
+    wait_until(
+        "every leader resumed at the new broker",
+        Duration::from_secs(30),
+        || all_safe(1),
+    )
+    .await;
+    // The rollback: the new pod is deleted; the old one stays.
+    sigterm(&new);
+    let exited = tokio::time::timeout(Duration::from_secs(10), new.wait()).await;
+    assert!(exited.is_ok(), "the new broker exits promptly");
+    wait_until(
+        "every leader resumed at the old broker again",
+        Duration::from_secs(30),
+        || all_safe(2),
+    )
+    .await;
+    let mut fresh = open_when_up(&socket).await;
+    fresh
+        .send(json!({"op":"campaign","election":"rb-fresh","identity":"fresh"}))
+        .await;
+    fresh.until("elected").await;
+    assert!(
+        old.try_wait().unwrap().is_none(),
+        "the old broker serves on after taking the path back"
+    );
+
+    // The upgrade again: a third broker takes over from the old one, and everyone moves.
+    let mut retry = electord(
+        &server,
+        &users[2],
+        "nrb",
+        &socket,
+        &["--takeover", "--on-shutdown=handoff"],
+    );
+    wait_until(
+        "every leader resumed at the retried upgrade",
+        Duration::from_secs(30),
+        || all_safe(3),
+    )
+    .await;
+    assert_eq!(fresh.until("reconnect").await["reason"], "superseded");
+
+    stop.store(true, Ordering::Relaxed);
+    let (samples, violations) = oracle.await.unwrap();
+    assert!(samples > 0);
+    assert!(violations.is_empty(), "two leaders: {violations:?}");
+    let changes: Vec<_> = journal
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, w, e)| {
+            w.starts_with("app-") && matches!(e, CampaignEvent::Lost { .. } | CampaignEvent::Elected { .. })
+                || w.starts_with("sb-") && matches!(e, CampaignEvent::Elected { .. })
+        })
+        .map(|(_, w, e)| format!("{w}: {e:?}"))
+        .collect();
+    // Each app was elected once, at the start, and never again.
+    assert_eq!(
+        changes.len(),
+        APPS,
+        "leadership changes beyond the first elections: {changes:#?}"
+    );
+    for (i, was) in before.iter().enumerate() {
+        assert_eq!(
+            &holder_and_term(&lease(&server, &format!("rb-{i}")).await),
+            was,
+            "rb-{i}: same holder, same term"
+        );
+    }
+    for c in &leaders {
+        assert!(c.is_leader(), "{} leads at the end", c.identity());
+    }
+    sigterm(&retry);
+    sigterm(&old);
+    let _ = tokio::time::timeout(Duration::from_secs(10), retry.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), old.wait()).await;
+    drop((leaders, standbys, clients, b, other));
 }

@@ -444,34 +444,28 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM (then shuts down as `on_signal` says), or for a successor to
-/// take the socket over (then hands the leaders off at once, and waits, alive, for this pod to
-/// be stopped).
+/// Waits for SIGINT or SIGTERM, then says how to shut down: as `on_signal` says, or by
+/// handing off while superseded. A successor taking the socket over (a rolling upgrade) does
+/// not stop this broker: it moves every connection there, then stays alive until stopped (its
+/// pod deleted), taking the path back if the successor goes away meanwhile.
 async fn until_stopped(daemon: &mut Daemon, on_signal: ShutdownMode) -> anyhow::Result<ShutdownMode> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(tokio::select! {
-        _ = tokio::signal::ctrl_c() => on_signal,
-        _ = term.recv() => on_signal,
-        _ = daemon.superseded() => {
-            tracing::info!("superseded by a new broker: moving every connection to it, then idling until stopped");
-            let stopped = async {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            };
-            tokio::pin!(stopped);
-            tokio::select! {
-                _ = daemon.retire() => {
-                    tracing::info!("every connection moved to the new broker");
-                    stopped.await;
-                }
-                // Stopped before every connection moved: the rest are handed off at once.
-                _ = &mut stopped => {}
-            }
-            ShutdownMode::Handoff
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(on_signal),
+            _ = term.recv() => return Ok(on_signal),
+            _ = daemon.superseded() => {}
         }
-    })
+        tracing::info!(
+            "superseded by a new broker: moving every connection to it, then idling until stopped"
+        );
+        tokio::select! {
+            // Stopped while superseded: whatever was not moved yet is handed off.
+            _ = tokio::signal::ctrl_c() => return Ok(ShutdownMode::Handoff),
+            _ = term.recv() => return Ok(ShutdownMode::Handoff),
+            _ = daemon.serving() => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -306,6 +306,11 @@ pub struct Contender<Raw> {
     /// whoever it named was told `lost`; one a previous broker wrote may name a leader riding
     /// the broker's restart out in jeopardy.
     last_written: Option<String>,
+    /// The leadership (identity, term) of a leader that left without being told `lost`
+    /// (abandoned or handed off: its app may go on leading until its guarantee): the record
+    /// that names it is never this machine's leftover, even if this machine wrote it (a
+    /// renewal may even land after the leader left), until that leader resumes here.
+    rides_out: Option<(String, u64)>,
     /// A claimant that left (resigned, or closed its connection) before its claim was settled:
     /// the record that still names it, in its term, is released, as it would have been had the
     /// claim been confirmed first.
@@ -330,6 +335,7 @@ impl<Raw: Clone> Contender<Raw> {
             refusal_told: None,
             view: None,
             last_written: None,
+            rides_out: None,
             left_claim: None,
             notifications: Vec::new(),
         }
@@ -451,6 +457,9 @@ impl<Raw: Clone> Contender<Raw> {
         self.has_identity(&record.holder_identity)
             && !self.claims(&record.holder_identity)
             && self.last_written.as_deref() == Some(o.version.as_str())
+            && self.rides_out.as_ref().is_none_or(|(identity, term)| {
+                (identity.as_str(), *term) != (record.holder_identity.as_str(), record.leader_transitions)
+            })
     }
 
     /// Whether a local candidate of this identity claims to lead (resumes) and was not yet
@@ -525,8 +534,8 @@ impl<Raw: Clone> Contender<Raw> {
     /// come back and resume (a claim in the same term).
     pub fn abandon_candidate(&mut self, party: PartyId) {
         self.candidates.retain(|c| c.party != party);
-        if self.held.as_ref().is_some_and(|h| h.party == Some(party)) {
-            self.held = None;
+        if let Some(h) = self.held.take_if(|h| h.party == Some(party)) {
+            self.rides_out = Some((h.identity, h.term));
         }
     }
 
@@ -753,6 +762,10 @@ impl<Raw: Clone> Contender<Raw> {
             return;
         };
         let (identity, term) = (record.holder_identity, record.leader_transitions);
+        if purpose == WritePurpose::Adopt {
+            // The leader that rode a restart or a move out is back, and confirmed.
+            self.rides_out = None;
+        }
         self.notifications.push(if purpose == WritePurpose::Adopt {
             Notification::Resumed {
                 party: p,
@@ -1357,6 +1370,64 @@ mod tests {
             (w.purpose, w.record.holder_identity.as_str()),
             (WritePurpose::Acquire, "b")
         );
+    }
+
+    /// A leader handed off (or abandoned) may go on leading until its guarantee, unseen here:
+    /// a second process campaigning under the same identity at this broker is not handed the
+    /// record as this machine's leftover, even though this machine wrote it last (here a
+    /// renewal in flight lands after the hand-off). It waits the record out, like a foreign
+    /// one, unless the first leader resumes here.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_naming_a_leader_that_left_in_jeopardy_is_not_a_leftover() {
+        for abandon in [false, true] {
+            let mut c = C::new(timing());
+            c.join(1, Candidacy::new("a"), None).unwrap();
+            let _ = c.poll(Instant::now(), wall());
+            c.read_done(Instant::now(), Ok(LockState::Missing));
+            let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+                panic!()
+            };
+            let t0 = Instant::now();
+            c.write_done(t0, t0, Ok(written(&w, 1)));
+            tokio::time::advance(Duration::from_secs(2)).await;
+            let Action::Write(renew) = c.poll(Instant::now(), wall()) else {
+                panic!()
+            };
+            let sent = Instant::now();
+            if abandon {
+                c.abandon_candidate(1);
+            } else {
+                c.remove_candidate(1, StepDown::Resigned, Farewell::HandOff);
+            }
+            c.write_done(Instant::now(), sent, Ok(written(&renew, 2)));
+            let renewed_at = Instant::now();
+            c.take_notifications();
+            // Another process, same identity, on this node.
+            c.join(2, Candidacy::new("a"), None).unwrap();
+            assert_eq!(
+                c.poll(Instant::now(), wall()),
+                Action::Wait(Some(renewed_at + Duration::from_secs(15))),
+                "abandon={abandon}: the record is waited out"
+            );
+            assert!(
+                !c.take_notifications()
+                    .iter()
+                    .any(|n| matches!(n, Notification::Elected { .. }))
+            );
+            tokio::time::advance(Duration::from_secs(15)).await;
+            let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+                panic!("abandon={abandon}: taken once expired")
+            };
+            assert_eq!(
+                (
+                    w.purpose,
+                    w.record.holder_identity.as_str(),
+                    w.record.leader_transitions
+                ),
+                (WritePurpose::Acquire, "a", 1),
+                "abandon={abandon}: a new term"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

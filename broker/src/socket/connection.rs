@@ -662,13 +662,19 @@ impl Session {
         // After a successor took the socket over: this connection's turn to move there. Until
         // it comes, requests are answered as usual.
         let turns = shared.handoff_turns.clone();
-        let mut successor = shared.successor_answers.subscribe();
+        let mut path_state = shared.path_state.subscribe();
         let move_turn = async {
-            shared.superseded.cancelled().await;
-            let turn = turns.acquire_owned().await.ok();
-            // Never into a socket nobody answers on (a successor that died).
-            let _ = successor.wait_for(|answers| *answers).await;
-            turn
+            loop {
+                // Never into a socket nobody answers on (a successor that died): the
+                // connection then stays, and this broker may take the path back.
+                if path_state.wait_for(|s| s.may_move()).await.is_err() {
+                    return std::future::pending().await;
+                }
+                let turn = turns.clone().acquire_owned().await.ok();
+                if path_state.borrow().may_move() {
+                    return turn;
+                }
+            }
         };
         tokio::pin!(move_turn);
         loop {
@@ -761,7 +767,7 @@ impl Session {
     /// broker was superseded and is stopped before this connection's turn) is told to
     /// reconnect, as if its turn had come; its leaders were told `jeopardy` by the shutdown.
     fn stopped(shared: &super::ServerShared) -> ReadEnd {
-        if shared.superseded.is_cancelled() {
+        if matches!(*shared.path_state.borrow(), super::PathState::Superseded { .. }) {
             ReadEnd::Moved
         } else {
             ReadEnd::Done

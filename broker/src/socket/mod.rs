@@ -9,6 +9,13 @@
 //! - the socket appears atomically (bound under a temporary name, then renamed); an existing
 //!   path is replaced only if it is a socket; on clean exit it is removed only if it is still
 //!   the file this broker bound (same inode), never a successor's;
+//! - a rolling upgrade is make-before-break: a successor started with `--takeover` renames
+//!   its socket over the path; this broker notices, stops accepting and moves its connections
+//!   there in turns ([`Limits::handoff_concurrency`]), only while the successor answers. If
+//!   the successor goes away while this broker still runs (a release that crashes, a rollback
+//!   that deletes the new pod), this broker takes the path back the same way and serves again,
+//!   so the apps already moved resume here instead of losing their leadership; a successor
+//!   that comes back takes over again ([`PathState`]);
 //! - bad input gets an `error` event with a stable code and never harms the connection (unless
 //!   it keeps coming), other connections, or the broker;
 //! - a connection closing resigns all of its campaigns at once;
@@ -37,8 +44,38 @@ use crate::attest::Attestor;
 use crate::registry::Elections;
 use elector_client::protocol::{ErrorCode, Event, RequestError};
 
-/// How often a broker checks that its socket path is still its own.
+/// How often a broker checks that its socket path is still its own, and, once superseded,
+/// that its successor still answers there.
 const SUPERSEDED_CHECK: Duration = Duration::from_millis(50);
+
+/// A superseded broker takes its socket path back after its successor failed to answer this
+/// many checks in a row (at least 100 ms of silence: a successor that is alive always answers,
+/// if only from its listen backlog, so one refused connection already means nobody listens;
+/// the margin is for a successor whose pod restarts it at once, which then takes over again).
+const RECLAIM_AFTER_SILENT_CHECKS: u32 = 3;
+
+/// Who serves the socket path, as a broker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathState {
+    /// This broker: it accepts connections there.
+    Serving,
+    /// A successor took the path over (`--takeover`): this broker accepts nothing, and moves
+    /// its connections there in turns, only while `successor_answers`. A successor that stops
+    /// answering for good is replaced: this broker takes the path back and is `Serving` again.
+    Superseded { successor_answers: bool },
+}
+
+impl PathState {
+    /// Whether a connection may move now: superseded, and the successor answers.
+    fn may_move(self) -> bool {
+        matches!(
+            self,
+            PathState::Superseded {
+                successor_answers: true
+            }
+        )
+    }
+}
 
 /// Limits and deadlines of the socket server.
 #[derive(Debug, Clone)]
@@ -134,6 +171,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SocketError + '_ {
 pub struct BoundSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// How the socket file is made (again, when this broker takes its path back).
+    options: SocketOptions,
     /// (device, inode) of the socket file this broker bound.
     file: (u64, u64),
     /// Held for the broker's lifetime: the path's ownership (after a takeover, once the
@@ -234,12 +273,8 @@ fn own_when_free(path: &Path, slot: Arc<Mutex<Option<nix::fcntl::Flock<std::fs::
 /// Claims `path` and binds the socket atomically: a temporary name in the same directory,
 /// permissions set, then renamed over `path` (only if `path` is missing or a dead socket).
 pub fn bind(opts: &SocketOptions) -> Result<BoundSocket, SocketError> {
-    use std::os::unix::fs::MetadataExt;
     let path = &opts.path;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = socket_dir(path);
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_socket() => return Err(SocketError::NotASocket { path: path.clone() }),
@@ -249,20 +284,7 @@ pub fn bind(opts: &SocketOptions) -> Result<BoundSocket, SocketError> {
     if owner.is_none() {
         tracing::info!(path = %path.display(), "taking the socket over from the running broker (rolling upgrade)");
     }
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("elector.sock");
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(io_err(&tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(opts.mode)).map_err(io_err(&tmp))?;
-    if let Some(gid) = opts.group {
-        nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|e| io_err(&tmp)(std::io::Error::from(e)))?;
-    }
-    let bound = std::fs::symlink_metadata(&tmp).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    let (listener, file) = bind_over(opts)?;
     let taken_over = owner.is_none();
     let slot = Arc::new(Mutex::new(owner));
     if taken_over {
@@ -271,9 +293,48 @@ pub fn bind(opts: &SocketOptions) -> Result<BoundSocket, SocketError> {
     Ok(BoundSocket {
         listener,
         path: path.clone(),
-        file: (bound.dev(), bound.ino()),
+        options: opts.clone(),
+        file,
         _owner: slot,
     })
+}
+
+fn socket_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Binds a fresh socket under a temporary name beside `opts.path`, gives it its mode and
+/// group, and renames it over the path (atomic: a client connecting meanwhile reaches either
+/// the old socket or this one, never nothing). Returns the listener and the file's (device,
+/// inode).
+fn bind_over(opts: &SocketOptions) -> Result<(UnixListener, (u64, u64)), SocketError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = &opts.path;
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("elector.sock");
+    let tmp = socket_dir(path).join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io_err(&tmp))?;
+    let made = (|| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(opts.mode))?;
+        if let Some(gid) = opts.group {
+            nix::unistd::chown(&tmp, None, Some(nix::unistd::Gid::from_raw(gid)))?;
+        }
+        let bound = std::fs::symlink_metadata(&tmp)?;
+        std::fs::rename(&tmp, path)?;
+        Ok::<_, std::io::Error>((bound.dev(), bound.ino()))
+    })();
+    match made {
+        Ok(file) => Ok((listener, file)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(io_err(path)(e))
+        }
+    }
 }
 
 /// Shared state of the server's connections.
@@ -285,15 +346,13 @@ pub(crate) struct ServerShared {
     pub shutdown: CancellationToken,
     /// `Some`: callers are attested (`--attest=kubernetes`).
     pub attestor: Option<Arc<Attestor>>,
-    /// Cancelled when a successor broker took the socket path over: every connection then
-    /// moves to it, in turns ([`ServerShared::handoff_turns`]).
-    pub superseded: CancellationToken,
+    /// Who serves the socket path. Once a successor took it over, every connection moves
+    /// there in its turn ([`ServerShared::handoff_turns`]), only while the successor answers:
+    /// so a successor that dies (a bad release) strands no more apps; the others stay served,
+    /// and renewed, here, and this broker takes the path back if it stays silent.
+    pub path_state: tokio::sync::watch::Sender<PathState>,
     /// Turns of connections moving to a successor ([`Limits::handoff_concurrency`]).
     pub handoff_turns: Arc<Semaphore>,
-    /// Whether the successor answers on the socket path (checked while connections move): a
-    /// connection moves only while it does, so a successor that dies (a bad release) strands
-    /// no more apps; the others stay served, and renewed, here until it answers again.
-    pub successor_answers: tokio::sync::watch::Sender<bool>,
     /// One permit per connection (`max_connections`).
     connections: Arc<Semaphore>,
     conns_per_uid: Mutex<HashMap<u32, usize>>,
@@ -393,9 +452,8 @@ impl SocketServer {
                 identity,
                 shutdown,
                 attestor,
-                superseded: CancellationToken::new(),
+                path_state: tokio::sync::watch::Sender::new(PathState::Serving),
                 handoff_turns: Arc::new(Semaphore::new(handoff_concurrency)),
-                successor_answers: tokio::sync::watch::Sender::new(true),
                 connections: Arc::new(Semaphore::new(limits_max)),
                 conns_per_uid: Mutex::new(HashMap::new()),
             }),
@@ -403,144 +461,230 @@ impl SocketServer {
         }
     }
 
-    /// Fires when a successor broker took the socket path over (a rolling upgrade): every
-    /// connection then moves to the successor, and [`SocketServer::run`] returns once all
-    /// have.
-    pub fn superseded(&self) -> CancellationToken {
-        self.shared.superseded.clone()
+    /// Who serves the socket path: [`PathState::Superseded`] once a successor took it over
+    /// (a rolling upgrade), and [`PathState::Serving`] again if this broker takes it back.
+    pub fn path_state(&self) -> tokio::sync::watch::Receiver<PathState> {
+        self.shared.path_state.subscribe()
     }
 
-    /// Accepts connections until the shutdown token fires, then waits for the connections to
-    /// finish (they flush `lost`/`broker_shutdown` events first) and removes the socket file.
+    /// Serves the socket until the shutdown token fires, then waits for the connections to
+    /// finish (they flush `lost`/`broker_shutdown` events first) and removes the socket file
+    /// if it is still this broker's.
     ///
-    /// When a successor takes the path over, stops accepting (nobody can reach this socket
-    /// any more) and returns once every connection has moved: each, in its turn, hands its
+    /// When a successor takes the path over, this broker accepts nobody new (nobody can reach
+    /// its socket any more) and moves every connection there: each, in its turn, hands its
     /// leaders off (`jeopardy`, nothing written), is told `reconnect` and is closed, while
-    /// those still waiting for their turn are served as usual.
+    /// those still waiting for their turn are served as usual. Then it idles. If the
+    /// successor stops answering on the path (it died, or was stopped while this broker still
+    /// runs), connections stop moving, and this broker binds a fresh socket, renames it over
+    /// the path and serves again: the apps it moved reconnect and resume here.
     pub async fn run(self) {
+        let SocketServer {
+            mut socket,
+            shared,
+            tracker,
+        } = self;
         let mut spare = SpareFd::open();
-        let mut backoff = Duration::ZERO;
-        let mut check = tokio::time::interval(SUPERSEDED_CHECK);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = self.shared.shutdown.cancelled() => break,
-                _ = check.tick() => {
-                    if !self.socket.still_mine() {
-                        tracing::info!(path = %self.socket.path.display(), "a successor broker took the socket over: moving every connection to it");
-                        self.shared.superseded.cancel();
-                        break;
-                    }
-                }
-                accepted = self.socket.listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        backoff = Duration::ZERO;
-                        self.accept(stream);
-                    }
-                    Err(e) => {
-                        let out_of_fds = matches!(
-                            nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-                            nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE
-                        );
-                        if out_of_fds && self.refuse_with_spare(&mut spare).await {
-                            continue;
-                        }
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                        tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
-                        tokio::time::sleep(backoff).await;
-                    }
-                },
+            if serve(&socket, &shared, &tracker, &mut spare).await == Era::Stopped {
+                break;
             }
-        }
-        self.socket.remove_if_mine();
-        let socket = self.socket;
-        drop(socket.listener);
-        self.tracker.close();
-        if self.shared.superseded.is_cancelled() {
-            // Connections move in turns, only while the successor answers.
-            let shared = self.shared.clone();
-            let path = socket.path.clone();
-            let watch_successor = async move {
-                loop {
-                    let answers = successor_answers(&path).await;
-                    shared.successor_answers.send_if_modified(|was| {
-                        if *was == answers {
-                            return false;
-                        }
-                        if answers {
-                            tracing::info!(path = %path.display(), "the successor answers again: moving connections to it");
-                        } else {
-                            tracing::warn!(path = %path.display(), "the successor does not answer on the socket: connections not yet moved stay here until it does");
-                        }
-                        *was = answers;
-                        true
-                    });
-                    tokio::time::sleep(SUPERSEDED_CHECK).await;
-                }
-            };
-            tokio::select! {
-                _ = self.tracker.wait() => {}
-                _ = watch_successor => {}
+            tracing::info!(path = %socket.path.display(), "a successor broker took the socket over: moving every connection to it");
+            shared.path_state.send_replace(PathState::Superseded {
+                successor_answers: true,
+            });
+            shared.elections.metrics().socket_superseded.set(1);
+            let era = follow_successor(&mut socket, &shared, &tracker, &mut spare).await;
+            if era == Era::Stopped {
+                break;
             }
-        } else {
-            self.tracker.wait().await;
+            shared.path_state.send_replace(PathState::Serving);
+            shared.elections.metrics().socket_superseded.set(0);
         }
+        socket.remove_if_mine();
+        let BoundSocket { listener, _owner, .. } = socket;
+        drop(listener);
+        tracker.close();
+        tracker.wait().await;
         // The claim on the path goes last, with the connections.
-        drop(socket._owner);
+        drop(_owner);
     }
+}
 
-    /// Out of descriptors: frees the spare one to accept a waiting client and tell it
-    /// `too_many_connections`, then takes the spare back. False if that did not work either.
-    async fn refuse_with_spare(&self, spare: &mut SpareFd) -> bool {
-        if spare.0.take().is_none() {
-            *spare = SpareFd::open();
-            return false;
-        }
-        let refused =
-            match tokio::time::timeout(Duration::from_millis(10), self.socket.listener.accept()).await {
-                Ok(Ok((stream, _))) => {
-                    let metrics = self.shared.elections.metrics();
-                    metrics.rejected(ErrorCode::TooManyConnections.as_str());
-                    let line = RequestError::new(
-                        None,
-                        ErrorCode::TooManyConnections,
-                        "the broker is out of file descriptors; retry later",
-                    )
-                    .into_event()
-                    .to_line();
-                    // A fresh socket's buffer is empty: the line fits without waiting.
-                    let _ = stream.try_write(&line);
-                    true
+/// How a phase of the socket server ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Era {
+    /// The broker is stopping.
+    Stopped,
+    /// Serving ended: a successor took the path over.
+    Superseded,
+    /// Following a successor ended: this broker took the path back.
+    ServingAgain,
+}
+
+/// Accepts connections while the path is this broker's: until the shutdown, or until a
+/// successor takes the path over.
+async fn serve(
+    socket: &BoundSocket,
+    shared: &Arc<ServerShared>,
+    tracker: &TaskTracker,
+    spare: &mut SpareFd,
+) -> Era {
+    let mut backoff = Duration::ZERO;
+    let mut check = tokio::time::interval(SUPERSEDED_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return Era::Stopped,
+            _ = check.tick() => {
+                if !socket.still_mine() {
+                    return Era::Superseded;
                 }
-                _ => false,
-            };
-        *spare = SpareFd::open();
-        if refused {
-            tracing::warn!("out of file descriptors: refused a client with too_many_connections");
+            }
+            accepted = socket.listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff = Duration::ZERO;
+                    accept(shared, tracker, stream);
+                }
+                Err(e) => {
+                    let out_of_fds = matches!(
+                        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                        nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE
+                    );
+                    if out_of_fds && refuse_with_spare(&socket.listener, shared, spare).await {
+                        continue;
+                    }
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                }
+            },
         }
-        refused
     }
+}
 
-    fn accept(&self, stream: UnixStream) {
-        let cred = stream.peer_cred().ok();
-        let uid = cred.map(|c| c.uid()).unwrap_or(u32::MAX);
-        let pid = cred.and_then(|c| c.pid());
-        match Admission::new(&self.shared, uid) {
-            Err(message) => {
-                self.shared
-                    .elections
-                    .metrics()
-                    .rejected(ErrorCode::TooManyConnections.as_str());
-                self.tracker.spawn(async move {
-                    let line = RequestError::new(None, ErrorCode::TooManyConnections, message).into_event();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), write_line(stream, line)).await;
+/// While a successor serves the path: keeps [`PathState::Superseded`] up to date (whether the
+/// successor answers), serves the clients still in the old socket's backlog (they move in
+/// their turn like everyone else), notes when every connection has moved, and takes the path
+/// back when the successor stays silent ([`RECLAIM_AFTER_SILENT_CHECKS`]).
+async fn follow_successor(
+    socket: &mut BoundSocket,
+    shared: &Arc<ServerShared>,
+    tracker: &TaskTracker,
+    spare: &mut SpareFd,
+) -> Era {
+    let path = socket.path.clone();
+    let mut check = tokio::time::interval(SUPERSEDED_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut silent_checks = 0u32;
+    let mut all_moved = false;
+    tracker.close();
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return Era::Stopped,
+            _ = tracker.wait(), if !all_moved => {
+                all_moved = true;
+                tracing::info!(path = %path.display(), "every connection moved to the successor; idling until stopped (the socket path is taken back if the successor goes away)");
+            }
+            accepted = socket.listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    all_moved = false;
+                    accept(shared, tracker, stream);
+                }
+                Err(e) => {
+                    if !refuse_with_spare(&socket.listener, shared, spare).await {
+                        tracing::debug!("accept failed while superseded: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            },
+            _ = check.tick() => {
+                let answers = successor_answers(&path).await;
+                shared.path_state.send_if_modified(|state| {
+                    let now = PathState::Superseded { successor_answers: answers };
+                    if *state == now {
+                        return false;
+                    }
+                    if answers {
+                        tracing::info!(path = %path.display(), "the successor answers again: moving connections to it");
+                    } else {
+                        tracing::warn!(path = %path.display(), "the successor does not answer on the socket: connections not yet moved stay here");
+                    }
+                    *state = now;
+                    true
                 });
+                silent_checks = if answers { 0 } else { silent_checks + 1 };
+                if silent_checks >= RECLAIM_AFTER_SILENT_CHECKS {
+                    match bind_over(&socket.options) {
+                        Ok((listener, file)) => {
+                            socket.listener = listener;
+                            socket.file = file;
+                            tracker.reopen();
+                            shared.elections.metrics().socket_reclaims.inc();
+                            tracing::warn!(path = %path.display(), "the successor went away: took the socket path back and serving again (the apps moved to it resume here)");
+                            return Era::ServingAgain;
+                        }
+                        Err(e) => {
+                            silent_checks = 0;
+                            tracing::warn!(path = %path.display(), "the successor went away, and the socket path cannot be taken back: {e}");
+                        }
+                    }
+                }
             }
-            Ok(admission) => {
-                self.tracker
-                    .spawn(connection::serve(stream, pid, self.shared.clone(), admission));
-            }
+        }
+    }
+}
+
+/// Out of descriptors: frees the spare one to accept a waiting client and tell it
+/// `too_many_connections`, then takes the spare back. False if that did not work either.
+async fn refuse_with_spare(listener: &UnixListener, shared: &ServerShared, spare: &mut SpareFd) -> bool {
+    if spare.0.take().is_none() {
+        *spare = SpareFd::open();
+        return false;
+    }
+    let refused = match tokio::time::timeout(Duration::from_millis(10), listener.accept()).await {
+        Ok(Ok((stream, _))) => {
+            let metrics = shared.elections.metrics();
+            metrics.rejected(ErrorCode::TooManyConnections.as_str());
+            let line = RequestError::new(
+                None,
+                ErrorCode::TooManyConnections,
+                "the broker is out of file descriptors; retry later",
+            )
+            .into_event()
+            .to_line();
+            // A fresh socket's buffer is empty: the line fits without waiting.
+            let _ = stream.try_write(&line);
+            true
+        }
+        _ => false,
+    };
+    *spare = SpareFd::open();
+    if refused {
+        tracing::warn!("out of file descriptors: refused a client with too_many_connections");
+    }
+    refused
+}
+
+/// Serves an accepted connection, or tells it which limit it would break.
+fn accept(shared: &Arc<ServerShared>, tracker: &TaskTracker, stream: UnixStream) {
+    let cred = stream.peer_cred().ok();
+    let uid = cred.map(|c| c.uid()).unwrap_or(u32::MAX);
+    let pid = cred.and_then(|c| c.pid());
+    match Admission::new(shared, uid) {
+        Err(message) => {
+            shared
+                .elections
+                .metrics()
+                .rejected(ErrorCode::TooManyConnections.as_str());
+            tracker.spawn(async move {
+                let line = RequestError::new(None, ErrorCode::TooManyConnections, message).into_event();
+                let _ = tokio::time::timeout(Duration::from_secs(1), write_line(stream, line)).await;
+            });
+        }
+        Ok(admission) => {
+            tracker.spawn(connection::serve(stream, pid, shared.clone(), admission));
         }
     }
 }
