@@ -276,9 +276,8 @@ pub fn bind(opts: &SocketOptions) -> Result<BoundSocket, SocketError> {
     let path = &opts.path;
     let dir = socket_dir(path);
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_socket() => return Err(SocketError::NotASocket { path: path.clone() }),
-        _ => {}
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_socket()) {
+        return Err(SocketError::NotASocket { path: path.clone() });
     }
     let owner = claim(path, opts.takeover)?;
     if owner.is_none() {
@@ -312,6 +311,10 @@ fn socket_dir(path: &Path) -> &Path {
 fn bind_over(opts: &SocketOptions) -> Result<(UnixListener, (u64, u64)), SocketError> {
     use std::os::unix::fs::MetadataExt;
     let path = &opts.path;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => return Err(SocketError::NotASocket { path: path.clone() }),
+        _ => {}
+    }
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -578,6 +581,8 @@ async fn follow_successor(
     let mut check = tokio::time::interval(SUPERSEDED_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut silent_checks = 0u32;
+    // Failed attempts to take the path back: each doubles the silence the next one waits for.
+    let mut reclaim_failures = 0u32;
     let mut all_moved = false;
     tracker.close();
     loop {
@@ -615,7 +620,7 @@ async fn follow_successor(
                     true
                 });
                 silent_checks = if answers { 0 } else { silent_checks + 1 };
-                if silent_checks >= RECLAIM_AFTER_SILENT_CHECKS {
+                if silent_checks >= RECLAIM_AFTER_SILENT_CHECKS << reclaim_failures.min(8) {
                     match bind_over(&socket.options) {
                         Ok((listener, file)) => {
                             socket.listener = listener;
@@ -627,6 +632,7 @@ async fn follow_successor(
                         }
                         Err(e) => {
                             silent_checks = 0;
+                            reclaim_failures += 1;
                             tracing::warn!(path = %path.display(), "the successor went away, and the socket path cannot be taken back: {e}");
                         }
                     }
