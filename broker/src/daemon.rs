@@ -291,8 +291,19 @@ impl Daemon {
         let _ = self.path_state.wait_for(|s| *s == PathState::Serving).await;
     }
 
-    /// Shutdown in a given mode (see [`Daemon::shutdown`]).
+    /// Shutdown in a given mode (see [`Daemon::shutdown`]). A broker superseded by a
+    /// successor always hands off, whatever `mode` says: its connections belong to the
+    /// successor now (moved, or about to be), and a release would end leaderships that the
+    /// successor serves. So a stop that races the takeover (the signal handled before the
+    /// takeover was noticed) releases nothing either.
     pub async fn shutdown_as(self, mode: ShutdownMode) {
+        let superseded = matches!(*self.path_state.borrow(), PathState::Superseded { .. });
+        let mode = if superseded && mode == ShutdownMode::Release {
+            tracing::info!("superseded by a new broker: handing off instead of releasing");
+            ShutdownMode::Handoff
+        } else {
+            mode
+        };
         self.elections.shutdown(self.grace, mode).await;
         // The `released` Events of the leaders just released, before the process goes.
         if let Some(events) = &self.events {

@@ -134,6 +134,52 @@ fn two_leader_oracle(
     (stop, task)
 }
 
+/// `n` elections `{prefix}-{i}`: each led by app `app-{i}` (its own connection to the rolling
+/// node's socket), with a standby `sb-{i}` on another node's broker, and the two-leader oracle
+/// watching them all.
+struct Contest {
+    clients: Vec<Client>,
+    leaders: Vec<Campaign>,
+    other: Client,
+    standbys: Vec<Campaign>,
+    stop: Arc<AtomicBool>,
+    oracle: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+async fn contest(socket: &Path, other_socket: &Path, prefix: &str, n: usize, journal: &Journal) -> Contest {
+    let mut clients = Vec::new();
+    let mut leaders = Vec::new();
+    for i in 0..n {
+        let client = Client::connect(socket).await.unwrap();
+        let c = campaign(&client, &format!("{prefix}-{i}"), &format!("app-{i}"), journal).await;
+        wait_until("elected", Duration::from_secs(20), || c.is_leader()).await;
+        leaders.push(c);
+        clients.push(client);
+    }
+    let other = Client::connect(other_socket).await.unwrap();
+    let mut standbys = Vec::new();
+    for i in 0..n {
+        standbys.push(campaign(&other, &format!("{prefix}-{i}"), &format!("sb-{i}"), journal).await);
+    }
+    let watched = leaders
+        .iter()
+        .chain(standbys.iter())
+        .map(|c| {
+            let election = format!("{prefix}-{}", c.identity().rsplit('-').next().unwrap());
+            (election, c.identity().to_string(), c.state())
+        })
+        .collect();
+    let (stop, oracle) = two_leader_oracle(watched);
+    Contest {
+        clients,
+        leaders,
+        other,
+        standbys,
+        stop,
+        oracle,
+    }
+}
+
 /// `connected_clients` of a broker, from its `/metrics`; 0 once a superseded test broker has
 /// retired (its HTTP server stops only after every connection task has ended).
 async fn connected_clients(b: &TestBroker) -> u64 {
@@ -742,29 +788,14 @@ async fn successor_killed_in_the_middle_of_the_move(restart: bool, watch_for: Du
     });
     let other = broker(&server, &other_user, "nkb", dir.path(), |_| {});
     let journal: Journal = Default::default();
-    let mut clients = Vec::new();
-    let mut leaders = Vec::new();
-    for i in 0..LEADERS {
-        let client = Client::connect(&old.socket).await.unwrap();
-        let c = campaign(&client, &format!("crash-{i}"), &format!("app-{i}"), &journal).await;
-        wait_until("elected", Duration::from_secs(20), || c.is_leader()).await;
-        leaders.push(c);
-        clients.push(client);
-    }
-    let b = Client::connect(&other.socket).await.unwrap();
-    let mut standbys = Vec::new();
-    for i in 0..LEADERS {
-        standbys.push(campaign(&b, &format!("crash-{i}"), &format!("sb-{i}"), &journal).await);
-    }
-    let watched = leaders
-        .iter()
-        .chain(standbys.iter())
-        .map(|c| {
-            let election = format!("crash-{}", c.identity().rsplit('-').next().unwrap());
-            (election, c.identity().to_string(), c.state())
-        })
-        .collect();
-    let (stop, oracle) = two_leader_oracle(watched);
+    let Contest {
+        clients,
+        leaders,
+        other: b,
+        standbys,
+        stop,
+        oracle,
+    } = contest(&old.socket, &other.socket, "crash", LEADERS, &journal).await;
     let before = journal.lock().unwrap().len();
 
     let new = successor(&server, &new_user, "nk", dir.path());
@@ -996,38 +1027,15 @@ async fn a_chained_upgrade_moves_everyone_to_the_last_broker_and_changes_no_lead
     });
     let other = broker(&server, &users[3], "nco", dir.path(), |_| {});
     let journal: Journal = Default::default();
-    let mut clients = Vec::new();
-    let mut leaders = Vec::new();
-    for i in 0..LEADERS {
-        let client = Client::connect(&a.socket).await.unwrap();
-        let c = campaign(&client, &format!("chain-{i}"), &format!("app-{i}"), &journal).await;
-        wait_until("elected", Duration::from_secs(20), || c.is_leader()).await;
-        leaders.push(c);
-        clients.push(client);
-    }
-    let standby_client = Client::connect(&other.socket).await.unwrap();
-    let mut standbys = Vec::new();
-    for i in 0..LEADERS {
-        standbys.push(
-            campaign(
-                &standby_client,
-                &format!("chain-{i}"),
-                &format!("sb-{i}"),
-                &journal,
-            )
-            .await,
-        );
-    }
+    let Contest {
+        clients,
+        leaders,
+        other: standby_client,
+        standbys,
+        stop,
+        oracle,
+    } = contest(&a.socket, &other.socket, "chain", LEADERS, &journal).await;
     let terms: Vec<_> = leaders.iter().map(|c| c.state().borrow().term).collect();
-    let watched = leaders
-        .iter()
-        .chain(standbys.iter())
-        .map(|c| {
-            let election = format!("chain-{}", c.identity().rsplit('-').next().unwrap());
-            (election, c.identity().to_string(), c.state())
-        })
-        .collect();
-    let (stop, oracle) = two_leader_oracle(watched);
     let before = journal.lock().unwrap().len();
 
     let b = successor(&server, &users[1], "nc", dir.path());
@@ -1362,29 +1370,14 @@ async fn a_rollback_hands_the_socket_back_to_the_old_broker_and_changes_no_leade
     drop(open_when_up(&socket).await);
     let other = broker(&server, &users[3], "nrb-b", dir.path(), |_| {});
     let journal: Journal = Default::default();
-    let mut clients = Vec::new();
-    let mut leaders = Vec::new();
-    for i in 0..APPS {
-        let client = Client::connect(&socket).await.unwrap();
-        let c = campaign(&client, &format!("rb-{i}"), &format!("app-{i}"), &journal).await;
-        wait_until("elected", Duration::from_secs(20), || c.is_leader()).await;
-        leaders.push(c);
-        clients.push(client);
-    }
-    let b = Client::connect(&other.socket).await.unwrap();
-    let mut standbys = Vec::new();
-    for i in 0..APPS {
-        standbys.push(campaign(&b, &format!("rb-{i}"), &format!("sb-{i}"), &journal).await);
-    }
-    let watched = leaders
-        .iter()
-        .chain(standbys.iter())
-        .map(|c| {
-            let election = format!("rb-{}", c.identity().rsplit('-').next().unwrap());
-            (election, c.identity().to_string(), c.state())
-        })
-        .collect();
-    let (stop, oracle) = two_leader_oracle(watched);
+    let Contest {
+        clients,
+        leaders,
+        other: b,
+        standbys,
+        stop,
+        oracle,
+    } = contest(&socket, &other.socket, "rb", APPS, &journal).await;
     let mut before = Vec::new();
     for i in 0..APPS {
         before.push(holder_and_term(&lease(&server, &format!("rb-{i}")).await));
@@ -1400,13 +1393,16 @@ async fn a_rollback_hands_the_socket_back_to_the_old_broker_and_changes_no_leade
     let all_safe = |n: usize| (0..APPS).all(|i| safe_count(&format!("app-{i}")) >= n);
 
     // The upgrade: everyone moves to the new broker.
-    let mut new = electord(
-        &server,
-        &users[1],
-        "nrb",
-        &socket,
-        &["--takeover", "--on-shutdown=handoff"],
-    );
+    let upgrade = |user: &User| {
+        electord(
+            &server,
+            user,
+            "nrb",
+            &socket,
+            &["--takeover", "--on-shutdown=handoff"],
+        )
+    };
+    let mut new = upgrade(&users[1]);
     wait_until(
         "every leader resumed at the new broker",
         Duration::from_secs(30),
@@ -1434,13 +1430,7 @@ async fn a_rollback_hands_the_socket_back_to_the_old_broker_and_changes_no_leade
     );
 
     // The upgrade again: a third broker takes over from the old one, and everyone moves.
-    let mut retry = electord(
-        &server,
-        &users[2],
-        "nrb",
-        &socket,
-        &["--takeover", "--on-shutdown=handoff"],
-    );
+    let mut retry = upgrade(&users[2]);
     wait_until(
         "every leader resumed at the retried upgrade",
         Duration::from_secs(30),

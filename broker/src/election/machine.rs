@@ -1287,6 +1287,21 @@ mod tests {
         })
     }
 
+    /// A machine whose only candidate, party 1 (`a`), created the lock at the returned instant
+    /// (version 1, term 0).
+    fn elected_alone() -> (C, Instant) {
+        let mut c = C::new(timing());
+        c.join(1, Candidacy::new("a"), None).unwrap();
+        let _ = c.poll(Instant::now(), wall());
+        c.read_done(Instant::now(), Ok(LockState::Missing));
+        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
+            panic!()
+        };
+        let t0 = Instant::now();
+        c.write_done(t0, t0, Ok(written(&w, 1)));
+        (c, t0)
+    }
+
     fn written(w: &Write<()>, version: u64) -> Observed<()> {
         Observed {
             record: Some(w.record.clone()),
@@ -1380,15 +1395,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_record_naming_a_leader_that_left_in_jeopardy_is_not_a_leftover() {
         for abandon in [false, true] {
-            let mut c = C::new(timing());
-            c.join(1, Candidacy::new("a"), None).unwrap();
-            let _ = c.poll(Instant::now(), wall());
-            c.read_done(Instant::now(), Ok(LockState::Missing));
-            let Action::Write(w) = c.poll(Instant::now(), wall()) else {
-                panic!()
-            };
-            let t0 = Instant::now();
-            c.write_done(t0, t0, Ok(written(&w, 1)));
+            let (mut c, _) = elected_alone();
             tokio::time::advance(Duration::from_secs(2)).await;
             let Action::Write(renew) = c.poll(Instant::now(), wall()) else {
                 panic!()
@@ -1432,15 +1439,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_leader_handed_off_is_told_jeopardy_and_nothing_more_is_written_for_it() {
-        let mut c = C::new(timing());
-        c.join(1, Candidacy::new("a"), None).unwrap();
-        let _ = c.poll(Instant::now(), wall());
-        c.read_done(Instant::now(), Ok(LockState::Missing));
-        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
-            panic!()
-        };
-        let t0 = Instant::now();
-        c.write_done(t0, t0, Ok(written(&w, 1)));
+        let (mut c, t0) = elected_alone();
         c.take_notifications();
         tokio::time::advance(Duration::from_secs(2)).await;
         // A renewal is in flight when the party moves to the successor broker.
@@ -1709,15 +1708,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn leader_is_told_lost_at_the_renew_deadline_even_with_a_write_in_flight() {
-        let mut c = C::new(timing());
-        c.join(1, Candidacy::new("a"), None).unwrap();
-        let _ = c.poll(Instant::now(), wall());
-        c.read_done(Instant::now(), Ok(LockState::Missing));
-        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
-            panic!()
-        };
-        let t0 = Instant::now();
-        c.write_done(t0, t0, Ok(written(&w, 1)));
+        let (mut c, t0) = elected_alone();
         c.take_notifications();
         tokio::time::advance(Duration::from_secs(2)).await;
         let Action::Write(_) = c.poll(Instant::now(), wall()) else {
@@ -1748,15 +1739,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_renewal_that_lands_after_lost_does_not_resurrect_the_same_term() {
-        let mut c = C::new(timing());
-        c.join(1, Candidacy::new("a"), None).unwrap();
-        let _ = c.poll(Instant::now(), wall());
-        c.read_done(Instant::now(), Ok(LockState::Missing));
-        let Action::Write(w) = c.poll(Instant::now(), wall()) else {
-            panic!()
-        };
-        let t0 = Instant::now();
-        c.write_done(t0, t0, Ok(written(&w, 1)));
+        let (mut c, t0) = elected_alone();
         tokio::time::advance(Duration::from_secs(9)).await;
         let Action::Write(renew) = c.poll(Instant::now(), wall()) else {
             panic!()
