@@ -4,9 +4,16 @@
 //! left running in its group when it exited is killed then too (nothing of a leader may outlive
 //! its leadership). A program that leaves its process group (`setsid`) escapes this.
 //!
-//! Failure mode: if `elector` itself is killed with SIGKILL, CMD is not told. In a container,
-//! where `elector` is the entrypoint (PID 1), the kernel then kills every other process of the
-//! container; elsewhere CMD would be orphaned.
+//! Even an `elector` killed with SIGKILL (an OOM kill) takes CMD's group with it: CMD must not
+//! go on leading once nobody holds the leadership for it (the broker releases the lock when
+//! `elector`'s connection closes, and another instance starts its CMD within milliseconds).
+//! Beside each CMD runs a [`Guard`]: a second `elector` process (`elector guard`, hidden) that
+//! waits on a pipe whose writing end only this process holds. The kernel closes that end when
+//! this process dies, however it dies; the guard then kills CMD's group. When CMD ends the
+//! normal way, the guard is told so first and exits without killing anything. The guard
+//! ignores SIGINT, SIGTERM, SIGHUP and SIGQUIT (a terminal's Ctrl-C reaches the whole
+//! foreground group), so only SIGKILL stops it early; then CMD loses this protection, never its
+//! normal stop.
 
 use std::ffi::OsString;
 use std::process::ExitStatus;
@@ -20,6 +27,84 @@ use nix::unistd::Pid;
 pub struct Child {
     process: tokio::process::Child,
     group: Pid,
+    /// `None` if the guard could not be started (CMD then runs unguarded, as stderr said).
+    guard: Option<Guard>,
+}
+
+/// The process that kills CMD's group should this process die first (see the module docs).
+#[derive(Debug)]
+struct Guard {
+    process: tokio::process::Child,
+    /// The pipe's writing end: one byte ([`STAND_DOWN`]) tells the guard CMD ended normally;
+    /// its closing without that byte means this process is gone.
+    pipe: std::fs::File,
+}
+
+/// What the guard is told when CMD's group was stopped the normal way.
+const STAND_DOWN: u8 = b'D';
+
+impl Guard {
+    /// Starts `elector guard GROUP` (this very binary) reading the pipe.
+    fn start(group: Pid) -> std::io::Result<Guard> {
+        // Close-on-exec: neither the guard's own copy (it gets the reading end as stdin only)
+        // nor any later CMD may hold the writing end, or the pipe would never close.
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let process = tokio::process::Command::new(std::env::current_exe()?)
+            .arg(GUARD_COMMAND)
+            .arg(group.as_raw().to_string())
+            .stdin(std::process::Stdio::from(read))
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(false)
+            .spawn()?;
+        Ok(Guard {
+            process,
+            pipe: std::fs::File::from(write),
+        })
+    }
+
+    /// CMD's group is gone the normal way: the guard exits without killing anything. (Reaped
+    /// by tokio once dropped.)
+    fn stand_down(mut self) {
+        use std::io::Write;
+        let _ = self.pipe.write_all(&[STAND_DOWN]);
+        drop(self.pipe);
+        let _ = self.process.try_wait();
+    }
+}
+
+/// The hidden subcommand that runs a [`Guard`].
+pub const GUARD_COMMAND: &str = "guard";
+
+/// `elector guard GROUP`: waits until the pipe on stdin says [`STAND_DOWN`] or closes; on a
+/// close without it (the `elector` that started this one died), SIGKILLs process group
+/// `GROUP`. Returns the exit code (0).
+pub fn guard(group: i32) -> u8 {
+    use std::io::Read;
+    let mut ignored = nix::sys::signal::SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
+        ignored.add(s);
+    }
+    // Blocked, not handled: a blocked signal stays pending and never ends this process.
+    let _ = ignored.thread_block();
+    let mut word = [0u8; 1];
+    let told = loop {
+        match std::io::stdin().read(&mut word) {
+            Ok(0) => break None,
+            Ok(_) => break Some(word[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break None,
+        }
+    };
+    if told != Some(STAND_DOWN) && group > 1 {
+        match killpg(Pid::from_raw(group), Signal::SIGKILL) {
+            Ok(()) => eprintln!(
+                "elector guard: the elector process that ran CMD died: killed CMD's process group {group}"
+            ),
+            Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => eprintln!("elector guard: cannot kill CMD's process group {group}: {e}"),
+        }
+    }
+    crate::exit::OK
 }
 
 /// Why CMD could not be started.
@@ -63,7 +148,20 @@ impl Child {
             source: std::io::Error::other("exited before its pid could be read"),
         })?;
         let group = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
-        Ok(Child { process, group })
+        let guard = match Guard::start(group) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                eprintln!(
+                    "elector: cannot start the guard that stops CMD should elector be killed ({e}): CMD runs unguarded"
+                );
+                None
+            }
+        };
+        Ok(Child {
+            process,
+            group,
+            guard,
+        })
     }
 
     /// Sends `signal` to CMD's process group (nothing if it is gone).
@@ -100,10 +198,14 @@ impl Child {
 }
 
 impl Drop for Child {
-    /// Never leave CMD running behind an `elector` that stops (an error, a panic).
+    /// Never leave CMD running behind an `elector` that stops (an error, a panic); then the
+    /// guard stands down.
     fn drop(&mut self) {
         if matches!(self.process.try_wait(), Ok(None)) {
             self.signal(Signal::SIGKILL);
+        }
+        if let Some(guard) = self.guard.take() {
+            guard.stand_down();
         }
     }
 }

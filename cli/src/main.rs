@@ -57,7 +57,8 @@ enum Command {
 lost (the broker says `lost`, or the connection to it breaks), CMD's process group gets SIGTERM, \
 then SIGKILL after --grace. SIGTERM and SIGINT are forwarded to CMD. When CMD exits by itself, \
 elector resigns at once (another instance takes over within milliseconds) and campaigns again, \
-unless --once. CMD gets ELECTOR_TERM (the lock's term: a fencing token that only grows), \
+unless --once. If elector itself is killed (even with SIGKILL), a guard process started beside \
+CMD kills CMD's process group at once. CMD gets ELECTOR_TERM (the lock's term: a fencing token that only grows), \
 ELECTOR_ELECTION, ELECTOR_NAMESPACE and ELECTOR_IDENTITY in its environment.\n\n\
 Choose --grace shorter than the broker's lease duration minus its renew deadline (15 s - 10 s \
 by default) so that CMD is stopped before another node can take over.",
@@ -100,6 +101,11 @@ socket's `status` op only describes one connection's own campaigns. In a cluster
   elector status --http-addr 10.0.3.7:4041 --json | jq '.[] | select(.leader == null)'"
     )]
     Status(StatusArgs),
+
+    /// Internal: kills process group GROUP when stdin closes without a word (`elector run`
+    /// starts one beside each CMD; see cli/src/child.rs).
+    #[command(name = child::GUARD_COMMAND, hide = true)]
+    Guard { group: i32 },
 }
 
 /// Which election.
@@ -268,6 +274,8 @@ fn main() -> ExitCode {
             Command::Leader(args) => watch::leader(&socket, args).await,
             Command::Campaign(args) => watch::campaign(&socket, args).await,
             Command::Status(args) => status::status(args).await,
+            // It only blocks in `read`: nothing else runs on this thread meanwhile.
+            Command::Guard { group } => Ok(child::guard(group)),
         }
     });
     match result {

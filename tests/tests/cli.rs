@@ -319,6 +319,72 @@ fn sigterm_stops_cmd_before_the_other_instance_starts() {
     drop(b);
 }
 
+/// Whether process `pid` still runs (a zombie waiting for its reaper counts as gone).
+fn runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// `elector run` killed with SIGKILL (an OOM kill): its guard kills CMD's whole process group
+/// (the shell and the child it started) within moments, instead of leaving them to lead on,
+/// orphaned, while the broker, which saw the connection close, elects the other instance.
+#[test]
+fn an_elector_killed_with_sigkill_takes_its_cmd_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Electord::start(dir.path());
+    let j = dir.path().join("journal");
+    let grandchild = dir.path().join("grandchild");
+    let body = format!(
+        "sleep 600 & echo $! > {}\nwhile :; do sleep 0.05; done",
+        grandchild.display()
+    );
+    let mut a = Proc::spawn(
+        run_cmd(&broker.socket, "pod-a", &[], &journaling_cmd(&j, "pod-a", &body)),
+        dir.path(),
+        "a",
+    );
+    wait_for("pod-a's CMD", Duration::from_secs(30), || {
+        !journal(&j).is_empty() && std::fs::read_to_string(&grandchild).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let shell = journal(&j)[0].pid;
+    let sleeper: u32 = std::fs::read_to_string(&grandchild)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(runs(shell) && runs(sleeper));
+    let b = Proc::spawn(
+        run_cmd(
+            &broker.socket,
+            "pod-b",
+            &[],
+            &journaling_cmd(&j, "pod-b", "while :; do sleep 0.05; done"),
+        ),
+        dir.path(),
+        "b",
+    );
+    wait_for("pod-b campaigns", Duration::from_secs(30), || {
+        b.stderr().contains("campaigning")
+    });
+    a.signal(Signal::SIGKILL);
+    let _ = a.child.wait();
+    wait_for(
+        "pod-a's CMD and its child to be killed",
+        Duration::from_secs(10),
+        || !runs(shell) && !runs(sleeper),
+    );
+    wait_for("pod-b's CMD", Duration::from_secs(30), || {
+        journal(&j).iter().any(|m| m.who == "pod-b")
+    });
+    assert!(!a.stderr().contains("unguarded"), "{}", a.stderr());
+    drop(b);
+}
+
 /// A CMD that ignores SIGTERM is SIGKILLed after --grace (and not before); the other instance
 /// starts only after it is gone.
 #[test]
