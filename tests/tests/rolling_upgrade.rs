@@ -180,18 +180,22 @@ async fn contest(socket: &Path, other_socket: &Path, prefix: &str, n: usize, jou
     }
 }
 
-/// `connected_clients` of a broker, from its `/metrics`; 0 once a superseded test broker has
-/// retired (its HTTP server stops only after every connection task has ended).
+/// `connected_clients` of a broker, from its `/metrics`.
 async fn connected_clients(b: &TestBroker) -> u64 {
-    let Ok((status, body)) = elector_tests::http_get(b.http_addr.expect("http"), "/metrics").await else {
-        return 0;
-    };
+    metric(b, "elector_connected_clients").await as u64
+}
+
+/// A metric of a broker (one without labels), from its `/metrics`.
+async fn metric(b: &TestBroker, name: &str) -> f64 {
+    let (status, body) = elector_tests::http_get(b.http_addr.expect("http"), "/metrics")
+        .await
+        .expect("/metrics");
     assert_eq!(status, 200);
     body.lines()
-        .find(|l| l.starts_with("elector_connected_clients "))
+        .find(|l| l.split_whitespace().next() == Some(name))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no connected_clients gauge in {body}")) as u64
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
 }
 
 async fn lease(server: &TestApiServer, name: &str) -> Lease {
@@ -768,6 +772,10 @@ struct SuccessorCrash {
     violations: Vec<String>,
     /// Whether each of the node's leaders (`app-0`..) still leads at the end.
     leading: Vec<bool>,
+    /// The old broker's `elector_socket_superseded` and `elector_socket_reclaims_total` at
+    /// the end.
+    old_superseded: f64,
+    old_reclaims: f64,
 }
 
 /// Three leaders on node A, each on its own connection to the old broker (one connection per
@@ -821,12 +829,16 @@ async fn successor_killed_in_the_middle_of_the_move(restart: bool, watch_for: Du
         }
     }
     let leading = leaders.iter().map(|l| l.is_leader()).collect();
+    let old_superseded = metric(&old, "elector_socket_superseded").await;
+    let old_reclaims = metric(&old, "elector_socket_reclaims_total").await;
     drop((leaders, standbys, clients, b, old, other));
     SuccessorCrash {
         journal,
         killed_at,
         violations,
         leading,
+        old_superseded,
+        old_reclaims,
     }
 }
 
@@ -906,6 +918,8 @@ async fn a_successor_killed_in_the_middle_of_the_move_costs_no_leadership() {
         .map(|(at, who, e)| format!("{who} {e:?} {:?} after the kill", *at - crash.killed_at))
         .collect();
     assert!(lost.is_empty(), "leadership changes: {lost:#?}");
+    // The old broker serves the path again, and says so.
+    assert_eq!((crash.old_superseded, crash.old_reclaims), (0.0, 1.0));
 }
 
 /// The successor dies (`kill -9`) in the middle of the move and its pod restarts it at once
