@@ -10,12 +10,19 @@
 //! Beside each CMD runs a [`Guard`]: a second `elector` process (`elector guard`, hidden) that
 //! waits on a pipe whose writing end only this process holds. The kernel closes that end when
 //! this process dies, however it dies; the guard then kills CMD's group. When CMD ends the
-//! normal way, the guard is told so first and exits without killing anything. The guard
-//! ignores SIGINT, SIGTERM, SIGHUP and SIGQUIT (a terminal's Ctrl-C reaches the whole
-//! foreground group), so only SIGKILL stops it early; then CMD loses this protection, never its
-//! normal stop.
+//! normal way, the guard is told so first and exits without killing anything. The guard runs
+//! in a process group of its own, so a SIGKILL to this process's whole group (a shell's
+//! `kill -9 %1`, `timeout -s KILL`) does not take it too, and a terminal's Ctrl-C does not reach
+//! it; it is started from `/proc/self/exe`, the running image, so a binary deleted or replaced
+//! meanwhile (a package upgrade) does not leave CMD unguarded. It ignores SIGINT, SIGTERM,
+//! SIGHUP and SIGQUIT (a `pkill elector`), so only SIGKILL stops it early; then CMD loses this
+//! protection, never its normal stop.
+//!
+//! Not covered: a SIGKILL in the instant between CMD's start and its guard's (CMD is then
+//! orphaned); a CMD that leaves its process group.
 
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
@@ -49,11 +56,16 @@ impl Guard {
         // Close-on-exec: neither the guard's own copy (it gets the reading end as stdin only)
         // nor any later CMD may hold the writing end, or the pipe would never close.
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let process = tokio::process::Command::new(std::env::current_exe()?)
+        let process = tokio::process::Command::new(own_executable()?)
+            .arg0(std::env::args_os().next().unwrap_or_else(|| "elector".into()))
             .arg(GUARD_COMMAND)
             .arg(group.as_raw().to_string())
             .stdin(std::process::Stdio::from(read))
             .stdout(std::process::Stdio::null())
+            // A process group of its own: whoever SIGKILLs this process's group (a shell's
+            // `kill -9 %1`, `timeout -s KILL`, a supervisor's group kill) kills this process,
+            // not its guard.
+            .process_group(0)
             .kill_on_drop(false)
             .spawn()?;
         Ok(Guard {
@@ -69,6 +81,19 @@ impl Guard {
         let _ = self.pipe.write_all(&[STAND_DOWN]);
         drop(self.pipe);
         let _ = self.process.try_wait();
+    }
+}
+
+/// This process's executable as the kernel keeps it: `/proc/self/exe` opens the running image
+/// even once its path was deleted or replaced (a package upgrade renames a new version over
+/// it), where the path [`std::env::current_exe`] gives would name nothing (or another version).
+/// Without procfs, that path.
+fn own_executable() -> std::io::Result<PathBuf> {
+    const PROC_SELF_EXE: &str = "/proc/self/exe";
+    if Path::new(PROC_SELF_EXE).exists() {
+        Ok(PathBuf::from(PROC_SELF_EXE))
+    } else {
+        std::env::current_exe()
     }
 }
 

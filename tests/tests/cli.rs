@@ -828,3 +828,185 @@ async fn an_unreadable_lock_is_unknown_not_nobody() {
     );
     seen("pod-a leads").await.unwrap();
 }
+
+/// The live `elector guard` processes watching process group `group` (a zombie counts as gone).
+fn guards_of(group: u32) -> Vec<u32> {
+    let want = ["guard".to_string(), group.to_string()];
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.len() >= 3 && args[1..3] == want && runs(pid)
+        })
+        .collect()
+}
+
+/// SIGKILLs process group `group` when dropped: a CMD that a failing test left running dies.
+struct KillGroupOnDrop(u32);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+    }
+}
+
+/// `elector run` as the leader of its own process group: what a shell's job (`kill -9 %1`),
+/// `timeout -s KILL` or a supervisor's group kill SIGKILLs at once. The guard must not die with
+/// it (it runs in a process group of its own): it still kills CMD's group.
+#[test]
+fn sigkill_to_electors_whole_process_group_still_takes_its_cmd_with_it() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Electord::start(dir.path());
+    let j = dir.path().join("journal");
+    let mut c = run_cmd(
+        &broker.socket,
+        "pod-a",
+        &[],
+        &journaling_cmd(&j, "pod-a", "while :; do sleep 0.05; done"),
+    );
+    c.process_group(0);
+    let mut a = Proc::spawn(c, dir.path(), "a");
+    wait_for("pod-a's CMD", Duration::from_secs(30), || !journal(&j).is_empty());
+    let shell = journal(&j)[0].pid;
+    let _cleanup = KillGroupOnDrop(shell);
+    wait_for("pod-a's guard", Duration::from_secs(30), || {
+        guards_of(shell).len() == 1
+    });
+    nix::sys::signal::killpg(a.pid(), Signal::SIGKILL).unwrap();
+    let _ = a.child.wait();
+    wait_for(
+        "pod-a's CMD to be killed by its guard",
+        Duration::from_secs(10),
+        || !runs(shell),
+    );
+    assert!(
+        a.stderr().contains("killed CMD's process group"),
+        "{}",
+        a.stderr()
+    );
+}
+
+/// The `elector` binary deleted (or replaced, as a package upgrade does) while `elector run`
+/// waits to lead: the guard is still started, from the running image, so CMD is not left
+/// unguarded.
+#[test]
+fn an_elector_whose_binary_was_deleted_still_guards_its_cmd() {
+    let dir = tempfile::tempdir().unwrap();
+    // Copied before any other process is started (a concurrent fork holding the copy's write
+    // descriptor would make its exec fail with ETXTBSY).
+    let copy = dir.path().join("elector");
+    std::fs::copy(&bins().0, &copy).unwrap();
+    let broker = Electord::start(dir.path());
+    let j = dir.path().join("journal");
+    let holder = Proc::spawn(
+        with_socket(&broker.socket, &["campaign", "job", "--identity", "holder"]),
+        dir.path(),
+        "holder",
+    );
+    wait_for("the holder elected", Duration::from_secs(30), || {
+        holder.stdout().contains("elected: holder leads")
+    });
+    let mut c = Command::new(&copy);
+    c.env_remove("ELECTOR_SOCKET")
+        .env_remove("ELECTOR_HTTP_ADDR")
+        .env_remove("POD_NAME")
+        .arg("--socket")
+        .arg(&broker.socket)
+        .args(["run", "--election", "job", "--identity", "pod-a", "--"])
+        .args(journaling_cmd(&j, "pod-a", "while :; do sleep 0.05; done"));
+    let mut a = Proc::spawn(c, dir.path(), "a");
+    wait_for("pod-a waits to lead", Duration::from_secs(30), || {
+        a.stderr().contains("holder leads")
+    });
+    std::fs::remove_file(&copy).unwrap();
+    holder.signal(Signal::SIGTERM);
+    wait_for("pod-a's CMD", Duration::from_secs(30), || !journal(&j).is_empty());
+    let shell = journal(&j)[0].pid;
+    let _cleanup = KillGroupOnDrop(shell);
+    wait_for("pod-a's guard", Duration::from_secs(30), || {
+        guards_of(shell).len() == 1 || a.stderr().contains("unguarded")
+    });
+    assert!(!a.stderr().contains("unguarded"), "{}", a.stderr());
+    a.signal(Signal::SIGKILL);
+    let _ = a.child.wait();
+    wait_for(
+        "pod-a's CMD to be killed by its guard",
+        Duration::from_secs(10),
+        || !runs(shell),
+    );
+}
+
+/// Ctrl-C in a terminal: SIGINT to the foreground process group (`elector` and whatever shares
+/// its group). CMD still stops the normal way (the SIGINT forwarded, its trap runs, its exit
+/// code passed on), and its guard stands down: it exits without killing anything.
+#[test]
+fn ctrl_c_stops_cmd_the_normal_way_and_its_guard_stands_down() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Electord::start(dir.path());
+    let j = dir.path().join("journal");
+    let body = "trap 'mark stop; exit 5' INT\nwhile :; do sleep 0.05; done";
+    let mut c = run_cmd(&broker.socket, "pod-a", &[], &journaling_cmd(&j, "pod-a", body));
+    c.process_group(0);
+    let mut a = Proc::spawn(c, dir.path(), "a");
+    wait_for("pod-a's CMD", Duration::from_secs(30), || !journal(&j).is_empty());
+    let shell = journal(&j)[0].pid;
+    wait_for("pod-a's guard", Duration::from_secs(30), || {
+        guards_of(shell).len() == 1
+    });
+    nix::sys::signal::killpg(a.pid(), Signal::SIGINT).unwrap();
+    assert_eq!(a.exit_code(Duration::from_secs(30)), 5, "{}", a.stderr());
+    let marks = journal(&j);
+    assert_eq!(marks.len(), 2, "{marks:#?}");
+    assert_eq!(marks[1].what, "stop");
+    wait_for("the guard to exit", Duration::from_secs(10), || {
+        guards_of(shell).is_empty()
+    });
+    assert!(!a.stderr().contains("elector guard"), "{}", a.stderr());
+}
+
+/// `--restart-on-lead` with a CMD that exits at once, hundreds of times: every run's guard is
+/// told to stand down and reaped; neither processes nor descriptors pile up in `elector`.
+#[test]
+fn hundreds_of_restarts_leak_no_guard_and_no_descriptor() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Electord::start(dir.path());
+    let a = Proc::spawn(
+        run_cmd(&broker.socket, "pod-a", &["--restart-on-lead"], &["true".into()]),
+        dir.path(),
+        "a",
+    );
+    let restarts = || a.stderr().matches("starting it again").count();
+    wait_for("300 restarts", Duration::from_secs(120), || restarts() >= 300);
+    let pid = a.pid().as_raw();
+    let children = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<i32>()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .count();
+    let descriptors = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    assert!(children < 30, "{children} children after {} restarts", restarts());
+    assert!(
+        descriptors < 40,
+        "{descriptors} descriptors after {} restarts",
+        restarts()
+    );
+}
