@@ -14,9 +14,9 @@
 //! in a process group of its own, so a SIGKILL to this process's whole group (a shell's
 //! `kill -9 %1`, `timeout -s KILL`) does not take it too, and a terminal's Ctrl-C does not reach
 //! it; it is started from `/proc/self/exe`, the running image, so a binary deleted or replaced
-//! meanwhile (a package upgrade) does not leave CMD unguarded. It ignores SIGINT, SIGTERM,
-//! SIGHUP and SIGQUIT (a `pkill elector`), so only SIGKILL stops it early; then CMD loses this
-//! protection, never its normal stop.
+//! meanwhile (a package upgrade) does not leave CMD unguarded. It blocks every signal (a
+//! `pkill -USR1 elector` that ends this process must not end its guard too), so only SIGKILL
+//! (or SIGSTOP) stops it early; then CMD loses this protection, never its normal stop.
 //!
 //! Not covered: a SIGKILL in the instant between CMD's start and its guard's (CMD is then
 //! orphaned); a CMD that leaves its process group.
@@ -105,12 +105,13 @@ pub const GUARD_COMMAND: &str = "guard";
 /// `GROUP`. Returns the exit code (0).
 pub fn guard(group: i32) -> u8 {
     use std::io::Read;
-    let mut ignored = nix::sys::signal::SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
-        ignored.add(s);
-    }
-    // Blocked, not handled: a blocked signal stays pending and never ends this process.
-    let _ = ignored.thread_block();
+    // Every signal blocked (SIGKILL and SIGSTOP cannot be): whatever ends `elector` by its
+    // default action (`pkill -USR1 elector` reaches both) must not end its guard too. Blocked,
+    // not handled: a blocked signal stays pending and never ends this process.
+    let _ = nix::sys::signal::SigSet::all().thread_block();
+    // Started as `/proc/self/exe`, it would be named `exe` in `ps`, `top` and `pkill`.
+    #[cfg(target_os = "linux")]
+    let _ = nix::sys::prctl::set_name(c"elector");
     let mut word = [0u8; 1];
     let told = loop {
         match std::io::stdin().read(&mut word) {

@@ -1010,3 +1010,45 @@ fn hundreds_of_restarts_leak_no_guard_and_no_descriptor() {
         restarts()
     );
 }
+
+/// A signal that ends `elector` by its default action (SIGUSR1, SIGALRM, ...), sent to every
+/// `elector` process as `pkill -USR1 elector` does: the guard, which must outlive `elector`,
+/// does not die of it too, and kills CMD's group.
+#[test]
+fn a_signal_that_kills_elector_and_its_guard_alike_still_takes_its_cmd_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Electord::start(dir.path());
+    let j = dir.path().join("journal");
+    let mut a = Proc::spawn(
+        run_cmd(
+            &broker.socket,
+            "pod-a",
+            &[],
+            &journaling_cmd(&j, "pod-a", "while :; do sleep 0.05; done"),
+        ),
+        dir.path(),
+        "a",
+    );
+    wait_for("pod-a's CMD", Duration::from_secs(30), || !journal(&j).is_empty());
+    let shell = journal(&j)[0].pid;
+    let _cleanup = KillGroupOnDrop(shell);
+    wait_for("pod-a's guard", Duration::from_secs(30), || {
+        guards_of(shell).len() == 1
+    });
+    let guard = guards_of(shell)[0];
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{guard}/comm")).unwrap(),
+        "elector\n",
+        "the name `pkill elector` matches"
+    );
+    for s in [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGALRM] {
+        let _ = kill(Pid::from_raw(guard as i32), s);
+    }
+    a.signal(Signal::SIGUSR1);
+    let _ = a.child.wait();
+    wait_for(
+        "pod-a's CMD to be killed by its guard",
+        Duration::from_secs(10),
+        || !runs(shell),
+    );
+}
