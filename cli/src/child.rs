@@ -105,13 +105,13 @@ pub const GUARD_COMMAND: &str = "guard";
 /// `GROUP`. Returns the exit code (0).
 pub fn guard(group: i32) -> u8 {
     use std::io::Read;
+    // Started as `/proc/self/exe`, it would be named `exe` in `ps`, `top` and `pkill`.
+    #[cfg(target_os = "linux")]
+    let _ = nix::sys::prctl::set_name(c"elector");
     // Every signal blocked (SIGKILL and SIGSTOP cannot be): whatever ends `elector` by its
     // default action (`pkill -USR1 elector` reaches both) must not end its guard too. Blocked,
     // not handled: a blocked signal stays pending and never ends this process.
     let _ = nix::sys::signal::SigSet::all().thread_block();
-    // Started as `/proc/self/exe`, it would be named `exe` in `ps`, `top` and `pkill`.
-    #[cfg(target_os = "linux")]
-    let _ = nix::sys::prctl::set_name(c"elector");
     let mut word = [0u8; 1];
     let told = loop {
         match std::io::stdin().read(&mut word) {

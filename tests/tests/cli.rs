@@ -846,6 +846,15 @@ fn guards_of(group: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The signal mask of process `pid` (`SigBlk` in its status), 0 once it is gone.
+fn blocked_signals(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| u64::from_str_radix(l.strip_prefix("SigBlk:")?.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
 /// SIGKILLs process group `group` when dropped: a CMD that a failing test left running dies.
 struct KillGroupOnDrop(u32);
 
@@ -885,11 +894,9 @@ fn sigkill_to_electors_whole_process_group_still_takes_its_cmd_with_it() {
         Duration::from_secs(10),
         || !runs(shell),
     );
-    assert!(
-        a.stderr().contains("killed CMD's process group"),
-        "{}",
-        a.stderr()
-    );
+    wait_for("the guard's word", Duration::from_secs(10), || {
+        a.stderr().contains("killed CMD's process group")
+    });
 }
 
 /// The `elector` binary deleted (or replaced, as a package upgrade does) while `elector run`
@@ -951,11 +958,17 @@ fn ctrl_c_stops_cmd_the_normal_way_and_its_guard_stands_down() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Electord::start(dir.path());
     let j = dir.path().join("journal");
-    let body = "trap 'mark stop; exit 5' INT\nwhile :; do sleep 0.05; done";
-    let mut c = run_cmd(&broker.socket, "pod-a", &[], &journaling_cmd(&j, "pod-a", body));
+    let ready = dir.path().join("ready");
+    let body = format!(
+        "trap 'mark stop; exit 5' INT\ntouch {}\nwhile :; do sleep 0.05; done",
+        ready.display()
+    );
+    let mut c = run_cmd(&broker.socket, "pod-a", &[], &journaling_cmd(&j, "pod-a", &body));
     c.process_group(0);
     let mut a = Proc::spawn(c, dir.path(), "a");
-    wait_for("pod-a's CMD", Duration::from_secs(30), || !journal(&j).is_empty());
+    wait_for("pod-a's CMD, its trap set", Duration::from_secs(30), || {
+        ready.exists()
+    });
     let shell = journal(&j)[0].pid;
     wait_for("pod-a's guard", Duration::from_secs(30), || {
         guards_of(shell).len() == 1
@@ -1036,6 +1049,9 @@ fn a_signal_that_kills_elector_and_its_guard_alike_still_takes_its_cmd_with_it()
         guards_of(shell).len() == 1
     });
     let guard = guards_of(shell)[0];
+    wait_for("the guard to block signals", Duration::from_secs(30), || {
+        blocked_signals(guard) != 0
+    });
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{guard}/comm")).unwrap(),
         "elector\n",
