@@ -258,6 +258,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Guard { group } = cli.command {
+        // No runtime: the guard only blocks in `read`, and with no other thread a signal it
+        // blocks can never be delivered elsewhere; nor does it hold any socket.
+        return ExitCode::from(child::guard(group));
+    }
     // One thread: `run` starts CMD from it, and nothing here needs more.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
@@ -274,7 +279,7 @@ fn main() -> ExitCode {
             Command::Leader(args) => watch::leader(&socket, args).await,
             Command::Campaign(args) => watch::campaign(&socket, args).await,
             Command::Status(args) => status::status(args).await,
-            // It only blocks in `read`: nothing else runs on this thread meanwhile.
+            // Handled above, without a runtime.
             Command::Guard { group } => Ok(child::guard(group)),
         }
     });

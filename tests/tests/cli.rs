@@ -1068,3 +1068,65 @@ fn a_signal_that_kills_elector_and_its_guard_alike_still_takes_its_cmd_with_it()
         || !runs(shell),
     );
 }
+
+/// What each of `pid`'s descriptors links to (`pipe:[N]`, `socket:[N]`, a path).
+fn descriptors(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| Some(std::fs::read_link(e.ok()?.path()).ok()?.display().to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Nothing that would defeat the guard leaks: its pipe's writing end is held by `elector`
+/// alone (not by CMD, nor by the guard itself, or the pipe would never close), and neither CMD
+/// nor the guard holds a socket (a copy of the broker connection would keep it open, and the
+/// leadership held, after `elector` died).
+#[test]
+fn only_elector_holds_the_guard_pipe_and_the_broker_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Electord::start(dir.path());
+    let j = dir.path().join("journal");
+    let a = Proc::spawn(
+        run_cmd(
+            &broker.socket,
+            "pod-a",
+            &[],
+            &journaling_cmd(&j, "pod-a", "while :; do sleep 0.05; done"),
+        ),
+        dir.path(),
+        "a",
+    );
+    wait_for("pod-a's CMD", Duration::from_secs(30), || !journal(&j).is_empty());
+    let shell = journal(&j)[0].pid;
+    let _cleanup = KillGroupOnDrop(shell);
+    wait_for("pod-a's guard", Duration::from_secs(30), || {
+        guards_of(shell).len() == 1
+    });
+    let guard = guards_of(shell)[0];
+    let pipe = std::fs::read_link(format!("/proc/{guard}/fd/0"))
+        .unwrap()
+        .display()
+        .to_string();
+    assert!(pipe.starts_with("pipe:"), "the guard's stdin: {pipe}");
+    let elector = a.pid().as_raw() as u32;
+    let holding = |pid: u32| descriptors(pid).iter().filter(|d| **d == pipe).count();
+    assert_eq!(holding(elector), 1, "elector: {:?}", descriptors(elector));
+    assert_eq!(holding(guard), 1, "the guard: {:?}", descriptors(guard));
+    assert_eq!(holding(shell), 0, "CMD: {:?}", descriptors(shell));
+    // Sockets this test process holds (and may have passed down) are not elector's.
+    let ours = descriptors(std::process::id());
+    for (who, pid) in [("the guard", guard), ("CMD", shell)] {
+        let fds = descriptors(pid);
+        assert!(
+            !fds.iter().any(|d| d.starts_with("socket:") && !ours.contains(d)),
+            "{who}: {fds:?}"
+        );
+    }
+    assert!(
+        descriptors(elector).iter().any(|d| d.starts_with("socket:")),
+        "elector's own connection is seen: {:?}",
+        descriptors(elector)
+    );
+}
