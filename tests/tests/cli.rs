@@ -1130,3 +1130,39 @@ fn only_elector_holds_the_guard_pipe_and_the_broker_connection() {
         descriptors(elector)
     );
 }
+
+/// SIGHUP to `elector run` (the terminal it runs in hangs up, an ssh session drops, a
+/// supervisor's `hup`): CMD should stop the normal way, its trap run within --grace, as on
+/// SIGTERM, and elector exit with a code rather than die of the signal.
+///
+/// Known gap: `cli/src/signals.rs` installs handlers for SIGTERM and SIGINT only, so elector
+/// dies of SIGHUP's default action; its guard then sees the pipe close and SIGKILLs CMD's group
+/// at once: CMD gets neither a signal it can handle nor its grace period. (Before the guard, CMD
+/// was left running, orphaned.) Fix: handle SIGHUP in `Signals` as SIGTERM is (forwarded).
+#[test]
+#[ignore = "known gap: elector run dies of SIGHUP (not handled) and its guard SIGKILLs CMD without grace"]
+fn sighup_stops_cmd_the_normal_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Electord::start(dir.path());
+    let j = dir.path().join("journal");
+    let ready = dir.path().join("ready");
+    let body = format!(
+        "trap 'mark stop; exit 0' HUP\ntouch {}\nwhile :; do sleep 0.05; done",
+        ready.display()
+    );
+    let mut a = Proc::spawn(
+        run_cmd(&broker.socket, "pod-a", &[], &journaling_cmd(&j, "pod-a", &body)),
+        dir.path(),
+        "a",
+    );
+    wait_for("pod-a's CMD, its traps set", Duration::from_secs(30), || {
+        ready.exists()
+    });
+    let shell = journal(&j)[0].pid;
+    let _cleanup = KillGroupOnDrop(shell);
+    a.signal(Signal::SIGHUP);
+    let code = a.child.wait().unwrap().code();
+    assert!(code.is_some(), "elector died of SIGHUP; stderr: {}", a.stderr());
+    let marks = journal(&j);
+    assert_eq!(marks.last().unwrap().what, "stop", "CMD's trap ran: {marks:#?}");
+}
