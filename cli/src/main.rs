@@ -55,7 +55,7 @@ enum Command {
     #[command(
         long_about = "Campaigns in the election and starts CMD once elected. When leadership is \
 lost (the broker says `lost`, or the connection to it breaks), CMD's process group gets SIGTERM, \
-then SIGKILL after --grace. SIGTERM and SIGINT are forwarded to CMD. When CMD exits by itself, \
+then SIGKILL after --grace. SIGTERM, SIGINT and SIGHUP are forwarded to CMD (which is then stopped, with --grace). When CMD exits by itself, \
 elector resigns at once (another instance takes over within milliseconds) and campaigns again, \
 unless --once. If elector itself is killed (even with SIGKILL), a guard process started beside \
 CMD kills CMD's process group at once. CMD gets ELECTOR_TERM (the lock's term: a fencing token that only grows), \

@@ -1,10 +1,12 @@
-//! SIGTERM and SIGINT as a stream, so that each command decides what stopping means.
+//! SIGTERM, SIGINT and SIGHUP as a stream, so that each command decides what stopping means
+//! (`run` forwards the signal to CMD and stops it; a hangup of elector's terminal or session
+//! must not kill elector outright, which would cut CMD's grace period short).
 
 use anyhow::Context;
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
-/// SIGTERM and SIGINT, as they arrive.
+/// SIGTERM, SIGINT and SIGHUP, as they arrive.
 pub struct Signals(mpsc::UnboundedReceiver<Signal>);
 
 impl Signals {
@@ -14,6 +16,7 @@ impl Signals {
         for (kind, sig) in [
             (SignalKind::terminate(), Signal::SIGTERM),
             (SignalKind::interrupt(), Signal::SIGINT),
+            (SignalKind::hangup(), Signal::SIGHUP),
         ] {
             let mut stream = signal(kind).context("installing signal handlers")?;
             let tx = tx.clone();

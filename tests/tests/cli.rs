@@ -1132,15 +1132,10 @@ fn only_elector_holds_the_guard_pipe_and_the_broker_connection() {
 }
 
 /// SIGHUP to `elector run` (the terminal it runs in hangs up, an ssh session drops, a
-/// supervisor's `hup`): CMD should stop the normal way, its trap run within --grace, as on
-/// SIGTERM, and elector exit with a code rather than die of the signal.
-///
-/// Known gap: `cli/src/signals.rs` installs handlers for SIGTERM and SIGINT only, so elector
-/// dies of SIGHUP's default action; its guard then sees the pipe close and SIGKILLs CMD's group
-/// at once: CMD gets neither a signal it can handle nor its grace period. (Before the guard, CMD
-/// was left running, orphaned.) Fix: handle SIGHUP in `Signals` as SIGTERM is (forwarded).
+/// supervisor's `hup`): CMD stops the normal way, SIGHUP forwarded and its trap run within
+/// --grace, as on SIGTERM, and elector exits with a code rather than die of the signal (it
+/// used to, and its guard then SIGKILLed CMD's group at once, with no grace).
 #[test]
-#[ignore = "known gap: elector run dies of SIGHUP (not handled) and its guard SIGKILLs CMD without grace"]
 fn sighup_stops_cmd_the_normal_way() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Electord::start(dir.path());
