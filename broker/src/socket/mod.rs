@@ -308,6 +308,12 @@ fn socket_dir(path: &Path) -> &Path {
 /// group, and renames it over the path (atomic: a client connecting meanwhile reaches either
 /// the old socket or this one, never nothing). Returns the listener and the file's (device,
 /// inode).
+///
+/// The temporary name is this call's alone (pid and a random number: brokers in different pid
+/// namespaces, every container being pid 1 without `hostPID`, or in one test process, share
+/// pids), and nothing found under it is removed: two brokers binding at once (a successor
+/// starting while its predecessor takes the path back; two superseded brokers taking it back)
+/// never delete or rename each other's socket. `bind` creates the file exclusively.
 fn bind_over(opts: &SocketOptions) -> Result<(UnixListener, (u64, u64)), SocketError> {
     use std::os::unix::fs::MetadataExt;
     let path = &opts.path;
@@ -319,8 +325,11 @@ fn bind_over(opts: &SocketOptions) -> Result<(UnixListener, (u64, u64)), SocketE
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("elector.sock");
-    let tmp = socket_dir(path).join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    let tmp = socket_dir(path).join(format!(
+        ".{file_name}.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let listener = UnixListener::bind(&tmp).map_err(io_err(&tmp))?;
     let made = (|| {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(opts.mode))?;
@@ -493,9 +502,12 @@ impl SocketServer {
                 break;
             }
             tracing::info!(path = %socket.path.display(), "a successor broker took the socket over: moving every connection to it");
-            shared.path_state.send_replace(PathState::Superseded {
-                successor_answers: true,
-            });
+            // Asked before any connection may move: the path may have changed without a
+            // successor behind it (the file removed, a successor that died at once).
+            let successor_answers = successor_answers(&socket.path).await;
+            shared
+                .path_state
+                .send_replace(PathState::Superseded { successor_answers });
             shared.elections.metrics().socket_superseded.set(1);
             let era = follow_successor(&mut socket, &shared, &tracker, &mut spare).await;
             if era == Era::Stopped {
