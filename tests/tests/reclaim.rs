@@ -480,6 +480,27 @@ async fn a_crash_looping_successor_costs_no_leader_and_leaks_nothing_in_the_old_
                 || leaders.safe_count() >= safe_before + APPS,
             )
             .await;
+            // The old broker asks the successor whether it answers (a connection every 50 ms):
+            // those connections end at once there, and cost it nothing that lasts.
+            metric_becomes(
+                &new,
+                "elector_connected_clients",
+                APPS as f64,
+                Duration::from_secs(20),
+            )
+            .await;
+            let fds_before = new.fds();
+            let mut most = 0.0f64;
+            for _ in 0..20 {
+                most = most.max(new.metric("elector_connected_clients").await.unwrap_or(0.0));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(most <= (APPS + 1) as f64, "the successor had {most} connections");
+            assert!(
+                new.fds() <= fds_before + 2,
+                "the successor's descriptors grew from {fds_before} to {}",
+                new.fds()
+            );
         } else {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
@@ -814,4 +835,44 @@ async fn a_socket_file_removed_from_under_the_broker_moves_nobody_into_the_void(
         }
     }
     assert_eq!(old.metric("elector_connected_clients").await, Some(APPS as f64));
+}
+
+/// A superseded broker whose attempts to take the path back failed (the dead successor's
+/// socket replaced by a regular file for 10 s: six failures, each doubling the silence the next
+/// attempt waits for), then a new successor that takes over properly and serves for a while,
+/// then dies. The failures belonged to the path's past: the broker must take the path back
+/// from this successor as promptly as from any (a few checks), not after the inflated backoff
+/// (here 9.6 s; up to 38 s), during which every app moved to the dead successor is refused
+/// and its leaders ride out their guarantee.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_answered_resets_the_backoff_of_failed_reclaims() {
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("elector.sock");
+    let user = server.add_user("bo-old", vec![Rule::all()]);
+    let old = electord(&server, &user, "nbo", &socket, &["--on-shutdown=handoff"]);
+    drop(open_when_up(&socket).await);
+    let first = fake_successor(&socket);
+    metric_becomes(&old, "elector_socket_superseded", 1.0, Duration::from_secs(20)).await;
+    drop(first);
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::write(&socket, b"not a socket").unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        old.log().matches("cannot be taken back").count() >= 4,
+        "the attempts failed: {}",
+        old.log()
+    );
+    std::fs::remove_file(&socket).unwrap();
+    let second = fake_successor(&socket);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(old.metric("elector_socket_reclaims").await, Some(0.0));
+    let died = Instant::now();
+    drop(second);
+    metric_becomes(&old, "elector_socket_reclaims", 1.0, Duration::from_secs(60)).await;
+    let took = died.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the path was taken back {took:?} after the successor died"
+    );
 }

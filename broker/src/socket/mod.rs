@@ -632,6 +632,11 @@ async fn follow_successor(
                     true
                 });
                 silent_checks = if answers { 0 } else { silent_checks + 1 };
+                if answers {
+                    // Failures to take the path back belong to its past: from a successor
+                    // that answered, the path is taken back as promptly as from any.
+                    reclaim_failures = 0;
+                }
                 if silent_checks >= RECLAIM_AFTER_SILENT_CHECKS << reclaim_failures.min(8) {
                     match bind_over(&socket.options) {
                         Ok((listener, file)) => {
