@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,7 +49,8 @@ type Journal = Arc<Mutex<Vec<(Instant, String, CampaignEvent)>>>;
 struct Electord {
     child: tokio::process::Child,
     http: SocketAddr,
-    log: PathBuf,
+    /// Its standard error (removed with it).
+    log: tempfile::NamedTempFile,
 }
 
 impl Electord {
@@ -79,7 +80,7 @@ impl Electord {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
     /// A metric from `/metrics` (by name prefix: a counter ends in `_total`); `None` when the
@@ -111,17 +112,10 @@ fn free_addr() -> SocketAddr {
 }
 
 /// A real `electord` of node `node` acting as kube user `user` on `socket` (lease 15 s, renew
-/// deadline 10 s, retry 2 s), logging to a file beside the socket, with `extra` flags.
+/// deadline 10 s, retry 2 s), its standard error kept in a temporary file, with `extra` flags.
 fn electord(server: &TestApiServer, user: &User, node: &str, socket: &Path, extra: &[&str]) -> Electord {
     let http = free_addr();
-    let log = socket.with_file_name(format!(
-        "{node}-{}-{}.log",
-        user.name,
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
+    let log = tempfile::NamedTempFile::new().unwrap();
     let child = tokio::process::Command::new(elector_tests::workspace_bin("elector-broker", "electord"))
         .arg("--kubeconfig")
         .arg(server.kubeconfig_path(user))
@@ -141,7 +135,7 @@ fn electord(server: &TestApiServer, user: &User, node: &str, socket: &Path, extr
         .env("NO_COLOR", "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stderr(log.reopen().unwrap())
         .kill_on_drop(true)
         .spawn()
         .expect("electord starts");
@@ -875,4 +869,141 @@ async fn a_successor_that_answered_resets_the_backoff_of_failed_reclaims() {
         took < Duration::from_secs(3),
         "the path was taken back {took:?} after the successor died"
     );
+}
+
+/// A successor killed and restarted at once (its pod restarts the container), its new process
+/// renaming its socket over the path at about the moment the old broker takes the path back
+/// (restarts spread over the three silent checks and beyond). Whatever the order of the two
+/// renames, the node converges on one serving broker (the old one, or the restarted successor,
+/// which the old one then follows), every leader resumes there in its term, the other broker
+/// is left with no connection, and the path stays put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_restarted_while_the_old_broker_reclaims_converges_on_one_serving_broker() {
+    const APPS: usize = 3;
+    let server = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("elector.sock");
+    let users: Vec<User> = ["rs-old", "rs-new", "rs-other"]
+        .iter()
+        .map(|u| server.add_user(u, vec![Rule::all()]))
+        .collect();
+    let old = electord(&server, &users[0], "nrs", &socket, &["--on-shutdown=handoff"]);
+    drop(open_when_up(&socket).await);
+    let other = TestBroker::start_configured(
+        "nrs-b",
+        dir.path(),
+        Backend::Kube(server.kubeconfig_path(&users[2])),
+        fast_timing(),
+        true,
+        None,
+        |_| {},
+    );
+    let leaders = Leaders::start(&server, &socket, &other, "rs", APPS).await;
+    let to = ["--takeover", "--on-shutdown=handoff"];
+    for (round, restart_after_ms) in [0u64, 60, 100, 120, 140, 160, 180, 220].into_iter().enumerate() {
+        let path_before = inode(&socket);
+        let mut first = electord(&server, &users[1], "nrs", &socket, &to);
+        wait_until(
+            "the successor took the path over",
+            Duration::from_secs(30),
+            || inode(&socket) != path_before,
+        )
+        .await;
+        leaders
+            .until_settled(&format!("round {round}: every leader safe at the successor"))
+            .await;
+        first.kill().await;
+        tokio::time::sleep(Duration::from_millis(restart_after_ms)).await;
+        let mut second = electord(&server, &users[1], "nrs", &socket, &to);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let serving = loop {
+            let (so, sn) = (
+                old.metric("elector_socket_superseded").await,
+                second.metric("elector_socket_superseded").await,
+            );
+            let (co, cn) = (
+                old.metric("elector_connected_clients").await,
+                second.metric("elector_connected_clients").await,
+            );
+            let settled = leaders.settled();
+            let apps = Some(APPS as f64);
+            if settled && so == Some(0.0) && sn == Some(1.0) && co == apps && cn == Some(0.0) {
+                break "old";
+            }
+            if settled && so == Some(1.0) && sn == Some(0.0) && co == Some(0.0) && cn == apps {
+                break "restarted";
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: not converged: superseded old {so:?} restarted {sn:?}, connected old {co:?} restarted {cn:?}, leaders settled {settled}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let path = inode(&socket);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            inode(&socket),
+            path,
+            "round {round}: the {serving} broker serves, and the path stays put"
+        );
+        // Back to the old broker alone for the next round.
+        second.kill().await;
+        metric_becomes(&old, "elector_socket_superseded", 0.0, Duration::from_secs(20)).await;
+        leaders
+            .until_settled(&format!("round {round}: every leader safe at the old broker"))
+            .await;
+    }
+    leaders.check(&server).await;
+    drop(other);
+}
+
+/// The socket directory removed from under a serving broker, with everything in it (the
+/// socket and its lock file: a cleanup of the run directory). The broker makes the directory
+/// again, as it does when it starts, and serves its path (within seconds); its connections
+/// stay undisturbed; and a second broker started without `--takeover` is still refused,
+/// though the lock file it finds is a new one, because the first answers on the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_directory_removed_from_under_the_broker_is_made_again_and_served() {
+    let server = TestApiServer::start().await.unwrap();
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let socket = dir.join("elector.sock");
+    let user = server.add_user("rd-old", vec![Rule::all()]);
+    let mut old = electord(&server, &user, "nrd", &socket, &["--on-shutdown=handoff"]);
+    let mut app = open_when_up(&socket).await;
+    app.send(json!({"op":"campaign","election":"rd","identity":"app"}))
+        .await;
+    let elected = app.until("elected").await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(30), open_when_up(&socket)).await;
+    assert!(
+        back.is_ok(),
+        "the broker did not serve its path again within 30 s; log:\n{}",
+        old.log()
+    );
+    while let Ok(e) = app.next_within(Duration::from_millis(200)).await {
+        let event = e.as_ref().map(|e| e["event"].as_str().unwrap_or("").to_string());
+        assert!(
+            event.as_deref().is_some_and(|e| e == "leader" || e == "renewed"),
+            "the connection was disturbed: {e:?}"
+        );
+    }
+    app.send(json!({"op":"status","id":"s"})).await;
+    let status = app.until("status").await;
+    assert_eq!(status["id"], "s", "{status}");
+    // A second broker without --takeover: refused, the first answers on the path.
+    let mut second = electord(&server, &user, "nrd", &socket, &[]);
+    let exited = second.exited().await;
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "a second broker started beside a live one: {exited:?}"
+    );
+    assert!(
+        second.log().contains("another electord is serving this socket"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(old.child.try_wait().unwrap(), None);
+    drop(elected);
 }

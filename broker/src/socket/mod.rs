@@ -313,7 +313,8 @@ fn socket_dir(path: &Path) -> &Path {
 /// namespaces, every container being pid 1 without `hostPID`, or in one test process, share
 /// pids), and nothing found under it is removed: two brokers binding at once (a successor
 /// starting while its predecessor takes the path back; two superseded brokers taking it back)
-/// never delete or rename each other's socket. `bind` creates the file exclusively.
+/// never delete or rename each other's socket. `bind` creates the file exclusively. The
+/// directory is made if it is missing.
 fn bind_over(opts: &SocketOptions) -> Result<(UnixListener, (u64, u64)), SocketError> {
     use std::os::unix::fs::MetadataExt;
     let path = &opts.path;
@@ -325,7 +326,10 @@ fn bind_over(opts: &SocketOptions) -> Result<(UnixListener, (u64, u64)), SocketE
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("elector.sock");
-    let tmp = socket_dir(path).join(format!(
+    // Made again if it went away (a cleanup of the run directory), as at start.
+    let dir = socket_dir(path);
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = dir.join(format!(
         ".{file_name}.{}.{:016x}.tmp",
         std::process::id(),
         rand::random::<u64>()
