@@ -505,10 +505,14 @@ impl SocketServer {
             if serve(&socket, &shared, &tracker, &mut spare).await == Era::Stopped {
                 break;
             }
-            tracing::info!(path = %socket.path.display(), "a successor broker took the socket over: moving every connection to it");
             // Asked before any connection may move: the path may have changed without a
             // successor behind it (the file removed, a successor that died at once).
             let successor_answers = successor_answers(&socket.path).await;
+            if successor_answers {
+                tracing::info!(path = %socket.path.display(), "a successor broker took the socket over: moving every connection to it");
+            } else {
+                tracing::warn!(path = %socket.path.display(), "the socket path changed and nobody answers there (the file was removed or replaced, or a successor died at once): connections stay; taking the path back");
+            }
             shared
                 .path_state
                 .send_replace(PathState::Superseded { successor_answers });
