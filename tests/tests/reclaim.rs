@@ -15,7 +15,15 @@
 //!   attempts back off instead of spamming the log; the broker serves again once the path is
 //!   free;
 //! - a successor stopped (SIGTERM) in the middle of the move: the leaders it took resume at
-//!   the old broker, and those not yet moved are never disturbed.
+//!   the old broker, and those not yet moved are never disturbed;
+//! - a socket file or directory removed from under a serving broker moves nobody, and the
+//!   broker serves its path again.
+//!
+//! Each of these found a gap once, now fixed (broker/src/socket/mod.rs): a reclaim removed and
+//! renamed another same-pid broker's temporary socket; a broker whose socket file was removed
+//! let a few connections move (`jeopardy`, `reconnect`) before it asked whether anyone answered;
+//! failed reclaims inflated the wait before taking the path back from a later successor; a
+//! removed socket directory was never made again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
