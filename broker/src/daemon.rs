@@ -278,17 +278,30 @@ impl Daemon {
     /// would restart it and it would take the socket back; and while it lives it takes the
     /// path back by itself if the successor goes away (see [`Daemon::serving`]).
     pub async fn superseded(&mut self) {
-        let _ = self
+        if self
             .path_state
             .wait_for(|s| matches!(s, PathState::Superseded { .. }))
-            .await;
+            .await
+            .is_err()
+        {
+            // The socket server is gone: nothing will change any more.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Resolves when this broker serves its socket path: at once unless superseded, else when
     /// it took the path back from a successor that went away (died, or was stopped while this
     /// broker still runs: a release that crashes, a rollback).
     pub async fn serving(&mut self) {
-        let _ = self.path_state.wait_for(|s| *s == PathState::Serving).await;
+        if self
+            .path_state
+            .wait_for(|s| *s == PathState::Serving)
+            .await
+            .is_err()
+        {
+            // The socket server is gone: nothing will change any more.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Shutdown in a given mode (see [`Daemon::shutdown`]). A broker superseded by a
