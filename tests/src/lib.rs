@@ -6,6 +6,7 @@ pub mod kube_api;
 pub mod manifests;
 pub mod raw;
 pub mod sim;
+pub mod upgrade;
 
 pub use raw::RawClient;
 

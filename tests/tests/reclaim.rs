@@ -25,33 +25,21 @@
 //! failed reclaims inflated the wait before taking the path back from a later successor; a
 //! removed socket directory was never made again.
 
-use std::collections::HashMap;
+use elector_tests::upgrade::{
+    Journal, campaign, holder_and_term, lease, open_when_up, two_leader_oracle, wait_until,
+};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use elector_client::protocol::Timing;
-use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client, LeadershipState};
-use elector_tests::RawClient;
+use elector_client::{Campaign, CampaignEvent, Client};
 use elector_tests::harness::{Backend, TestBroker, fast_timing};
 use elector_tests::kube_api::{Rule, TestApiServer, User};
-use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::json;
-use tokio::sync::watch;
 use tokio::time::Instant;
-
-/// Renew deadline 4 s: room for a loaded CI machine.
-const TIMING: Timing = Timing {
-    lease_duration: Some(6),
-    renew_deadline: Some(4.0),
-    retry_period: Some(0.5),
-};
-
-type Journal = Arc<Mutex<Vec<(Instant, String, CampaignEvent)>>>;
 
 /// A real `electord` process, with its HTTP address (for `/metrics`) and its log file.
 struct Electord {
@@ -150,26 +138,6 @@ fn electord(server: &TestApiServer, user: &User, node: &str, socket: &Path, extr
     Electord { child, http, log }
 }
 
-/// Connects once a broker serves `socket`.
-async fn open_when_up(socket: &Path) -> RawClient {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(c) = RawClient::try_open(socket).await {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "no broker on {}", socket.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Waits until `metric` of `broker` is `value`.
 async fn metric_becomes(broker: &Electord, metric: &str, value: f64, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -198,67 +166,6 @@ fn fake_successor(socket: &Path) -> std::os::unix::net::UnixListener {
 
 fn inode(path: &Path) -> Option<(u64, u64)> {
     std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-/// A campaign whose events go to `journal`, tagged with its identity.
-async fn campaign(client: &Client, election: &str, identity: &str, journal: &Journal) -> Campaign {
-    let mut campaign = client
-        .campaign(CampaignOptions::new(election, identity).timing(TIMING))
-        .await
-        .expect("campaign");
-    let mut events = campaign.events();
-    let (journal, who) = (journal.clone(), identity.to_string());
-    tokio::spawn(async move {
-        while let Some(e) = events.next().await {
-            journal.lock().unwrap().push((Instant::now(), who.clone(), e));
-        }
-    });
-    campaign
-}
-
-/// Every instant at which an election had two leaders (each candidate's own view: a leader in
-/// jeopardy leads until its guarantee, as its app does), sampled every millisecond.
-fn two_leader_oracle(
-    candidates: Vec<(String, String, watch::Receiver<LeadershipState>)>,
-) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(usize, Vec<String>)>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopped = stop.clone();
-    let task = tokio::spawn(async move {
-        let (mut samples, mut violations) = (0, Vec::new());
-        while !stopped.load(Ordering::Relaxed) {
-            let mut leading: HashMap<&str, Vec<&str>> = HashMap::new();
-            for (election, identity, state) in &candidates {
-                if state.borrow().is_leader {
-                    leading.entry(election).or_default().push(identity);
-                }
-            }
-            for (election, who) in leading {
-                if who.len() > 1 {
-                    violations.push(format!("{election}: {who:?} lead at once"));
-                }
-            }
-            samples += 1;
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        (samples, violations)
-    });
-    (stop, task)
-}
-
-async fn lease(server: &TestApiServer, name: &str) -> Lease {
-    let admin = server.client(server.admin()).await.unwrap();
-    kube::Api::<Lease>::namespaced(admin, "default")
-        .get(name)
-        .await
-        .unwrap()
-}
-
-fn holder_and_term(l: &Lease) -> (String, i32) {
-    let spec = l.spec.as_ref().expect("spec");
-    (
-        spec.holder_identity.clone().unwrap_or_default(),
-        spec.lease_transitions.unwrap_or(0),
-    )
 }
 
 /// Leaders (Rust clients, which reconnect and resume by themselves) on a node's socket, each

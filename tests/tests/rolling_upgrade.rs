@@ -20,6 +20,9 @@
 //! was elected at the successor while that leader's guarantee ran; the leaders already moved
 //! to a successor that died were lost (the old broker did not take the path back).
 
+use elector_tests::upgrade::{
+    Journal, campaign, holder_and_term, lease, open_when_up, two_leader_oracle, wait_until,
+};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,24 +30,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use elector_client::protocol::Timing;
-use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client, LeadershipState};
+use elector_client::{Campaign, CampaignEvent, CampaignOptions, Client};
 use elector_tests::RawClient;
 use elector_tests::harness::{Backend, TestBroker, fast_timing};
 use elector_tests::kube_api::{Rule, TestApiServer, User};
 use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::{Value, json};
-use tokio::sync::watch;
 use tokio::time::Instant;
-
-/// Renew deadline 4 s: room for a loaded CI machine.
-const TIMING: Timing = Timing {
-    lease_duration: Some(6),
-    renew_deadline: Some(4.0),
-    retry_period: Some(0.5),
-};
-
-type Journal = Arc<Mutex<Vec<(Instant, String, CampaignEvent)>>>;
 
 /// A broker of node `node` acting as kube user `user` (old and new broker of one node are
 /// told apart in the request log by their users), serving HTTP, configured by `configure`.
@@ -71,30 +63,6 @@ fn successor(server: &TestApiServer, user: &User, node: &str, dir: &Path) -> Tes
     broker(server, user, node, dir, |c| c.socket.takeover = true)
 }
 
-/// A campaign whose events go to `journal`, tagged with its identity.
-async fn campaign(client: &Client, election: &str, identity: &str, journal: &Journal) -> Campaign {
-    let mut campaign = client
-        .campaign(CampaignOptions::new(election, identity).timing(TIMING))
-        .await
-        .expect("campaign");
-    let mut events = campaign.events();
-    let (journal, who) = (journal.clone(), identity.to_string());
-    tokio::spawn(async move {
-        while let Some(e) = events.next().await {
-            journal.lock().unwrap().push((Instant::now(), who.clone(), e));
-        }
-    });
-    campaign
-}
-
-async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Events of `who` after `from` in the journal, leader views left out.
 fn told(journal: &Journal, from: usize, who: &str) -> Vec<CampaignEvent> {
     journal.lock().unwrap()[from..]
@@ -102,36 +70,6 @@ fn told(journal: &Journal, from: usize, who: &str) -> Vec<CampaignEvent> {
         .filter(|(_, w, e)| w == who && !matches!(e, CampaignEvent::Leader { .. }))
         .map(|(_, _, e)| e.clone())
         .collect()
-}
-
-/// Watches every candidate's own view (a leader in jeopardy counts as leading until its
-/// guarantee, as its app does) every millisecond; returns, when stopped, how many samples were
-/// taken and every instant at which an election had two leaders.
-fn two_leader_oracle(
-    candidates: Vec<(String, String, watch::Receiver<LeadershipState>)>,
-) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(usize, Vec<String>)>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopped = stop.clone();
-    let task = tokio::spawn(async move {
-        let (mut samples, mut violations) = (0, Vec::new());
-        while !stopped.load(Ordering::Relaxed) {
-            let mut leading: HashMap<&str, Vec<&str>> = HashMap::new();
-            for (election, identity, state) in &candidates {
-                if state.borrow().is_leader {
-                    leading.entry(election).or_default().push(identity);
-                }
-            }
-            for (election, who) in leading {
-                if who.len() > 1 {
-                    violations.push(format!("{election}: {who:?} lead at once"));
-                }
-            }
-            samples += 1;
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        (samples, violations)
-    });
-    (stop, task)
 }
 
 /// `n` elections `{prefix}-{i}`: each led by app `app-{i}` (its own connection to the rolling
@@ -196,22 +134,6 @@ async fn metric(b: &TestBroker, name: &str) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("no {name} in {body}"))
-}
-
-async fn lease(server: &TestApiServer, name: &str) -> Lease {
-    let admin = server.client(server.admin()).await.unwrap();
-    kube::Api::<Lease>::namespaced(admin, "default")
-        .get(name)
-        .await
-        .unwrap()
-}
-
-fn holder_and_term(l: &Lease) -> (String, i32) {
-    let spec = l.spec.as_ref().expect("spec");
-    (
-        spec.holder_identity.clone().unwrap_or_default(),
-        spec.lease_transitions.unwrap_or(0),
-    )
 }
 
 /// One node rolls while another node's candidates contend for the same elections, and each
@@ -589,18 +511,6 @@ fn electord(
         .kill_on_drop(true)
         .spawn()
         .expect("electord starts")
-}
-
-/// Connects once the broker serves `socket` (a fresh process binds it soon after starting).
-async fn open_when_up(socket: &Path) -> RawClient {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(c) = RawClient::try_open(socket).await {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "no broker on {}", socket.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn sigterm(child: &tokio::process::Child) {
